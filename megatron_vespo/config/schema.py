@@ -1,0 +1,234 @@
+"""The typed configuration tree: a run YAML (RunConfig) names a model YAML (ModelConfig).
+
+Field names of ModelConfig follow the Hugging Face config of Qwen3 / Qwen3-MoE so that a model YAML
+can be written by copying values out of a checkpoint's ``config.json``. Cross-field rules live in
+each class's ``validate(path)`` and run before anything launches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_vespo.config.typed import ConfigError, field
+
+LossName = Literal[
+    "vespo", "vespo_length_norm", "vespo_sqrt_length_norm", "ppo_clip", "gspo", "sapo", "cispo",
+]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a Qwen3 (dense) or Qwen3-MoE model, in Hugging Face field names."""
+
+    architecture: Literal["qwen3", "qwen3_moe"] = field(help="model family")
+    vocab_size: int = field(gt=0, help="vocabulary size (rows of the embedding)")
+    hidden_size: int = field(gt=0)
+    num_hidden_layers: int = field(gt=0)
+    num_attention_heads: int = field(gt=0)
+    num_key_value_heads: int = field(gt=0, help="query groups (grouped-query attention)")
+    head_dim: Optional[int] = field(None, gt=0, help="per-head size; default hidden_size / heads")
+    intermediate_size: int = field(gt=0, help="dense MLP size (dense layers only)")
+    rms_norm_eps: float = field(1e-6, gt=0)
+    rope_theta: float = field(1_000_000.0, gt=0)
+    max_position_embeddings: int = field(40960, gt=0)
+    tie_word_embeddings: bool = field(False)
+    attention_bias: bool = field(False, help="QKV/proj biases (Qwen3: false)")
+    qk_layernorm: bool = field(True, help="RMSNorm on per-head queries and keys (Qwen3: true)")
+    # Mixture of experts (qwen3_moe only).
+    num_experts: int = field(0, ge=0)
+    num_experts_per_tok: int = field(0, ge=0, help="router top-k")
+    moe_intermediate_size: int = field(0, ge=0, help="per-expert FFN size")
+    norm_topk_prob: bool = field(False, help="renormalise the top-k router probabilities (Qwen3-30B-A3B: true)")
+    router_aux_loss_coef: float = field(0.0, ge=0, help="load-balancing loss coefficient (0 in RL)")
+    decoder_sparse_step: int = field(1, ge=1)
+    mlp_only_layers: list[int] = field(default_factory=list, help="layer indices with a dense MLP in a MoE model")
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture == "qwen3_moe"
+
+    def validate(self, path: str) -> None:
+        p = lambda name: f"{path}.{name}" if path else name  # noqa: E731
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(p("num_key_value_heads"),
+                              f"must divide num_attention_heads={self.num_attention_heads}; got {self.num_key_value_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(p("head_dim"), "must be set when hidden_size is not divisible by num_attention_heads")
+        if self.is_moe:
+            if self.num_experts < 1:
+                raise ConfigError(p("num_experts"), "must be >= 1 for architecture 'qwen3_moe'")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(p("num_experts_per_tok"),
+                                  f"must be in [1, num_experts={self.num_experts}]; got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1:
+                raise ConfigError(p("moe_intermediate_size"), "must be >= 1 for architecture 'qwen3_moe'")
+            bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ConfigError(p("mlp_only_layers"), f"indices {bad} outside [0, {self.num_hidden_layers})")
+        elif self.num_experts:
+            raise ConfigError(p("num_experts"), "must be 0 for architecture 'qwen3' (use 'qwen3_moe' for experts)")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Megatron-Core parallel layout. world size = tensor * pipeline * context * data."""
+
+    tensor: int = field(1, ge=1, help="tensor-parallel size (TP)")
+    pipeline: int = field(1, ge=1, help="pipeline-parallel size (PP)")
+    virtual_pipeline: Optional[int] = field(None, ge=1, help="virtual stages per pipeline rank (interleaved schedule)")
+    context: int = field(1, ge=1, help="context-parallel size (CP)")
+    expert: int = field(1, ge=1, help="expert-parallel size (EP)")
+    expert_tensor: int = field(1, ge=1, help="expert tensor-parallel size (ETP)")
+    sequence_parallel: bool = field(False, help="sequence parallelism (required when MoE meets TP > 1)")
+
+
+@dataclass(kw_only=True)
+class FP8Config:
+    enabled: bool = field(False)
+    format: Literal["e4m3", "hybrid"] = field("e4m3")
+    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field("tensorwise")
+    param_gather: bool = field(False, help="keep parameters in FP8 and all-gather them in FP8")
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    params_dtype: Literal["fp32", "bf16", "fp16"] = field("bf16", help="training precision of the model")
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+    def validate(self, path: str) -> None:
+        if self.fp8.enabled and self.params_dtype != "bf16":
+            raise ConfigError(f"{path}.fp8.enabled", f"FP8 needs params_dtype 'bf16'; got {self.params_dtype!r}")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = field(1e-6, gt=0)
+    min_lr: float = field(0.0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = field("constant")
+    warmup_steps: int = field(0, ge=0)
+    weight_decay: float = field(0.01, ge=0)
+    adam_beta1: float = field(0.9, ge=0, lt=1)
+    adam_beta2: float = field(0.999, ge=0, lt=1)
+    adam_eps: float = field(1e-8, gt=0)
+    clip_grad: float = field(1.0, ge=0, help="global gradient-norm clip (0 disables)")
+    distributed: bool = field(True, help="shard optimizer state over data-parallel ranks")
+
+    def validate(self, path: str) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{path}.min_lr", f"must be <= lr={self.lr}; got {self.min_lr}")
+
+
+@dataclass(kw_only=True)
+class VespoConfig:
+    """Kernel φ(W) = W^k · exp(λ (1 - W)), with separate (k, λ) for A >= 0 and A < 0."""
+
+    k_pos: float = field(2.0, ge=0, help="c1 for non-negative advantages")
+    lambda_pos: float = field(3.0, ge=1e-4, help="c2 for non-negative advantages")
+    k_neg: float = field(3.0, ge=0, help="c1 for negative advantages")
+    lambda_neg: float = field(2.0, ge=1e-4, help="c2 for negative advantages")
+    log_ratio_clamp: float = field(20.0, gt=0, help="per-token |log π - log μ| clamp")
+    log_w_max: float = field(20.0, gt=0, help="upper clamp of the sequence log W")
+    w_min: float = field(1e-8, gt=0, lt=1, help="lower clamp of W (log W >= log w_min)")
+
+
+@dataclass(kw_only=True)
+class PPOClipConfig:
+    eps_low: float = field(0.2, ge=0, lt=1)
+    eps_high: float = field(0.28, ge=0)
+    dual_clip: Optional[float] = field(10.0, gt=1, help="dual-clip constant c for A < 0 (null disables)")
+
+
+@dataclass(kw_only=True)
+class GSPOConfig:
+    eps_low: float = field(3e-4, ge=0, lt=1)
+    eps_high: float = field(4e-4, ge=0)
+
+
+@dataclass(kw_only=True)
+class SAPOConfig:
+    tau_pos: float = field(1.0, gt=0)
+    tau_neg: float = field(1.05, gt=0)
+
+
+@dataclass(kw_only=True)
+class CISPOConfig:
+    eps_low: float = field(1.0, ge=0, le=1, help="1.0 leaves the ratio unbounded below")
+    eps_high: float = field(0.28, ge=0)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    name: LossName = field("vespo", help="policy loss from the registry")
+    aggregation: Optional[Aggregation] = field(None, help="default: seq-mean-token-mean for gspo, token-mean otherwise")
+    norm_constant: Optional[float] = field(None, gt=0, help="divisor for seq-mean-token-sum-norm (e.g. the max response length)")
+    vespo: VespoConfig = field(default_factory=VespoConfig)
+    ppo_clip: PPOClipConfig = field(default_factory=PPOClipConfig)
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    sapo: SAPOConfig = field(default_factory=SAPOConfig)
+    cispo: CISPOConfig = field(default_factory=CISPOConfig)
+
+    @property
+    def resolved_aggregation(self) -> str:
+        if self.aggregation is not None:
+            return self.aggregation
+        return "seq-mean-token-mean" if self.name == "gspo" else "token-mean"
+
+
+@dataclass(kw_only=True)
+class CorrectionConfig:
+    """Train/inference correction from π_old / μ (only meaningful when π_old is recomputed)."""
+
+    mode: Literal["none", "token_tis", "seq_tis", "token_mis", "seq_mis"] = field("none")
+    tis_cap: float = field(2.0, gt=0, help="truncation cap C of min(π_old/μ, C)")
+    mis_lower: float = field(0.5, ge=0, help="masked IS: keep ratios in [mis_lower, mis_upper]")
+    mis_upper: float = field(2.0, gt=0)
+
+    def validate(self, path: str) -> None:
+        if self.mis_lower >= self.mis_upper:
+            raise ConfigError(f"{path}.mis_lower", f"must be < mis_upper={self.mis_upper}; got {self.mis_lower}")
+
+
+@dataclass(kw_only=True)
+class AdvantageConfig:
+    estimator: Literal["grpo"] = field("grpo")
+    normalize_std: bool = field(True, help="divide by the group's unbiased std (false: Dr.GRPO style)")
+    eps: float = field(1e-6, gt=0)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    seed: int = field(1234, ge=0)
+    micro_batch_tokens: int = field(16384, gt=0, help="token budget of one packed micro-batch per GPU")
+    mini_batch_prompts: int = field(256, gt=0, help="prompts per optimizer step (x n samples)")
+    staleness: int = field(1, ge=1, help="N: optimizer steps per rollout batch; mini-batch j trains at lag j")
+    recompute_old_logprobs: bool = field(False, help="forward π_old before the update instead of using μ")
+    logprob_chunk_tokens: int = field(4096, gt=0, help="tokens per chunk in the vocab-parallel log-prob kernel")
+    compute_entropy: bool = field(False)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run. ``model`` is read from the file named in the run YAML."""
+
+    model: ModelConfig = field(help="path to a model YAML (or an inline mapping)")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, path: str) -> None:
+        if self.correction.mode != "none" and not self.train.recompute_old_logprobs:
+            raise ConfigError("correction.mode",
+                              f"{self.correction.mode!r} weighs π_old/μ and needs train.recompute_old_logprobs: true")
+        if self.loss.norm_constant is not None and self.loss.resolved_aggregation != "seq-mean-token-sum-norm":
+            raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
+        if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:
+            raise ConfigError("loss.norm_constant", "is required for aggregation 'seq-mean-token-sum-norm'")

@@ -1,0 +1,1 @@
+"""SGLang rollout fleet: client, launcher/supervisor, router, weight sync, and a CPU rollout server."""

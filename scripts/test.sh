@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): set up .venv if needed, then run the whole suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -k vespo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+exec python -m pytest "${@:-tests}"
