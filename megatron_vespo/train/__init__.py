@@ -1,0 +1,1 @@
+"""Training-side building blocks: token log-probs over vocab-parallel logits, THD sequence packing."""
