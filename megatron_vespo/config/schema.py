@@ -111,6 +111,7 @@ class OptimizerConfig:
     min_lr: float = field(0.0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = field("constant")
     warmup_steps: int = field(0, ge=0)
+    decay_steps: Optional[int] = field(None, gt=0, help="steps of the linear/cosine decay (required for those)")
     weight_decay: float = field(0.01, ge=0)
     adam_beta1: float = field(0.9, ge=0, lt=1)
     adam_beta2: float = field(0.999, ge=0, lt=1)
@@ -119,6 +120,8 @@ class OptimizerConfig:
     distributed: bool = field(True, help="shard optimizer state over data-parallel ranks")
 
     def validate(self, path: str) -> None:
+        if self.lr_schedule != "constant" and self.decay_steps is None:
+            raise ConfigError(f"{path}.decay_steps", f"is required for lr_schedule {self.lr_schedule!r}")
         if self.min_lr > self.lr:
             raise ConfigError(f"{path}.min_lr", f"must be <= lr={self.lr}; got {self.min_lr}")
 
@@ -225,6 +228,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, path: str) -> None:
+        from megatron_vespo.models.layout import validate_layout  # late: layout imports this module
+
+        validate_layout(self.model, self.parallel, self.precision, world_size=None)
         if self.correction.mode != "none" and not self.train.recompute_old_logprobs:
             raise ConfigError("correction.mode",
                               f"{self.correction.mode!r} weighs π_old/μ and needs train.recompute_old_logprobs: true")

@@ -186,6 +186,14 @@ def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
 
 
 def _validate_tree(obj: Any, path: str) -> None:
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _validate_tree(item, f"{path}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, item in obj.items():
+            _validate_tree(item, _join(path, str(key)))
+        return
     if not dataclasses.is_dataclass(obj):
         return
     for f in dataclasses.fields(obj):

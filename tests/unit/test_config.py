@@ -23,7 +23,8 @@ def test_tiny_run_loads_with_defaults():
 
 def test_overrides_reach_nested_and_model_fields():
     cfg = load_run_config(TINY_RUN, ["loss.vespo.k_neg=4", "optimizer.lr=1e-5", "model.num_experts=4",
-                                     "loss.name=gspo", "parallel.tensor=2"])
+                                     "loss.name=gspo", "parallel.tensor=2",
+                                     "parallel.sequence_parallel=true", "parallel.expert_tensor=2"])
     assert cfg.loss.vespo.k_neg == 4.0 and isinstance(cfg.loss.vespo.k_neg, float)
     assert cfg.optimizer.lr == pytest.approx(1e-5)  # YAML 1.1 reads "1e-5" as a string; float fields accept it
     assert cfg.model.num_experts == 4

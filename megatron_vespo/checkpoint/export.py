@@ -1,0 +1,187 @@
+"""HF-named weights out of a live, parallel Megatron model, in size-bounded buckets (weight sync).
+
+:class:`HFWeightExporter` turns the shards every rank holds (TP slices, EP experts, PP layers) into
+full Hugging Face tensors (the file names of :mod:`megatron_vespo.checkpoint.hf_mapping`, which is
+also what SGLang's loaders take), one bucket of at most ``bucket_bytes`` at a time:
+
+- **Who yields what.** Each pipeline stage has one *leader*: the rank with tensor-parallel rank 0
+  and data(+context)-parallel rank 0 of that stage. The leader of stage ``s`` yields the HF
+  tensors of the layers stage ``s`` holds, plus the embedding on the first stage and the final
+  norm / output layer on the last (tied embeddings: the first stage's copy only). Together the
+  leaders yield the full HF state dict exactly once.
+- **How.** Shard metadata is exchanged once (an all-gather of keys and offsets); then, bucket by
+  bucket, every rank of a stage sends its main-replica shards of that bucket to the stage leader
+  (point-to-point, so TP slices and EP experts arrive without any all-gather), the leader
+  assembles the canonical Megatron tensors and converts them to HF tensors.
+- **Lockstep.** Every rank of a stage must iterate :meth:`HFWeightExporter.buckets` to the end: it
+  yields once per bucket on every rank of the stage (the leader's list holds the tensors, the
+  other ranks' lists are empty), so callers may run collectives between buckets. Stages have
+  different bucket counts; do not synchronise across stages inside the loop.
+
+Memory: the leader holds one bucket of assembled tensors and their HF views (about twice
+``bucket_bytes``); other ranks send views of their parameters (made contiguous when they are not).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit, detect_stacked_layers
+from megatron_vespo.config.schema import ModelConfig
+from megatron_vespo.models.full_state import Shard, local_shards
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A main-replica shard of one unit: who holds it and which part of the unit it covers."""
+
+    rank: int
+    unit_index: int
+    local_index: int  # position in the holder's shard list
+    slices: tuple[tuple[int, int], ...]  # (start, length) per unit axis
+    dtype: torch.dtype
+
+
+def _unit_slices(shard: Shard, prefix_len: int) -> tuple[tuple[int, int], ...]:
+    return tuple((shard.global_offset[prefix_len + axis], size) for axis, size in enumerate(shard.tensor.shape))
+
+
+class HFWeightExporter:
+    """Plans, once, which rank sends which shard to which stage leader; then yields HF buckets.
+
+    Collective on construction and on each :meth:`buckets` pass (all ranks of the world).
+    """
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module] | torch.nn.Module, model_cfg: ModelConfig,
+                 *, bucket_bytes: int = 512 * 2**20, dtype: Optional[torch.dtype] = None):
+        from megatron.core import parallel_state as ps
+
+        self.chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+        self.dtype = dtype
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        stage = ps.get_pipeline_model_parallel_rank()
+        is_leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+        shards = self._main_shards()
+        mine = (stage, is_leader, [(s.key, s.global_offset, s.prepend_axis_num, tuple(s.tensor.shape), s.tensor.dtype)
+                                   for s in shards])
+        if self.distributed:
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+
+        keys = {key for _, _, metas in everyone for key, *_ in metas}
+        self.mapping = Qwen3Mapping(model_cfg, stacked_layers=detect_stacked_layers(keys))
+        order = {id(u): i for i, u in enumerate(self.mapping.units)}
+        leaders = {st: r for r, (st, lead, _) in enumerate(everyone) if lead}
+        if stage not in leaders:
+            raise RuntimeError(f"pipeline stage {stage} has no leader (tensor rank 0, data rank 0)")
+        self.leader = leaders[stage]
+        self.is_leader = self.rank == self.leader
+
+        # Pieces of the units this stage holds, grouped per unit in mapping order.
+        pieces: dict[int, list[_Piece]] = {}
+        for rank, (st, _, metas) in enumerate(everyone):
+            if st != stage:
+                continue
+            for local_index, (key, offset, prepend, shape, dt) in enumerate(metas):
+                unit = self.mapping.unit_at(key, offset[:prepend])
+                piece = _Piece(rank, order[id(unit)], local_index,
+                               tuple((offset[prepend + a], n) for a, n in enumerate(shape)), dt)
+                pieces.setdefault(piece.unit_index, []).append(piece)
+        # Aliases (the TE spec's MoE pre-MLP norm) would make a unit appear twice: keep one key's pieces.
+        self.units: list[tuple[Unit, list[_Piece]]] = [
+            (self.mapping.units[i], _one_cover(self.mapping.units[i], pieces[i])) for i in sorted(pieces)
+        ]
+        self.buckets_plan = _bucketize(self.units, bucket_bytes)
+
+    def _main_shards(self) -> list[Shard]:
+        return [s for s in local_shards(self.chunks) if s.main_replica]
+
+    @torch.no_grad()
+    def buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield ``[(hf_name, tensor), ...]`` per bucket (empty lists off the leader); see the module doc."""
+        shards = self._main_shards()
+        for bucket in self.buckets_plan:
+            out: list[tuple[str, torch.Tensor]] = []
+            requests = []
+            assembled: list[torch.Tensor] = []
+            for tag, (unit, pieces) in enumerate(bucket):
+                if self.is_leader:
+                    full = torch.empty(unit.shape, dtype=pieces[0].dtype, device=shards[0].tensor.device if shards else "cpu")
+                    assembled.append(full)
+                for j, piece in enumerate(pieces):
+                    piece_tag = tag * 4096 + j
+                    if self.is_leader:
+                        target = _narrow(full, piece.slices)
+                        if piece.rank == self.rank:
+                            target.copy_(shards[piece.local_index].tensor)
+                        else:
+                            buffer = torch.empty(target.shape, dtype=piece.dtype, device=full.device)
+                            requests.append((dist.irecv(buffer, src=piece.rank, tag=piece_tag), target, buffer))
+                    elif piece.rank == self.rank:
+                        data = shards[piece.local_index].tensor.contiguous()
+                        requests.append((dist.isend(data, dst=self.leader, tag=piece_tag), None, data))
+            for work, target, buffer in requests:
+                work.wait()
+                if target is not None:
+                    target.copy_(buffer)
+            if self.is_leader:
+                for (unit, _), full in zip(bucket, assembled):
+                    for name, tensor in self.mapping.megatron_to_hf(unit, full):
+                        out.append((name, tensor if self.dtype is None else tensor.to(self.dtype)))
+            yield out
+
+
+def _narrow(t: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    for dim, (start, length) in enumerate(slices):
+        t = t.narrow(dim, start, length)
+    return t
+
+
+def _one_cover(unit: Unit, pieces: list[_Piece]) -> list[_Piece]:
+    """The pieces of one unit, deduplicated (an alias key holds the same slices a second time) and
+    checked to cover the unit exactly."""
+    seen: dict[tuple, _Piece] = {}
+    for p in pieces:
+        seen.setdefault(p.slices, p)
+    unique = list(seen.values())
+    covered = sum(_numel(p.slices) for p in unique)
+    if covered != unit.numel:
+        raise RuntimeError(f"main-replica shards of {unit.key}{list(unit.prefix)} cover {covered} of "
+                           f"{unit.numel} elements")
+    return unique
+
+
+def _numel(slices: tuple[tuple[int, int], ...]) -> int:
+    n = 1
+    for _, length in slices:
+        n *= length
+    return n
+
+
+def _bucketize(units: list[tuple[Unit, list[_Piece]]], bucket_bytes: int) -> list[list[tuple[Unit, list[_Piece]]]]:
+    buckets: list[list] = []
+    size = 0
+    for unit, pieces in units:
+        nbytes = unit.numel * torch.empty((), dtype=pieces[0].dtype).element_size()
+        if not buckets or (buckets[-1] and size + nbytes > bucket_bytes):
+            buckets.append([])
+            size = 0
+        buckets[-1].append((unit, pieces))
+        size += nbytes
+    return buckets
+
+
+def iter_hf_weights(model_chunks: Sequence[torch.nn.Module] | torch.nn.Module, model_cfg: ModelConfig,
+                    *, bucket_bytes: int = 512 * 2**20, dtype: Optional[torch.dtype] = None
+                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """One pass of :class:`HFWeightExporter` (plan + buckets). Collective; see the module doc."""
+    yield from HFWeightExporter(model_chunks, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype).buckets()
+
+
+__all__ = ["HFWeightExporter", "iter_hf_weights"]

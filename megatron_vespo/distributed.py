@@ -1,0 +1,130 @@
+"""Process-group set-up for the trainer: torch.distributed from the torchrun environment, then
+Megatron-Core's model-parallel groups and RNG seeds.
+
+Order matters: the platform layer is applied first (CPU patches, before Megatron allocates
+anything), the layout is validated against the real world size before any group exists (a clear
+``ConfigError`` on every rank instead of a hang or an assertion deep in Megatron), then groups.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_vespo import platform
+from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_vespo.models.layout import validate_layout
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """What the caller needs to know about this process after :func:`init_distributed`."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    data_parallel_size: int
+    platform_patches: tuple[str, ...]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else int(value)
+
+
+def init_distributed(
+    parallel: ParallelConfig,
+    seed: int,
+    *,
+    model: ModelConfig | None = None,
+    precision: PrecisionConfig | None = None,
+    timeout_minutes: int = 30,
+) -> DistributedContext:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's parallel state.
+
+    Reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` as set by
+    torchrun; without them it runs as a single process (rank 0 of 1, a free local port). When
+    ``model`` is given the layout is checked against the real world size first.
+    """
+    patches = tuple(platform.apply())
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if model is not None:
+        validate_layout(model, parallel, precision or PrecisionConfig(), world_size)
+
+    on_gpu = torch.cuda.is_available()
+    backend = "nccl" if on_gpu else "gloo"
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    return DistributedContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        device=device,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        platform_patches=patches,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch alike on every rank, then Megatron's tracked RNG states
+    (data-parallel, tensor-parallel and expert-parallel streams; on the CPU generator after the
+    platform patch)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

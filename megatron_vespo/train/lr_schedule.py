@@ -1,0 +1,29 @@
+"""Learning-rate (and weight-decay) schedule: Megatron's OptimizerParamScheduler from the config."""
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_vespo.config.schema import OptimizerConfig
+
+
+def build_lr_scheduler(optimizer: Any, cfg: OptimizerConfig) -> Any:
+    """Warmup (linear from 0) then constant, linear or cosine decay to ``min_lr``; constant wd.
+
+    The scheduler's state goes into training checkpoints so a resumed run continues the curve.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = cfg.decay_steps or 1
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.lr if cfg.lr_schedule == "constant" else cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=max(decay_steps, cfg.warmup_steps + 1),
+        lr_decay_style=cfg.lr_schedule,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )

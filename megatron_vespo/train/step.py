@@ -1,0 +1,295 @@
+"""The policy update: packed micro-batches through Megatron's schedule, the loss in the last stage.
+
+One call of :meth:`PolicyTrainer.train_mini_batch` is one optimizer step on one mini-batch:
+
+1. the mini-batch's samples (every rank receives all of them) are planned into THD micro-batches
+   under the token budget, balanced over data-parallel ranks (:mod:`megatron_vespo.train.packing`);
+2. the normaliser (valid tokens and sequences of the whole mini-batch) is fixed before the step;
+3. ``get_forward_backward_func()`` runs the micro-batches through the model chunks with the loss
+   closure: in the last pipeline stage, vocab-parallel token log-probs from the ``[T, V/TP]`` logits
+   (:mod:`megatron_vespo.train.logprobs`) feed the registered policy loss
+   (:mod:`megatron_vespo.losses`);
+4. gradients are checked for non-finite values on every rank (a bad step is skipped, counted and
+   never reaches the weights), then Megatron's optimizer clips and steps, then the LR schedule.
+
+Loss scaling: every micro-batch loss is already divided by the global normaliser, so the schedule
+must neither average over micro-batches nor the gradient reduction over data-parallel ranks. The
+provider sets ``calculate_per_token_loss=True`` (no division, DP grads summed) and this module hands
+``finalize_model_grads`` no token count (no division there either).
+
+Attention over packed sequences: with Transformer Engine the THD layout goes to TE's varlen kernels
+through ``PackedSeqParams``; Megatron's local attention (CPU) does not take ``PackedSeqParams``, so
+the same packed row is given a block-diagonal causal mask instead. RoPE only depends on position
+differences inside a sequence, so both give the same result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.losses import Normalizer, PolicyBatch, compute_policy_loss
+from megatron_vespo.metrics import MetricBag
+from megatron_vespo.models.trainable import Trainable
+from megatron_vespo.train.logprobs import vocab_parallel_logprobs
+from megatron_vespo.train.packing import iter_rank_micro_batches, pack_sequences, sequence_length
+
+Sample = Mapping[str, Any]
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[1, 1, T, T]`` bool mask, True where attention is NOT allowed (Megatron's convention):
+    token i may attend to j only if both lie in the same packed segment and j <= i."""
+    segment = torch.repeat_interleave(
+        torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total)
+    same = segment[:, None] == segment[None, :]
+    causal = torch.ones(total, total, dtype=torch.bool).tril_()
+    return ~(same & causal)[None, None]
+
+
+def count_normalizer(samples: Sequence[Sample], norm_constant: Optional[float]) -> Normalizer:
+    """Valid tokens and sequences of a whole mini-batch, straight from its samples (all ranks hold
+    all samples, so no collective is needed and every rank gets the same numbers)."""
+    tokens = seqs = 0
+    for sample in samples:
+        mask = sample.get("response_mask")
+        n = len(sample["response_ids"]) if mask is None else int(sum(1 for m in mask if m))
+        tokens += n
+        seqs += int(n > 0)
+    return Normalizer(total_tokens=float(tokens), total_seqs=float(seqs), norm_constant=norm_constant)
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    grad_norm: float
+    skipped: bool
+    num_micro_batches: int
+
+
+class PolicyTrainer:
+    """Runs policy-loss updates and forward-only log-prob passes for one parallel Megatron model.
+
+    Every rank of the job constructs it and calls the same methods with the same samples. A sample
+    is a mapping with ``prompt_ids``, ``response_ids``, ``rollout_logp`` (μ, one per response token),
+    ``advantage`` and, when π_old was recomputed, ``old_logp``; ``response_mask`` is optional.
+    """
+
+    def __init__(self, cfg: RunConfig, trainable: Trainable, scheduler: Any = None, temperature: float = 1.0):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.trainable = trainable
+        self.scheduler = scheduler
+        self.temperature = temperature
+        self.config = trainable.config
+        if not self.config.calculate_per_token_loss:
+            raise ValueError("the TransformerConfig must have calculate_per_token_loss=True: the policy losses are "
+                             "normalised globally and must be summed, not averaged, over micro-batches and DP ranks")
+        # Our losses carry their own global normaliser: reduce grads without any token-count scaling.
+        finalize = self.config.finalize_model_grads_func
+        self.config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize(model, None, **kw)
+        self.use_packed_params = self._uses_te_attention()
+        if cfg.parallel.context > 1 and not self.use_packed_params:
+            raise ValueError("parallel.context > 1 needs Transformer Engine attention (THD with CP); "
+                             "Megatron's local attention has no context parallelism")
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        # Sequence parallelism splits the token dimension over TP ranks: pad packed rows to a multiple.
+        self.pad_to_multiple = cfg.parallel.tensor if self.config.sequence_parallel else 1
+        self._bag = MetricBag()
+        self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _uses_te_attention(self) -> bool:
+        from megatron_vespo.models.provider import te_available
+
+        return te_available()
+
+    # ----------------------------------------------------------------------------------------- data
+    def _plan(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+        lengths = [sequence_length(s) for s in samples]
+        plan = pack_sequences(lengths, self.cfg.train.micro_batch_tokens, self.dp_size)
+        token_fields = tuple(f for f in ("rollout_logp", "old_logp") if f in samples[0])
+        return list(iter_rank_micro_batches(plan, samples, self.dp_rank, pad_to_multiple=self.pad_to_multiple,
+                                            response_token_fields=token_fields))
+
+    def _model_inputs(self, mb: Mapping[str, Any]) -> dict[str, Any]:
+        total = mb["num_tokens"]
+        inputs = {"input_ids": mb["input_ids"][None], "position_ids": mb["position_ids"][None]}
+        if self.use_packed_params:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = mb["cu_seqlens"].to(torch.cuda.current_device()) if torch.cuda.is_available() else mb["cu_seqlens"]
+            inputs["attention_mask"] = None
+            inputs["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                max_seqlen_q=mb["max_seqlen"], max_seqlen_kv=mb["max_seqlen"])
+        else:
+            inputs["attention_mask"] = block_causal_mask(mb["cu_seqlens"], total)
+        device = _model_device(self.trainable.model[0])
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    # ------------------------------------------------------------------------------------ schedule
+    def _token_logprobs(self, output: torch.Tensor, mb: Mapping[str, Any]) -> torch.Tensor:
+        logits = output.reshape(-1, output.shape[-1])  # [1, T, V/TP] -> [T, V/TP]
+        labels = mb["labels"].to(logits.device)
+        logp, _ = vocab_parallel_logprobs(
+            logits, labels, tp_group=self.tp_group, chunk_tokens=self.cfg.train.logprob_chunk_tokens,
+            temperature=self.temperature, vocab_size=self.cfg.model.vocab_size)
+        return logp
+
+    def _loss_func(self, mb: Mapping[str, Any], normalizer: Normalizer, output: torch.Tensor):
+        logp = self._token_logprobs(output, mb)
+        device = logp.device
+        num_real = mb["num_sequences"]
+        # Padding tokens sit in one extra dummy sequence that has no valid token.
+        num_seqs = num_real + (1 if mb["num_padding"] else 0)
+        advantages = torch.zeros(num_seqs, dtype=torch.float32, device=device)
+        advantages[:num_real] = mb["advantage"].to(device, torch.float32)
+        rollout = mb["rollout_logp"].to(device)
+        recomputed = "old_logp" in mb
+        batch = PolicyBatch(
+            logp=logp,
+            behavior_logp=mb["old_logp"].to(device) if recomputed else rollout,
+            mask=mb["loss_mask"].to(device),
+            seq_index=mb["seq_index"].to(device),
+            advantages=advantages,
+            num_seqs=num_seqs,
+            rollout_logp=rollout if recomputed else None,
+        )
+        out = compute_policy_loss(batch, normalizer, self.cfg.loss, self.cfg.correction)
+        self._bag.merge(out.metrics)
+        # (loss, token count, reported) -- with calculate_per_token_loss the schedule leaves loss as is.
+        return out.loss, torch.tensor(1, dtype=torch.int, device=device), {}
+
+    def _forward_step(self, normalizer: Optional[Normalizer], data_iterator: Iterable, model: torch.nn.Module):
+        mb = next(data_iterator)
+        output = model(**self._model_inputs(mb))
+        if normalizer is None:  # forward-only log-prob pass
+            return output, partial(self._collect_logprobs, mb)
+        return output, partial(self._loss_func, mb, normalizer)
+
+    def _run_schedule(self, micro_batches: list[dict[str, Any]], normalizer: Optional[Normalizer],
+                      forward_only: bool) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        chunks = self.trainable.model
+        iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+        # Packed lengths differ between micro-batches: the provider sets variable_seq_lengths, so the
+        # pipeline exchanges shapes first and seq_length only sizes the first exchange.
+        max_tokens = max(mb["num_tokens"] for mb in micro_batches)
+        get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, normalizer),
+            data_iterator=iterators,
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=max_tokens,  # p2p shapes; the schedule divides by TP under sequence parallelism
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    # -------------------------------------------------------------------------------------- update
+    def train_mini_batch(self, samples: Sequence[Sample]) -> StepResult:
+        """One optimizer step on ``samples`` (the whole mini-batch; identical on every rank)."""
+        if not samples:
+            raise ValueError("train_mini_batch got an empty mini-batch")
+        micro_batches = self._plan(samples)
+        normalizer = count_normalizer(samples, self.cfg.loss.norm_constant)
+        for chunk in self.trainable.model:
+            chunk.train()
+        self.trainable.zero_grad()
+        self._bag = MetricBag()
+        self._run_schedule(micro_batches, normalizer, forward_only=False)
+
+        skipped = not self._grads_finite()
+        if skipped:
+            self.trainable.zero_grad()
+            grad_norm = float("nan")
+        else:
+            ok, grad_norm, _ = self.trainable.optimizer.step()
+            if not ok:
+                skipped = True
+            if grad_norm is None:
+                grad_norm = float("nan")
+            if self.scheduler is not None and not skipped:
+                self.scheduler.step(increment=1)
+        bag = self._reduce_metrics(self._bag)
+        bag.add_sum("train/skipped_nonfinite_step", torch.tensor(float(skipped)))
+        metrics = self._share_from_last_stage(bag.compute())
+        metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/micro_batches"] = float(len(micro_batches))
+        metrics["train/lr"] = float(self.trainable.optimizer.param_groups[0]["lr"])
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm), skipped=skipped,
+                          num_micro_batches=len(micro_batches))
+
+    def _grads_finite(self) -> bool:
+        """All gradient buffers finite on every rank (one MIN all-reduce over the world)."""
+        finite = True
+        for chunk in self.trainable.model:
+            for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+                finite = finite and bool(torch.isfinite(buffer.grad_data).all())
+        flag = torch.tensor([1.0 if finite else 0.0], device=_model_device(self.trainable.model[0]))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
+    def _reduce_metrics(self, bag: MetricBag) -> MetricBag:
+        # Only last-stage ranks computed the loss; TP ranks hold identical copies, so reduce over DP.
+        if self.is_last_stage and dist.is_initialized() and self.dp_size > 1:
+            bag.all_reduce(self.dp_group)
+        return bag
+
+    def _share_from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Give the last stage's metrics to every pipeline rank (rank 0 logs)."""
+        if self.cfg.parallel.pipeline == 1 or not dist.is_initialized():
+            return metrics
+        from megatron.core import parallel_state as ps
+
+        src = ps.get_pipeline_model_parallel_last_rank()
+        box = [metrics if self.is_last_stage else None]
+        dist.broadcast_object_list(box, src=src, group=self.pp_group)
+        return dict(box[0])
+
+    # ------------------------------------------------------------------------------ forward only
+    def _collect_logprobs(self, mb: Mapping[str, Any], output: torch.Tensor):
+        with torch.no_grad():
+            logp = self._token_logprobs(output, mb)
+        self._collected.append((mb["sample_index"], logp.detach().cpu(), mb))
+        return torch.zeros((), device=logp.device), torch.tensor(1, dtype=torch.int), {}
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: Sequence[Sample]) -> list[Optional[torch.Tensor]]:
+        """Per-response-token log-probs of every sample under the current weights (forward only).
+
+        Returns one ``[R]`` tensor per sample in input order on last-stage ranks of the DP rank that
+        processed it, gathered over DP so that every last-stage rank has all of them; ``None``
+        entries elsewhere. Used to recompute π_old and for evaluation.
+        """
+        micro_batches = self._plan(samples)
+        for chunk in self.trainable.model:
+            chunk.eval()
+        self._collected = []
+        self._run_schedule(micro_batches, None, forward_only=True)
+        results: list[Optional[torch.Tensor]] = [None] * len(samples)
+        for sample_index, logp, mb in self._collected:
+            for s, idx in enumerate(sample_index.tolist()):
+                take = (mb["seq_index"] == s) & (mb["loss_mask"] > 0)
+                results[idx] = logp[take]
+        self._collected = []
+        if self.is_last_stage and dist.is_initialized() and self.dp_size > 1:
+            parts: list = [None] * self.dp_size
+            dist.all_gather_object(parts, results, group=self.dp_group)
+            results = [next((p[i] for p in parts if p[i] is not None), None) for i in range(len(samples))]
+        return results
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,1 @@
+"""CPU rollout server (not SGLang): HF transformers generation behind SGLang's native HTTP API."""

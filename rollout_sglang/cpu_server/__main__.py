@@ -1,0 +1,53 @@
+"""``python -m rollout_sglang.cpu_server --model-path DIR [--port P] [--host H] [--dtype bf16]``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from aiohttp import web
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rollout_sglang.cpu_server",
+                                     description="CPU rollout server (not SGLang) speaking SGLang's native HTTP API")
+    parser.add_argument("--model-path", required=True, help="Hugging Face model directory (config + safetensors)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16"])
+    parser.add_argument("--max-batch-size", type=int, default=256, help="sequences decoded together")
+    parser.add_argument("--weight-version", default="default", help="version reported before any update")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def _drop_http2_probes(record: logging.LogRecord) -> bool:
+    """sglang-router probes each worker for gRPC (HTTP/2) first; aiohttp logs that as an error. Drop it."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and type(exc).__name__ == "BadHttpMessage" and "PRI" in str(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        os.environ["CPU_ROLLOUT_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from rollout_sglang.cpu_server.app import SERVER_NAME, CpuRolloutApp
+    from rollout_sglang.cpu_server.engine import CpuEngine
+
+    log = logging.getLogger("rollout_sglang.cpu_server")
+    logging.getLogger("aiohttp.server").addFilter(_drop_http2_probes)
+    log.info("%s starting: model %s, dtype %s, %s:%d", SERVER_NAME, args.model_path, args.dtype, args.host, args.port)
+    engine = CpuEngine(args.model_path, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                       weight_version=args.weight_version)
+    app = CpuRolloutApp(engine)
+    log.info("%s ready on http://%s:%d", SERVER_NAME, args.host, args.port)
+    web.run_app(app.app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=2)
+
+
+if __name__ == "__main__":
+    main()

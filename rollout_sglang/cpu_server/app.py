@@ -1,0 +1,355 @@
+"""HTTP layer of the CPU rollout server (not SGLang): the subset of SGLang's native API we use.
+
+Every handler validates its body and answers 400 with a message naming the bad field; the engine
+does the generation, the weight receiver the distributed updates. Blocking work (weight loading,
+process-group rendezvous, broadcasts) runs in worker threads so /health keeps answering.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import time
+import uuid
+from typing import Any, Optional
+
+import numpy as np
+from aiohttp import web
+
+from rollout_sglang.cpu_server.engine import CpuEngine, Sequence
+from rollout_sglang.cpu_server.sampling import SamplingParams
+from rollout_sglang.cpu_server.weight_receiver import WeightReceiver
+
+logger = logging.getLogger(__name__)
+SERVER_NAME = "CPU rollout server (not SGLang)"
+
+
+class BadRequest(ValueError):
+    """A request body problem; becomes HTTP 400 with the message."""
+
+
+def _seed(base: Optional[int], prompt_index: int, sample_index: int) -> int:
+    """Per-sample seed: deterministic from sampling_seed, distinct for every (prompt, sample)."""
+    if base is None:
+        return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    digest = hashlib.sha256(f"{base}:{prompt_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}, "success": False, "message": message}, status=status)
+
+
+async def _json_body(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest(f"body: not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body: expected a JSON object")
+    return body
+
+
+def _field(body: dict, key: str, kind: type | tuple, required: bool = True, default: Any = None) -> Any:
+    if key not in body or body[key] is None:
+        if required:
+            raise BadRequest(f"{key}: required")
+        return default
+    value = body[key]
+    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        raise BadRequest(f"{key}: expected {kind}; got {value!r}")
+    if not isinstance(value, kind):
+        raise BadRequest(f"{key}: expected {getattr(kind, '__name__', kind)}; got {value!r:.80}")
+    return value
+
+
+class CpuRolloutApp:
+    """Binds a :class:`CpuEngine` and a :class:`WeightReceiver` to aiohttp routes."""
+
+    def __init__(self, engine: CpuEngine):
+        self.engine = engine
+        self.receiver = WeightReceiver()
+        self.tokenizer = self._load_tokenizer(engine.model_path)
+        self.app = web.Application(client_max_size=1 << 30, middlewares=[self._errors])
+        routes = [
+            ("POST", "/generate", self.generate),
+            ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
+            ("GET", "/get_server_info", self.server_info), ("GET", "/server_info", self.server_info),
+            ("GET", "/get_model_info", self.model_info), ("GET", "/model_info", self.model_info),
+            ("GET", "/get_weight_version", self.weight_version), ("GET", "/get_load", self.get_load),
+            ("POST", "/flush_cache", self.flush_cache), ("GET", "/flush_cache", self.flush_cache),
+            ("POST", "/pause_generation", self.pause), ("POST", "/continue_generation", self.resume),
+            ("POST", "/abort_request", self.abort),
+            ("POST", "/update_weights_from_disk", self.update_from_disk),
+            ("POST", "/init_weights_update_group", self.init_group),
+            ("POST", "/update_weights_from_distributed", self.update_from_distributed),
+            ("POST", "/destroy_weights_update_group", self.destroy_group),
+            ("POST", "/update_weight_version", self.update_weight_version),
+        ]
+        for method, path, handler in routes:
+            self.app.router.add_route(method, path, handler)
+        self.app.on_shutdown.append(self._on_shutdown)
+
+    @staticmethod
+    def _load_tokenizer(path: str):
+        try:
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(path)
+        except Exception:  # tests use models without a tokenizer: text stays empty, ids are the API
+            return None
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.engine.shutdown()
+        self.receiver.destroy_all()
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # report, do not hide: the client sees a 500 naming the problem
+            logger.exception("%s %s failed", request.method, request.path)
+            return _error(500, f"{type(exc).__name__}: {exc}")
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _parse_prompts(self, body: dict) -> tuple[list[list[int]], bool]:
+        raw = body.get("input_ids")
+        if "text" in body and raw is None:
+            raise BadRequest("text: the CPU rollout server takes input_ids only")
+        if not isinstance(raw, list) or not raw:
+            raise BadRequest("input_ids: expected a non-empty list of token ids or of lists")
+        batched = isinstance(raw[0], list)
+        prompts = raw if batched else [raw]
+        vocab = self.engine.config.vocab_size
+        for i, prompt in enumerate(prompts):
+            where = f"input_ids[{i}]" if batched else "input_ids"
+            if not isinstance(prompt, list) or not prompt:
+                raise BadRequest(f"{where}: expected a non-empty list of token ids")
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise BadRequest(f"{where}: token {t!r} is not an id in [0, {vocab})")
+        return prompts, batched
+
+    async def generate(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if body.get("stream"):
+            raise BadRequest("stream: streaming is not supported by the CPU rollout server")
+        prompts, batched = self._parse_prompts(body)
+        try:
+            params = SamplingParams.from_json(body.get("sampling_params"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return_logprob = bool(body.get("return_logprob", False))
+        return_experts = bool(body.get("return_routed_experts", False))
+        if return_experts and not self.engine.is_moe:
+            raise BadRequest("return_routed_experts: the model has no experts")
+        rid = body.get("rid")
+        if isinstance(rid, list):
+            if len(rid) != len(prompts) or not all(isinstance(r, str) for r in rid):
+                raise BadRequest(f"rid: expected {len(prompts)} strings (one per prompt)")
+            rids = rid
+        elif rid is None or isinstance(rid, str):
+            base = rid or uuid.uuid4().hex
+            rids = [base if len(prompts) == 1 else f"{base}_{i}" for i in range(len(prompts))]
+        else:
+            raise BadRequest(f"rid: expected a string or a list of strings; got {rid!r:.60}")
+
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        sequences, futures = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(params.n):
+                fut = loop.create_future()
+                seq = Sequence(rid=rids[i], index=j, prompt_ids=prompt, params=params,
+                               seed=_seed(params.sampling_seed, i, j), return_routed_experts=return_experts,
+                               on_done=lambda s, f=fut: loop.call_soon_threadsafe(_resolve, f, s))
+                sequences.append(seq)
+                futures.append(fut)
+        self.engine.submit(sequences)
+        pending = set(futures)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.25)
+            transport = request.transport
+            if pending and (transport is None or transport.is_closing()):
+                # The client went away (timeout or retry elsewhere): stop spending compute on it.
+                self.engine.abort_sequences(sequences, message="client disconnected")
+        items = [self._item(seq, return_logprob, return_experts, start) for seq in sequences]
+        if not batched and params.n == 1:
+            return web.json_response(items[0])
+        return web.json_response(items)
+
+    def _item(self, seq: Sequence, return_logprob: bool, return_experts: bool, start: float) -> dict:
+        ids = list(seq.output_ids)
+        text = ""
+        if self.tokenizer is not None:
+            text_ids = ids
+            if not seq.params.no_stop_trim and seq.finish.type == "stop" and ids:
+                text_ids = ids[:-1]  # like SGLang, the matched stop token is trimmed from the text only
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        meta: dict[str, Any] = {
+            "id": seq.rid if seq.params.n == 1 else f"{seq.rid}-{seq.index}",
+            "finish_reason": seq.finish.to_json(),
+            "prompt_tokens": len(seq.prompt_ids),
+            "completion_tokens": len(ids),
+            "cached_tokens": 0,
+            "e2e_latency": seq.finished_at - start,
+            "weight_version": seq.weight_version,
+        }
+        if return_logprob:
+            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(seq.logprobs, ids)]
+            meta["input_token_logprobs"] = None
+        if return_experts:
+            layers, topk = self.engine.routed_experts_shape
+            tokens = len(seq.prompt_ids) + len(ids) - 1  # the last sampled token is never fed forward
+            routed = np.concatenate(seq.routed, axis=0) if seq.routed else np.zeros((0, layers, topk), np.int32)
+            meta["routed_experts"] = base64.b64encode(np.ascontiguousarray(routed[:tokens], dtype=np.int32).tobytes()).decode()
+        return {"text": text, "output_ids": ids, "meta_info": meta}
+
+    # ---- status ---------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        seq = Sequence(rid=f"health-{uuid.uuid4().hex}", index=0, prompt_ids=[0],
+                       params=SamplingParams(max_new_tokens=1), seed=0,
+                       on_done=lambda s: loop.call_soon_threadsafe(_resolve, fut, s))
+        self.engine.submit([seq])
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout=30)
+        except asyncio.TimeoutError:
+            self.engine.abort(seq.rid)
+            return _error(503, "health_generate: no token within 30 s")
+        return web.Response(text="OK")
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        e = self.engine
+        return web.json_response({
+            "engine": SERVER_NAME, "version": "cpu-rollout-server", "model_path": e.model_path,
+            "dtype": e.dtype, "weight_version": e.weight_version, "max_batch_size": e.max_batch_size,
+            "tp_size": 1, "dp_size": 1, "paused": e.paused, **e.load(),
+        })
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        e = self.engine
+        info = {"model_path": e.model_path, "tokenizer_path": e.model_path, "is_generation": True,
+                "weight_version": e.weight_version, "architectures": list(e.config.architectures or []),
+                "vocab_size": e.config.vocab_size}
+        if e.is_moe:
+            info["routed_experts_shape"] = list(e.routed_experts_shape)
+        return web.json_response(info)
+
+    async def weight_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"weight_version": self.engine.weight_version})
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        load = self.engine.load()
+        return web.json_response([{"dp_rank": 0, "num_reqs": load["num_running_reqs"] + load["num_waiting_reqs"], **load}])
+
+    # ---- control --------------------------------------------------------------------------------
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        if self.engine.busy:  # SGLang refuses to flush while requests are in flight
+            return web.Response(status=400, text="Cache not flushed. Please check if the server is idle.")
+        return web.Response(text="Cache flushed.")
+
+    async def pause(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        mode = body.get("mode", "abort")
+        try:
+            self.engine.pause(mode)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return web.json_response({"success": True, "message": f"paused (mode {mode})"})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        self.engine.resume()
+        return web.json_response({"success": True, "message": "continued"})
+
+    async def abort(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if body.get("abort_all"):
+            count = self.engine.abort(None)
+        else:
+            count = self.engine.abort(_field(body, "rid", str))
+        return web.json_response({"success": True, "aborted": count})
+
+    # ---- weights --------------------------------------------------------------------------------
+    async def update_from_disk(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        path = _field(body, "model_path", str)
+        version = _field(body, "weight_version", (str, int), required=False)
+        if not os.path.isdir(path):
+            raise BadRequest(f"model_path: {path!r} is not a directory")
+        try:
+            count = await asyncio.to_thread(self.engine.update_weights_from_disk, path, version)
+        except (ValueError, FileNotFoundError) as exc:
+            return web.json_response({"success": False, "message": f"Failed to update weights: {exc}"}, status=400)
+        return web.json_response({"success": True, "message": f"Succeeded to update {count} weights from {path}",
+                                  "num_paused_requests": 0, "weight_version": self.engine.weight_version})
+
+    async def init_group(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        kwargs = dict(
+            master_address=_field(body, "master_address", str), master_port=_field(body, "master_port", int),
+            rank_offset=_field(body, "rank_offset", int), world_size=_field(body, "world_size", int),
+            group_name=_field(body, "group_name", str, required=False, default="weight_update_group"),
+            backend=_field(body, "backend", str, required=False, default="gloo"),
+        )
+        try:
+            await asyncio.to_thread(lambda: self.receiver.init_group(**kwargs))
+        except Exception as exc:
+            return web.json_response({"success": False, "message": f"Failed to init group: {exc}"}, status=400)
+        return web.json_response({"success": True, "message": f"joined {kwargs['group_name']}"})
+
+    async def update_from_distributed(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        names = _field(body, "names", list)
+        dtypes = _field(body, "dtypes", list)
+        shapes = _field(body, "shapes", list)
+        group_name = _field(body, "group_name", str, required=False, default="weight_update_group")
+        version = _field(body, "weight_version", (str, int), required=False)
+        load_format = body.get("load_format")
+
+        def receive_and_load() -> int:
+            with self.engine.model_lock:  # no forward step runs while parameters are being overwritten
+                tensors = self.receiver.receive(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name,
+                                                load_format=load_format, destination=self.engine.weight_destination)
+                self.engine.update_weights(tensors, version)
+            return len(names)
+
+        try:
+            count = await asyncio.to_thread(receive_and_load)
+        except Exception as exc:
+            msg = f"Failed to update parameter online: {exc}. The weights may be partially updated; restart the server."
+            return web.json_response({"success": False, "message": msg}, status=400)
+        return web.json_response({"success": True, "message": f"Succeeded to update {count} tensors",
+                                  "weight_version": self.engine.weight_version})
+
+    async def destroy_group(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        name = _field(body, "group_name", str, required=False, default="weight_update_group")
+        try:
+            await asyncio.to_thread(self.receiver.destroy_group, name)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return web.json_response({"success": True, "message": f"destroyed {name}"})
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if body.get("abort_all_requests", False):
+            self.engine.abort(None)
+        self.engine.weight_version = str(_field(body, "new_version", (str, int)))
+        return web.json_response({"success": True, "message": "updated", "weight_version": self.engine.weight_version})
+
+
+def _resolve(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)

@@ -1,0 +1,378 @@
+"""Batched generation over a Hugging Face Qwen3 / Qwen3-MoE model on CPU, with a KV cache.
+
+Scheduling is step-level batching: the engine thread takes every waiting sequence (up to
+``max_batch_size``), prefills them together (left padding), then decodes one token per step for the
+whole batch, dropping finished rows from the KV cache as it goes. Sequences that arrive while a batch
+runs wait for the next batch. Simple and exact: each row sees only its own tokens (attention mask
+and per-row positions), so log-probs match a teacher-forced forward of the same weights.
+
+Weight updates take ``model_lock``, which every forward step also holds, so an update never lands
+in the middle of a forward pass.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from rollout_sglang.cpu_server.sampling import SamplingParams, sample_tokens
+from rollout_sglang.cpu_server.weights import iter_safetensors_dir, load_hf_named_tensors, weight_destination
+from rollout_sglang.types import FinishReason
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample being generated (a request with n > 1 becomes n sequences sharing ``rid``)."""
+
+    rid: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    return_routed_experts: bool = False
+    on_done: Optional[Callable[["Sequence"], None]] = None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    routed: list[np.ndarray] = field(default_factory=list)  # chunks of (tokens, layers, topk)
+    finish: Optional[FinishReason] = None
+    weight_version: str = ""
+    abort_message: Optional[str] = None  # set by abort(); honoured at the next step boundary
+    created: float = field(default_factory=time.monotonic)
+    finished_at: float = 0.0
+
+
+class CpuEngine:
+    """Owns the model, the waiting queue and the generation thread."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", max_batch_size: int = 256,
+                 weight_version: str = "default"):
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}; got {dtype!r}")
+        self.model_path = model_path
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.weight_version = weight_version
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
+        self.config = self.model.config
+        self._params = dict(self.model.named_parameters())
+        self.model_lock = threading.RLock()
+        eos = getattr(self.config, "eos_token_id", None)
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self._routers = self._find_routers()
+        self._captured: list[torch.Tensor] = []
+        self._capture = False
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._paused = False
+        self._stopping = False
+        self.total_generated_tokens = 0
+        self._thread = threading.Thread(target=self._loop, name="cpu-engine", daemon=True)
+        self._thread.start()
+
+    # ---- model facts -------------------------------------------------------------------------
+    def _find_routers(self) -> list[torch.nn.Module]:
+        routers = []
+        for layer in self.model.model.layers:
+            gate = getattr(getattr(layer, "mlp", None), "gate", None)
+            if gate is not None and hasattr(gate, "top_k") and hasattr(gate, "num_experts"):
+                gate.register_forward_hook(self._capture_hook)
+                routers.append(gate)
+        return routers
+
+    def _capture_hook(self, module, inputs, output) -> None:
+        if self._capture:
+            self._captured.append(output[2].detach())  # (tokens, top_k) expert ids
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self._routers)
+
+    @property
+    def routed_experts_shape(self) -> tuple[int, int]:
+        return (len(self._routers), self._routers[0].top_k if self._routers else 0)
+
+    # ---- request interface (thread-safe) -------------------------------------------------------
+    def submit(self, sequences: Iterable[Sequence]) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("engine is shutting down")
+            self._waiting.extend(sequences)
+            self._cond.notify_all()
+
+    def abort(self, rid: Optional[str] = None, message: str = "Abort requested") -> int:
+        """Abort sequences with ``rid`` (all if None). Waiting ones finish now, running ones at the next step."""
+        return self._abort_matching(lambda seq: rid is None or seq.rid == rid, message)
+
+    def abort_sequences(self, sequences: Iterable[Sequence], message: str) -> int:
+        """Abort exactly these sequences (e.g. those of one HTTP request whose client went away)."""
+        targets = {id(s) for s in sequences}
+        return self._abort_matching(lambda seq: id(seq) in targets, message)
+
+    def _abort_matching(self, match: Callable[[Sequence], bool], message: str) -> int:
+        finished: list[Sequence] = []
+        count = 0
+        with self._cond:
+            keep: deque[Sequence] = deque()
+            for seq in self._waiting:
+                if match(seq):
+                    seq.finish = FinishReason("abort", message=message)
+                    finished.append(seq)
+                else:
+                    keep.append(seq)
+            self._waiting = keep
+            for seq in self._running:
+                if seq.finish is None and match(seq):
+                    seq.abort_message = message
+                    count += 1
+            self._cond.notify_all()
+        for seq in finished:
+            self._finish(seq, seq.finish)
+        return count + len(finished)
+
+    def pause(self, mode: str = "abort") -> None:
+        """SGLang's pause_generation: 'abort' aborts everything in flight; 'in_place'/'retract' hold it."""
+        if mode not in ("abort", "in_place", "retract"):
+            raise ValueError(f"mode: expected 'abort', 'in_place' or 'retract'; got {mode!r}")
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+        if mode == "abort":
+            self.abort(None, message="Aborted by pause_generation")
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"num_waiting_reqs": len(self._waiting),
+                    "num_running_reqs": sum(1 for s in self._running if s.finish is None)}
+
+    @property
+    def busy(self) -> bool:
+        load = self.load()
+        return bool(load["num_waiting_reqs"] or load["num_running_reqs"])
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self.abort(None, message="Server shutting down")
+
+    # ---- weights ---------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: Optional[str]) -> int:
+        with self.model_lock:
+            count = load_hf_named_tensors(self.model, named_tensors)
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+        return count
+
+    def weight_destination(self, name: str) -> Optional[torch.Tensor]:
+        """Where checkpoint tensor ``name`` lives in the model (hold ``model_lock`` while writing it)."""
+        return weight_destination(self.model, name, self._params)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: Optional[str]) -> int:
+        count = self.update_weights(iter_safetensors_dir(model_path), weight_version)
+        self.model_path = model_path
+        return count
+
+    # ---- generation thread -------------------------------------------------------------------
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish = reason
+        seq.weight_version = self.weight_version
+        seq.finished_at = time.monotonic()
+        if seq.on_done is not None:
+            seq.on_done(seq)
+
+    def _loop(self) -> None:
+        torch.set_num_threads(int(os.environ.get("CPU_ROLLOUT_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))))
+        batch: Optional[_Batch] = None
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work(batch):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                new: list[Sequence] = []
+                if not self._paused:  # admit waiting sequences into the running batch (continuous batching)
+                    room = self.max_batch_size - (len(batch.rows) if batch else 0)
+                    while self._waiting and room > 0:
+                        new.append(self._waiting.popleft())
+                        room -= 1
+                self._running = (batch.rows if batch else []) + new
+            try:
+                batch = self._step(batch, new)
+            except Exception as exc:  # a bug or bad input must not kill the server: abort the batch
+                logger.exception("generation step failed")
+                for seq in (batch.rows if batch else []) + new:
+                    if seq.finish is None:
+                        self._finish(seq, FinishReason("abort", message=f"engine error: {exc}"))
+                batch = None
+            finally:
+                with self._cond:
+                    self._running = list(batch.rows) if batch else []
+                    self._cond.notify_all()
+
+    def _has_work(self, batch: Optional["_Batch"]) -> bool:
+        if batch is not None and any(s.abort_message for s in batch.rows):
+            return True  # aborts finish even while paused
+        if self._paused:
+            return False
+        return bool(self._waiting) or (batch is not None and bool(batch.rows))
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, capture: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Run one forward; returns (last-position logits [B, V], routed experts [layers, B, S, topk] or None)."""
+        with self.model_lock, torch.inference_mode():
+            self._captured = []
+            self._capture = capture
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+            finally:
+                self._capture = False
+        experts = None
+        if capture and self._captured:
+            b, s = input_ids.shape
+            experts = torch.stack(self._captured).reshape(len(self._captured), b, s, -1)
+        return out.logits[:, -1, :], experts
+
+    def _prefill(self, rows: list[Sequence]) -> "_Batch":
+        """Prefill new sequences together (left padding keeps each row's last token in the last column)."""
+        lengths = [len(s.prompt_ids) for s in rows]
+        width = max(lengths)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, s in enumerate(rows):
+            input_ids[r, width - lengths[r]:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            mask[r, width - lengths[r]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config)
+        capture = self.is_moe and any(s.return_routed_experts for s in rows)
+        logits, experts = self._forward(input_ids, mask, positions, cache, capture)
+        if experts is not None:
+            for r, s in enumerate(rows):
+                if s.return_routed_experts:
+                    s.routed.append(experts[:, r, width - lengths[r]:, :].permute(1, 0, 2).to(torch.int32).numpy())
+        return _Batch(rows=list(rows), generators=[torch.Generator().manual_seed(s.seed) for s in rows],
+                      cache=cache, mask=mask, next_pos=positions[:, -1] + 1, logits=logits)
+
+    def _step(self, batch: Optional["_Batch"], new: list[Sequence]) -> Optional["_Batch"]:
+        """Finish aborts, admit ``new``, sample one token for every row, then run one decode forward."""
+        if batch is not None:
+            keep = []
+            for r, s in enumerate(batch.rows):
+                if s.abort_message is not None:  # aborted: return the partial output as it is
+                    self._finish(s, FinishReason("abort", message=s.abort_message))
+                else:
+                    keep.append(r)
+            batch = batch.select(keep)
+        for seq in new:
+            if seq.finish is None and seq.params.max_new_tokens == 0:
+                self._finish(seq, FinishReason("length", length=0))
+        new = [s for s in new if s.finish is None]
+        if new:
+            fresh = self._prefill(new)
+            batch = fresh if batch is None else batch.merge(fresh)
+        if batch is None or self._paused:
+            return batch  # paused in place: hold the KV cache and the pending logits
+
+        tokens, logprobs = sample_tokens(batch.logits, [s.params for s in batch.rows], batch.generators)
+        keep = []
+        for r, s in enumerate(batch.rows):
+            tok = int(tokens[r])
+            s.output_ids.append(tok)
+            s.logprobs.append(float(logprobs[r]))
+            self.total_generated_tokens += 1
+            if tok in s.params.stop_token_ids or (not s.params.ignore_eos and tok in self.eos_ids):
+                self._finish(s, FinishReason("stop", matched=tok))
+            elif len(s.output_ids) >= s.params.max_new_tokens:
+                self._finish(s, FinishReason("length", length=s.params.max_new_tokens))
+            else:
+                keep.append(r)
+        batch = batch.select(keep, tokens=tokens)
+        if batch is None:
+            return None
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], dim=1)
+        capture = self.is_moe and any(s.return_routed_experts for s in batch.rows)
+        batch.logits, experts = self._forward(batch.tokens[:, None], batch.mask, batch.next_pos[:, None], batch.cache, capture)
+        if experts is not None:
+            for r, s in enumerate(batch.rows):
+                if s.return_routed_experts:
+                    s.routed.append(experts[:, r, :, :].permute(1, 0, 2).to(torch.int32).numpy())
+        batch.next_pos = batch.next_pos + 1
+        return batch
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The running rows and their KV cache; row r of every tensor belongs to ``rows[r]``."""
+
+    rows: list[Sequence]
+    generators: list[torch.Generator]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, S] 1 where the cache holds a real token
+    next_pos: torch.Tensor  # [B] position id of the next token to feed
+    logits: torch.Tensor  # [B, V] next-token logits not yet sampled
+    tokens: Optional[torch.Tensor] = None  # [B] tokens just sampled (to feed next)
+
+    def select(self, keep: list[int], tokens: Optional[torch.Tensor] = None) -> Optional["_Batch"]:
+        """Keep only rows ``keep`` (None if empty); drops cache columns no remaining row uses."""
+        if not keep:
+            return None
+        if tokens is not None:
+            self.tokens = tokens
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            self.cache.batch_select_indices(index)
+            self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
+            if self.tokens is not None:
+                self.tokens = self.tokens[index]
+            self.rows = [self.rows[r] for r in keep]
+            self.generators = [self.generators[r] for r in keep]
+            used = (self.mask.sum(0) > 0).nonzero()
+            first = int(used[0]) if len(used) else 0
+            if first > 0:  # left padding nobody needs any more
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+                self.mask = self.mask[:, first:]
+        return self
+
+    def merge(self, other: "_Batch") -> "_Batch":
+        """Append ``other``'s rows; both caches are left-padded to a common length first."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad_left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            missing = width - t.shape[-dim_from_end]
+            if missing == 0:
+                return t
+            pad = [0, 0] * (dim_from_end - 1) + [missing, 0]
+            return torch.nn.functional.pad(t, pad)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad_left(mine.keys, 2), pad_left(theirs.keys, 2)])
+            mine.values = torch.cat([pad_left(mine.values, 2), pad_left(theirs.values, 2)])
+        self.mask = torch.cat([pad_left(self.mask, 1), pad_left(other.mask, 1)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+        self.generators += other.generators
+        self.tokens = None
+        return self

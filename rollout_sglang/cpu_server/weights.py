@@ -1,0 +1,76 @@
+"""Load tensors named as in a Hugging Face checkpoint into an in-memory transformers model.
+
+Checkpoints (and weight-sync senders) use per-expert keys, e.g.
+``model.layers.0.mlp.experts.3.gate_proj.weight``, while transformers 5 holds a Qwen3-MoE layer's
+experts fused: ``mlp.experts.gate_up_proj[e] = cat(gate_proj, up_proj)`` and
+``mlp.experts.down_proj[e] = down_proj``. This module maps the former onto the latter.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"weight {name!r}: shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
+    dst.copy_(src.to(dtype=dst.dtype))
+
+
+def weight_destination(model: torch.nn.Module, name: str, params: dict | None = None) -> torch.Tensor | None:
+    """The tensor (a parameter or a view of a fused one) that checkpoint tensor ``name`` fills.
+
+    Returns None for a tied ``lm_head.weight`` (it arrives as the embedding); raises ValueError for
+    names the model does not have.
+    """
+    params = dict(model.named_parameters()) if params is None else params
+    if name in params:
+        return params[name].data
+    m = _EXPERT_KEY.match(name)
+    if m is not None:
+        fused_name = f"{m['prefix']}.down_proj" if m["proj"] == "down_proj" else f"{m['prefix']}.gate_up_proj"
+        if fused_name not in params:
+            raise ValueError(f"weight {name!r}: the model has no fused expert parameter {fused_name!r}")
+        fused = params[fused_name].data
+        expert = int(m["expert"])
+        if not 0 <= expert < fused.shape[0]:
+            raise ValueError(f"weight {name!r}: expert {expert} outside [0, {fused.shape[0]})")
+        if m["proj"] == "down_proj":
+            return fused[expert]
+        half = fused.shape[1] // 2
+        return fused[expert][:half] if m["proj"] == "gate_proj" else fused[expert][half:]
+    if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head.weight":
+        return None
+    raise ValueError(f"weight {name!r}: not a parameter of {type(model).__name__}")
+
+
+@torch.no_grad()
+def load_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Copy each (HF checkpoint name, tensor) into ``model``; returns how many tensors were loaded.
+
+    Raises ValueError naming the first unknown key or mismatched shape (the model may then be
+    half-updated; callers treat that as fatal for the server's weights).
+    """
+    params = dict(model.named_parameters())
+    loaded = 0
+    for name, tensor in named_tensors:
+        dst = weight_destination(model, name, params)
+        if dst is not None:
+            _copy(dst, tensor, name)
+        loaded += 1
+    return loaded
+
+
+def iter_safetensors_dir(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor of every ``*.safetensors`` file in an HF model directory."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    for file in files:
+        yield from load_file(str(file)).items()

@@ -1,0 +1,198 @@
+"""The async client against a deliberately misbehaving HTTP server: garbage, HTTP errors, timeouts."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from aiohttp import web
+
+from rollout_sglang.client import RetryPolicy, SGLangClient
+from rollout_sglang.errors import ResponseFormatError, ServerHTTPError, ServerUnavailableError
+from rollout_sglang.net import find_free_port
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
+
+
+def good_item(ids=(5, 6), finish=None):
+    return {"text": "", "output_ids": list(ids), "meta_info": {
+        "id": "x", "finish_reason": finish or {"type": "length", "length": len(ids)},
+        "prompt_tokens": 2, "completion_tokens": len(ids), "weight_version": "7", "e2e_latency": 0.1,
+        "output_token_logprobs": [[-0.5, t, None] for t in ids]}}
+
+
+class Misbehaving:
+    """An HTTP server that answers each request with the next scripted reply for its path."""
+
+    def __init__(self):
+        self.port = find_free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.script: dict[str, list] = {}
+        self.received: list[tuple[str, dict]] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def _serve(self):
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else {}
+        self.received.append((request.path, body))
+        replies = self.script.get(request.path, [])
+        reply = replies.pop(0) if len(replies) > 1 else (replies[0] if replies else (200, {}))
+        status, payload = reply[0], reply[1]
+        if len(reply) > 2:
+            await asyncio.sleep(reply[2])
+        if isinstance(payload, str):
+            return web.Response(status=status, text=payload)
+        return web.json_response(payload, status=status)
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def bad_server():
+    server = Misbehaving()
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def reset(bad_server):
+    bad_server.script.clear()
+    bad_server.received.clear()
+
+
+def generate(url, n=1, **kw):
+    async def go():
+        async with SGLangClient(url, retry=kw.pop("retry", FAST_RETRY), **kw) as c:
+            return await c.generate([1, 2], {"max_new_tokens": 2}, n=n, rid="req-1")
+    return asyncio.run(go())
+
+
+def test_good_response_parses(bad_server):
+    bad_server.script["/generate"] = [(200, [good_item(), good_item((7,), {"type": "stop", "matched": 7})])]
+    samples = generate(bad_server.url, n=2)
+    assert [s.output_ids for s in samples] == [[5, 6], [7]]
+    assert samples[1].finish_reason.type == "stop" and samples[1].finish_reason.matched == 7
+    assert samples[0].weight_version == "7" and samples[0].output_logprobs == [-0.5, -0.5]
+
+
+def test_abort_finish_reason_keeps_partial_output(bad_server):
+    bad_server.script["/generate"] = [(200, good_item((9,), {"type": "abort", "message": "Abort requested"}))]
+    (sample,) = generate(bad_server.url)
+    assert sample.aborted and sample.output_ids == [9] and sample.finish_reason.message == "Abort requested"
+
+
+@pytest.mark.parametrize("payload, field", [
+    ("this is not json", "<body>"),
+    ({"text": ""}, "meta_info"),
+    ({**good_item(), "meta_info": {**good_item()["meta_info"], "output_token_logprobs": None}}, "meta_info.output_token_logprobs"),
+    ({**good_item(), "meta_info": {**good_item()["meta_info"], "output_token_logprobs": [[0.7, 5, None], [-1, 6, None]]}},
+     "meta_info.output_token_logprobs[0][0]"),
+    ({**good_item(), "meta_info": {**good_item()["meta_info"], "finish_reason": {"type": "exploded"}}}, "meta_info.finish_reason.type"),
+    ({**good_item(), "output_ids": [5, 99]}, "output_ids"),
+    ({**good_item(), "meta_info": {**good_item()["meta_info"], "completion_tokens": 3}}, "meta_info.completion_tokens"),
+    ([good_item(), good_item()], "<body>"),  # two results for n=1
+])
+def test_garbage_raises_naming_server_and_field(bad_server, payload, field):
+    bad_server.script["/generate"] = [(200, payload)]
+    with pytest.raises(ResponseFormatError) as info:
+        generate(bad_server.url)
+    assert info.value.field == field and bad_server.url in str(info.value)
+
+
+def test_5xx_is_retried_with_fresh_rid_and_same_seed(bad_server):
+    bad_server.script["/generate"] = [(500, "boom"), (502, "bad gateway"), (200, good_item())]
+    (sample,) = generate(bad_server.url)
+    assert sample.rid == "req-1" and sample.output_ids == [5, 6]
+    bodies = [b for p, b in bad_server.received if p == "/generate"]
+    assert [b["rid"] for b in bodies] == ["req-1", "req-1.retry1", "req-1.retry2"]
+    assert len({b["sampling_params"]["sampling_seed"] for b in bodies}) == 1
+
+
+def test_4xx_is_not_retried(bad_server):
+    bad_server.script["/generate"] = [(400, {"message": "input_ids: required"})]
+    with pytest.raises(ServerHTTPError) as info:
+        generate(bad_server.url)
+    assert info.value.status == 400 and "input_ids" in str(info.value)
+    assert len(bad_server.received) == 1
+
+
+def test_persistent_5xx_gives_up_after_max_attempts(bad_server):
+    bad_server.script["/generate"] = [(503, "no workers")]
+    with pytest.raises(ServerUnavailableError, match="4 attempt"):
+        generate(bad_server.url)
+    assert len(bad_server.received) == 4
+
+
+def test_timeouts_are_retried_then_fail_within_total_timeout(bad_server):
+    bad_server.script["/generate"] = [(200, good_item(), 2.0)]
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="TimeoutError"):
+        generate(bad_server.url, request_timeout_s=0.3, total_timeout_s=1.0,
+                 retry=RetryPolicy(max_attempts=10, initial_backoff_s=0.01))
+    assert time.monotonic() - start < 2.0
+    assert len(bad_server.received) >= 2
+
+
+def test_slow_first_attempt_then_success(bad_server):
+    bad_server.script["/generate"] = [(200, good_item((1,)), 1.5), (200, good_item((2,)))]
+    (sample,) = generate(bad_server.url, request_timeout_s=0.5)
+    assert sample.output_ids == [2]  # only the attempt that answered is used: no duplicate
+
+
+def test_connection_refused(bad_server):
+    with pytest.raises(ServerUnavailableError, match="ClientConnectorError|Connect"):
+        generate(f"http://127.0.0.1:{find_free_port()}", total_timeout_s=2.0)
+
+
+def test_weight_updates_are_not_retried(bad_server):
+    bad_server.script["/update_weights_from_disk"] = [(500, "half done")]
+
+    async def go():
+        async with SGLangClient(bad_server.url, retry=FAST_RETRY) as c:
+            await c.update_weights_from_disk("/x", "3")
+
+    with pytest.raises(ServerUnavailableError, match="1 attempt"):
+        asyncio.run(go())
+    assert len(bad_server.received) == 1
+
+
+def test_control_calls(bad_server):
+    bad_server.script["/flush_cache"] = [(400, "busy"), (200, "Cache flushed.")]
+    bad_server.script["/get_weight_version"] = [(200, {"weight_version": "12"})]
+    bad_server.script["/update_weights_from_distributed"] = [(200, {"success": False, "message": "shape mismatch"})]
+
+    async def go():
+        async with SGLangClient(bad_server.url, retry=FAST_RETRY) as c:
+            assert await c.flush_cache() is False
+            assert await c.flush_cache() is True
+            assert await c.weight_version() == "12"
+            await c.pause("in_place")
+            await c.resume()
+            await c.abort("r1")
+            await c.abort()
+            with pytest.raises(ServerHTTPError, match="shape mismatch"):
+                await c.update_weights_from_distributed(names=["a"], dtypes=["float32"], shapes=[[1]], group_name="g")
+
+    asyncio.run(go())
+    sent = {p: b for p, b in bad_server.received}
+    assert sent["/pause_generation"] == {"mode": "in_place"}
+    assert [b for p, b in bad_server.received if p == "/abort_request"] == [{"rid": "r1"}, {"abort_all": True}]
+    assert json.dumps(sent["/update_weights_from_distributed"]["names"]) == '["a"]'
