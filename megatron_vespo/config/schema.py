@@ -215,6 +215,65 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class SyntheticTaskConfig:
+    """The built-in verifiable task over digit tokens (no tokenizer needed; see megatron_vespo.data.synthetic)."""
+
+    task: Literal["reverse", "sort"] = field("reverse", help="what the response must do with the prompt's digits")
+    num_digits: int = field(3, ge=1, le=8, help="digits per prompt (and per answer)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training prompts come from: a jsonl/parquet file or the synthetic task."""
+
+    path: str = field("", help="jsonl or parquet file of rows with 'prompt' (text) or 'prompt_ids', and the ground "
+                      "truth; empty: the synthetic task")
+    ground_truth_key: str = field("ground_truth", help="row field holding the answer the verifier checks")
+    tokenizer: str = field("", help="Hugging Face tokenizer directory (needed for text prompts and text verifiers)")
+    apply_chat_template: bool = field(False, help="wrap text prompts in the tokenizer's chat template")
+    prompt_suffix: str = field("", help="appended to every text prompt (e.g. the boxed-answer instruction)")
+    shuffle: bool = field(True, help="reshuffle the prompts every epoch (seeded by train.seed)")
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    verifier: str = field("synthetic", help="registered verifier name (synthetic, math)")
+    timeout_s: float = field(10.0, gt=0, help="a verifier call slower than this scores 0 and is counted")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Sampling on the fleet. The returned log-probs are μ (the behaviour policy)."""
+
+    n_samples: int = field(8, ge=1, help="responses per prompt (one GRPO group)")
+    temperature: float = field(1.0, gt=0, help="sampling temperature; the trainer's log-probs use the same")
+    top_p: float = field(1.0, gt=0, le=1)
+    top_k: int = field(-1, ge=-1, help="-1: no top-k filtering")
+    max_prompt_len: int = field(1024, gt=0, help="longer prompts are dropped from the dataset (and counted)")
+    max_response_len: int = field(15360, gt=0, help="max_new_tokens of every request")
+    stop_token_ids: list[int] = field(default_factory=list, help="token ids that end a response")
+    max_concurrency: int = field(256, gt=0, help="prompts in flight at once")
+    request_timeout_s: float = field(600.0, gt=0, help="per-attempt HTTP timeout of a /generate call")
+    fleet: Optional[_rollout_config.FleetConfig] = field(
+        None, help="servers + router to start; null: cpu_servers CPU servers booted from the initial weights")
+    cpu_servers: int = field(1, ge=1, help="number of local CPU rollout servers when fleet is null")
+    weight_sync: _rollout_config.WeightSyncConfig = field(
+        default_factory=lambda: _rollout_config.WeightSyncConfig(transport="disk"),
+        help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
+
+
+@dataclass(kw_only=True)
+class RunLoopConfig:
+    """The driver loop around the trainer."""
+
+    rollout_steps: int = field(100, ge=1, help="rollout batches (each: train.staleness optimizer steps)")
+    output_dir: str = field("outputs/run", help="metrics.jsonl, plot, initial HF weights, weight-sync versions")
+    stop_at_reward: Optional[float] = field(None, help="stop early once a rollout batch's mean reward reaches this")
+    plot: bool = field(True, help="write reward / W / phi curves (metrics.png) at the end")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. ``model`` is read from the file named in the run YAML."""
 
@@ -226,6 +285,10 @@ class RunConfig:
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    run: RunLoopConfig = field(default_factory=RunLoopConfig)
 
     def validate(self, path: str) -> None:
         from megatron_vespo.models.layout import validate_layout  # late: layout imports this module
@@ -238,3 +301,8 @@ class RunConfig:
             raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:
             raise ConfigError("loss.norm_constant", "is required for aggregation 'seq-mean-token-sum-norm'")
+
+
+# The fleet sections are rollout_sglang's own types. Imported as a module object at the end (and
+# resolved lazily from the string annotations) so either package can be imported first.
+import rollout_sglang.config as _rollout_config  # noqa: E402

@@ -211,9 +211,21 @@ def build_transformer_config(
     return _transformer_config(**kwargs)
 
 
-def build_layer_spec(model: ModelConfig, config: Any, *, use_te: Optional[bool] = None) -> Any:
-    """GPT decoder-layer spec: TE modules when TE runs here, Megatron's local modules otherwise."""
+def build_layer_spec(model: ModelConfig, config: Any, *, use_te: Optional[bool] = None,
+                     vp_stage: Optional[int] = None) -> Any:
+    """GPT decoder spec: TE modules when TE runs here, Megatron's local modules otherwise.
+
+    A MoE model with dense layers (``mlp_only_layers``, ``decoder_sparse_step > 1``) gets a
+    per-layer block spec following ``moe_layer_freq``; a single layer spec would make every layer MoE.
+    """
     use_te = te_available() if use_te is None else use_te
+    if model.is_moe and not all(moe_layer_pattern(model)):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        kwargs = dict(use_transformer_engine=use_te, vp_stage=vp_stage)
+        if not use_te:
+            kwargs["normalization"] = "RMSNorm"
+        return get_gpt_decoder_block_spec(config, **_supported_kwargs(get_gpt_decoder_block_spec, kwargs))
     return _layer_spec(
         use_te,
         num_experts=model.num_experts if model.is_moe else None,
@@ -246,7 +258,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(cfg.model, config, use_te=use_te),
+        transformer_layer_spec=build_layer_spec(cfg.model, config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=cfg.model.vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,

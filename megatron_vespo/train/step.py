@@ -94,9 +94,10 @@ class PolicyTrainer:
         finalize = self.config.finalize_model_grads_func
         self.config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize(model, None, **kw)
         self.use_packed_params = self._uses_te_attention()
-        if cfg.parallel.context > 1 and not self.use_packed_params:
-            raise ValueError("parallel.context > 1 needs Transformer Engine attention (THD with CP); "
-                             "Megatron's local attention has no context parallelism")
+        if cfg.parallel.context > 1:
+            # The losses take a CP all-reduce for their per-sequence sums, but splitting packed
+            # sequences over CP ranks (TE's THD partitioning) is not wired into the step yet.
+            raise NotImplementedError("parallel.context > 1 is not supported by the train step yet")
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -138,16 +139,17 @@ class PolicyTrainer:
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
     # ------------------------------------------------------------------------------------ schedule
-    def _token_logprobs(self, output: torch.Tensor, mb: Mapping[str, Any]) -> torch.Tensor:
+    def _token_logprobs(self, output: torch.Tensor, mb: Mapping[str, Any],
+                        entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         logits = output.reshape(-1, output.shape[-1])  # [1, T, V/TP] -> [T, V/TP]
         labels = mb["labels"].to(logits.device)
-        logp, _ = vocab_parallel_logprobs(
+        return vocab_parallel_logprobs(
             logits, labels, tp_group=self.tp_group, chunk_tokens=self.cfg.train.logprob_chunk_tokens,
-            temperature=self.temperature, vocab_size=self.cfg.model.vocab_size)
-        return logp
+            temperature=self.temperature, compute_entropy=entropy, vocab_size=self.cfg.model.vocab_size)
 
     def _loss_func(self, mb: Mapping[str, Any], normalizer: Normalizer, output: torch.Tensor):
-        logp = self._token_logprobs(output, mb)
+        # Entropy is a diagnostic here (no entropy bonus in VESPO): computed without a graph.
+        logp, entropy = self._token_logprobs(output, mb, entropy=self.cfg.train.compute_entropy)
         device = logp.device
         num_real = mb["num_sequences"]
         # Padding tokens sit in one extra dummy sequence that has no valid token.
@@ -166,6 +168,9 @@ class PolicyTrainer:
             rollout_logp=rollout if recomputed else None,
         )
         out = compute_policy_loss(batch, normalizer, self.cfg.loss, self.cfg.correction)
+        if entropy is not None:
+            valid = batch.mask > 0
+            out.metrics.add_mean("train/entropy_mean", entropy.detach(), valid)
         self._bag.merge(out.metrics)
         # (loss, token count, reported) -- with calculate_per_token_loss the schedule leaves loss as is.
         return out.loss, torch.tensor(1, dtype=torch.int, device=device), {}
@@ -261,7 +266,7 @@ class PolicyTrainer:
     # ------------------------------------------------------------------------------ forward only
     def _collect_logprobs(self, mb: Mapping[str, Any], output: torch.Tensor):
         with torch.no_grad():
-            logp = self._token_logprobs(output, mb)
+            logp, _ = self._token_logprobs(output, mb)
         self._collected.append((mb["sample_index"], logp.detach().cpu(), mb))
         return torch.zeros((), device=logp.device), torch.tensor(1, dtype=torch.int), {}
 

@@ -66,6 +66,8 @@ def cases(tmp_path_factory) -> tuple[Path, dict]:
         "moe_norm_topk": moe,
         "moe_no_norm_topk": dataclasses.replace(moe, norm_topk_prob=False),
         "dense_tied": dense,
+        # Layer 1 has a dense MLP (HF mlp_only_layers): the provider must build a per-layer spec.
+        "moe_mlp_only_layer": dataclasses.replace(moe, mlp_only_layers=[1]),
     }
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, moe.vocab_size, (2, 12), generator=generator)
