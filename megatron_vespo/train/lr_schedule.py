@@ -7,14 +7,14 @@ from megatron_vespo.config.schema import OptimizerConfig
 
 
 def build_lr_scheduler(optimizer: Any, cfg: OptimizerConfig) -> Any:
-    """Warmup (linear from 0) then constant, linear or cosine decay to ``min_lr``; constant wd.
+    """Warmup (linear, update k of w gets lr·k/w) then constant, linear or cosine decay to ``min_lr``.
 
     The scheduler's state goes into training checkpoints so a resumed run continues the curve.
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     decay_steps = cfg.decay_steps or 1
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.warmup_steps else cfg.lr,
         max_lr=cfg.lr,
@@ -27,3 +27,7 @@ def build_lr_scheduler(optimizer: Any, cfg: OptimizerConfig) -> Any:
         wd_incr_steps=1,
         wd_incr_style="constant",
     )
+    # Megatron's scheduler starts at step 0, whose warmup lr is 0: the first update would be wasted.
+    # Advance once so that update k uses the lr of step k (the trainer steps it after each update).
+    scheduler.step(increment=1)
+    return scheduler

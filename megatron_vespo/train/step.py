@@ -214,6 +214,7 @@ class PolicyTrainer:
         self._bag = MetricBag()
         self._run_schedule(micro_batches, normalizer, forward_only=False)
 
+        lr = float(self.trainable.optimizer.param_groups[0]["lr"])  # the lr this update uses
         skipped = not self._grads_finite()
         if skipped:
             self.trainable.zero_grad()
@@ -231,7 +232,7 @@ class PolicyTrainer:
         metrics = self._share_from_last_stage(bag.compute())
         metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/micro_batches"] = float(len(micro_batches))
-        metrics["train/lr"] = float(self.trainable.optimizer.param_groups[0]["lr"])
+        metrics["train/lr"] = lr
         return StepResult(metrics=metrics, grad_norm=float(grad_norm), skipped=skipped,
                           num_micro_batches=len(micro_batches))
 

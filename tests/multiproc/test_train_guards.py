@@ -32,6 +32,7 @@ def test_nan_gradient_skips_the_step_and_leaves_weights_untouched(report):
 
 def test_warmup_then_cosine_schedule(report):
     # warmup 2 steps to 1e-3, cosine to 1e-4 at step 6; the skipped step does not advance it.
+    # report["lr"] holds the lr each successful update used (update k uses the lr of step k).
     lr_max, lr_min, warmup, decay = 1e-3, 1e-4, 2, 6
 
     def expected(step: int) -> float:
@@ -40,7 +41,7 @@ def test_warmup_then_cosine_schedule(report):
         frac = min(1.0, (step - warmup) / (decay - warmup))
         return lr_min + (lr_max - lr_min) * 0.5 * (1 + math.cos(math.pi * frac))
 
-    steps = [1, 2, 3, 4, 5, 6]  # the lr reported after each successful step
+    steps = [1, 2, 3, 4, 5, 6]
     assert report["lr"] == pytest.approx([expected(s) for s in steps], rel=1e-6)
 
 
