@@ -1,13 +1,14 @@
 """Verifiers by name, and batch scoring that survives a broken or hanging verifier.
 
-A verifier is ``fn(request: ScoreRequest) -> float``. :func:`score_all` runs each call in a worker
+A verifier is ``fn(request: ScoreRequest) -> float``. :func:`score_all` runs each call in its own
 thread with a deadline: an exception or a call past ``timeout_s`` scores 0.0 and is counted in
 :class:`RewardStats` (a hung thread cannot be killed; it is abandoned and finishes on its own).
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import math
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -63,43 +64,53 @@ def get_verifier(name: str) -> Verifier:
     return _REGISTRY[name]
 
 
+def _call(verifier: Verifier, request: ScoreRequest, box: dict) -> None:
+    try:
+        box["value"] = verifier(request)
+    except BaseException as exc:  # noqa: BLE001 -- any verifier failure scores 0 and is counted
+        box["error"] = exc
+
+
 def score_all(verifier: Verifier, requests: Sequence[ScoreRequest], timeout_s: float,
               max_workers: int = 8) -> tuple[list[float], RewardStats]:
-    """Score every request; a verifier that raises, times out or returns a non-finite value gives 0."""
+    """Score every request; a call that raises, runs past ``timeout_s`` or returns a non-finite
+    value scores 0.0 and is counted. Up to ``max_workers`` calls run at once, each in a daemon
+    thread (a timed-out thread is abandoned and its slot reused)."""
     stats = RewardStats()
     scores = [0.0] * len(requests)
-    pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="verifier")
-    try:
-        futures = [pool.submit(verifier, r) for r in requests]
-        deadline_futures = cf.wait(futures, timeout=timeout_s)
-        del deadline_futures
-        for i, fut in enumerate(futures):
-            if not fut.done():
-                # Deadline for the whole batch is generous (timeout per call, calls run in parallel);
-                # give a late call its own full timeout before giving up on it.
-                try:
-                    fut.result(timeout=timeout_s)
-                except cf.TimeoutError:
+    pending = list(range(len(requests)))[::-1]
+    running: dict[int, tuple[threading.Thread, float, dict]] = {}
+    while pending or running:
+        while pending and len(running) < max_workers:
+            i = pending.pop()
+            box: dict = {}
+            thread = threading.Thread(target=_call, args=(verifier, requests[i], box), daemon=True,
+                                      name=f"verifier-{i}")
+            thread.start()
+            running[i] = (thread, time.monotonic(), box)
+        oldest_i = min(running, key=lambda k: running[k][1])
+        thread, started, _ = running[oldest_i]
+        thread.join(timeout=max(0.0, started + timeout_s - time.monotonic()))
+        now = time.monotonic()
+        for i, (thread, started, box) in list(running.items()):
+            if thread.is_alive():
+                if now - started >= timeout_s:
                     stats.timeouts += 1
-                    fut.cancel()
-                    continue
-                except Exception:
-                    pass
-            exc = fut.exception()
-            if exc is not None:
+                    del running[i]
+                continue
+            del running[i]
+            if "error" in box:
+                exc = box["error"]
                 stats.errors += 1
                 stats.first_error = stats.first_error or f"{type(exc).__name__}: {exc}"
                 continue
-            value = fut.result()
             try:
-                value = float(value)
+                value = float(box.get("value"))
             except (TypeError, ValueError):
                 value = math.nan
             if not math.isfinite(value):
                 stats.errors += 1
-                stats.first_error = stats.first_error or f"non-numeric or non-finite score {value!r}"
+                stats.first_error = stats.first_error or f"non-finite or non-numeric score {box.get('value')!r}"
                 continue
             scores[i] = value
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
     return scores, stats

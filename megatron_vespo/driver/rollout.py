@@ -1,0 +1,128 @@
+"""One rollout batch: prompts -> fleet (through the router) -> scored, GRPO-weighted training samples.
+
+μ (the behaviour policy) is the per-token log-probs the rollout engine returned with each response;
+they become each training sample's ``rollout_logp``. Nothing is recomputed here.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megatron_vespo.advantages import grpo_advantages
+from megatron_vespo.config.schema import AdvantageConfig, RewardConfig, RolloutConfig
+from megatron_vespo.data.dataset import PromptRow
+from megatron_vespo.rewards.registry import ScoreRequest, Verifier, score_all
+from rollout_sglang.client import SGLangClient
+from rollout_sglang.types import Sample as RolloutSample
+
+
+@dataclass
+class RolloutGroup:
+    """The n responses of one prompt."""
+
+    row: PromptRow
+    responses: list[RolloutSample]
+
+
+@dataclass
+class RolloutBatch:
+    groups: list[list[dict[str, Any]]]  # training samples per prompt, in prompt order
+    metrics: dict[str, float]
+    weight_versions: list[str]  # distinct versions that produced the batch
+
+
+def sampling_params(cfg: RolloutConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"max_new_tokens": cfg.max_response_len, "temperature": cfg.temperature,
+                              "top_p": cfg.top_p, "top_k": cfg.top_k}
+    if cfg.stop_token_ids:
+        params["stop_token_ids"] = list(cfg.stop_token_ids)
+    return params
+
+
+async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str) -> list[RolloutGroup]:
+    async with SGLangClient(url, request_timeout_s=cfg.request_timeout_s) as client:
+        outputs = await client.generate_batch([r.prompt_ids for r in rows], sampling_params(cfg), n=cfg.n_samples,
+                                              return_logprob=True, max_concurrency=cfg.max_concurrency,
+                                              rid_prefix=rid_prefix)
+    return [RolloutGroup(row, responses) for row, responses in zip(rows, outputs)]
+
+
+def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str) -> list[RolloutGroup]:
+    """n responses (with μ log-probs and finish reasons) for every prompt row, through ``url``."""
+    return asyncio.run(_generate(url, rows, cfg, rid_prefix))
+
+
+def response_text(tokenizer: Any, response: RolloutSample) -> Optional[str]:
+    """Decoded response (the matched stop token trimmed, as SGLang does), or None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    ids = response.output_ids[:-1] if response.finish_reason.type == "stop" and response.output_ids else response.output_ids
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def score_groups(groups: Sequence[RolloutGroup], verifier: Verifier, reward_cfg: RewardConfig,
+                 tokenizer: Any = None) -> tuple[list[float], dict[str, float]]:
+    requests = [ScoreRequest(response_ids=list(r.output_ids), response_text=response_text(tokenizer, r),
+                             ground_truth=g.row.ground_truth, prompt_ids=list(g.row.prompt_ids))
+                for g in groups for r in g.responses]
+    scores, stats = score_all(verifier, requests, reward_cfg.timeout_s)
+    return scores, {"reward/verifier_errors": float(stats.errors), "reward/verifier_timeouts": float(stats.timeouts)}
+
+
+def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float],
+                        advantage_cfg: AdvantageConfig) -> RolloutBatch:
+    """Training samples (GRPO advantage per response over its prompt's group) and rollout metrics.
+
+    Aborted responses (a server died mid-request and the retry was not used) carry partial
+    log-probs; they are still valid samples of μ and are trained on like the others.
+    """
+    group_size = len(groups[0].responses)
+    if any(len(g.responses) != group_size for g in groups):
+        raise ValueError("every prompt must have the same number of responses")
+    reward_t = torch.tensor(rewards, dtype=torch.float32)
+    advantages, adv_stats = grpo_advantages(reward_t, group_size, advantage_cfg)
+    sample_groups: list[list[dict[str, Any]]] = []
+    lengths, finishes, versions = [], Counter(), Counter()
+    k = 0
+    for g in groups:
+        sample_groups.append([])
+        for r in g.responses:
+            if r.output_logprobs is None or len(r.output_logprobs) != len(r.output_ids):
+                raise ValueError(f"response {r.rid} has {len(r.output_ids)} tokens but "
+                                 f"{0 if r.output_logprobs is None else len(r.output_logprobs)} log-probs")
+            sample_groups[-1].append({"prompt_ids": list(g.row.prompt_ids), "response_ids": list(r.output_ids),
+                            "rollout_logp": list(r.output_logprobs), "advantage": float(advantages[k])})
+            lengths.append(len(r.output_ids))
+            finishes[r.finish_reason.type] += 1
+            versions[r.weight_version] += 1
+            k += 1
+    n = float(len(rewards))
+    metrics = {
+        "rollout/reward_mean": float(reward_t.mean()),
+        "rollout/reward_std": float(reward_t.std()) if len(rewards) > 1 else 0.0,
+        "rollout/response_len_mean": sum(lengths) / n,
+        "rollout/response_len_max": float(max(lengths)),
+        "rollout/empty_responses": float(sum(1 for x in lengths if x == 0)),
+        "rollout/zero_std_groups": adv_stats["adv/zero_std_groups"],
+        "rollout/zero_std_fraction": adv_stats["adv/zero_std_fraction"],
+        "rollout/num_prompts": float(len(groups)),
+        "rollout/num_responses": n,
+        "adv/abs_mean": adv_stats.get("adv/abs_mean", 0.0),
+    }
+    for kind in ("stop", "length", "abort"):
+        metrics[f"rollout/finish_{kind}"] = float(finishes.get(kind, 0))
+    return RolloutBatch(groups=sample_groups, metrics=metrics, weight_versions=sorted(versions))
+
+
+def split_mini_batches(groups: Sequence[list[dict[str, Any]]], num: int) -> list[list[dict[str, Any]]]:
+    """``num`` consecutive mini-batches of whole prompt groups, in order, no shuffling (mini-batch j
+    is trained at policy lag j). Empty responses have no token to train on and are left out (they
+    still counted in their group's advantage)."""
+    if len(groups) % num:
+        raise ValueError(f"{len(groups)} prompts do not split into {num} equal mini-batches")
+    per = len(groups) // num
+    return [[s for g in groups[j * per:(j + 1) * per] for s in g if s["response_ids"]] for j in range(num)]
