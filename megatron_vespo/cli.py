@@ -29,6 +29,17 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from megatron_vespo.driver import run_sync_training
+
+    cfg = load_run_config(args.run_yaml, args.overrides)
+    summary = run_sync_training(cfg)
+    if summary is not None:  # rank 0
+        print("\n== megatron-vespo run summary ==")
+        print(summary.text(cfg.run.stop_at_reward), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("run_yaml")
     check.add_argument("overrides", nargs="*", help="a.b=value overrides")
     check.set_defaults(func=_cmd_check)
+    train = sub.add_parser("train", help="synchronous RL training (run under torchrun for several ranks)")
+    train.add_argument("run_yaml")
+    train.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    train.set_defaults(func=_cmd_train)
     ref = sub.add_parser("config-reference", help="print the config reference as a markdown table")
     ref.set_defaults(func=_cmd_config_reference)
     return parser

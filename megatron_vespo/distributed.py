@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_vespo import platform
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_vespo.models.layout import validate_layout
+from megatron_vespo.models.layout import megatron_parallel_sizes, validate_layout
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,7 @@ def init_distributed(
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **megatron_parallel_sizes(parallel),
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)

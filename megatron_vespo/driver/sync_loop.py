@@ -155,7 +155,8 @@ class SyncRLDriver:
         if cfg.rollout.fleet is None:
             # Servers boot from a directory holding exactly the trainer's initial weights.
             initial_dir = write_hf_dir(initial, cfg, self.output_dir / "initial_hf")
-            server = ServerConfig(kind="cpu", model_path=str(initial_dir), dtype="float32")
+            server = ServerConfig(kind="cpu", model_path=str(initial_dir), dtype="float32",
+                                  extra_args=["--weight-version", self.version])
             fleet_cfg = FleetConfig(servers=[server] * cfg.rollout.cpu_servers,
                                     log_dir=str(self.output_dir / "fleet_logs"))
         else:
@@ -263,19 +264,21 @@ class SyncRLDriver:
                 t0 = time.monotonic()
                 named = gather_hf_weights(self.exporter)
                 if self.is_driver:
-                    self._push(named, str(self.optimizer_steps))
-                    sync_s = time.monotonic() - t0
-                    for record in records:
-                        record["time/weight_sync_s"] = sync_s
-                        record["time/elapsed_s"] = time.monotonic() - start
-                        writer.write(step, record)
-                    progress.report(step, records[-1])
-                    rewards.append(step_metrics["rollout/reward_mean"])
-                    target = cfg.run.stop_at_reward
-                    if target is not None and rewards[-1] >= target and seconds_to_target is None:
-                        seconds_to_target = time.monotonic() - start
+                    try:
+                        self._push(named, str(self.optimizer_steps))
+                        self._log_step(step, records, step_metrics, writer, progress, rewards, time.monotonic() - t0,
+                                       start)
+                        if seconds_to_target is None and cfg.run.stop_at_reward is not None \
+                                and rewards[-1] >= cfg.run.stop_at_reward:
+                            seconds_to_target = time.monotonic() - start
+                    except BaseException as exc:
+                        self._broadcast({"error": f"{type(exc).__name__}: {exc}"})
+                        raise
                 del named
-                stop = self._broadcast(seconds_to_target is not None if self.is_driver else None)
+                verdict = self._broadcast({"stop": seconds_to_target is not None} if self.is_driver else None)
+                if "error" in verdict:
+                    raise RuntimeError(f"rank 0 failed: {verdict['error']}")
+                stop = verdict["stop"]
                 if stop:
                     break
         except BaseException as exc:
@@ -297,6 +300,16 @@ class SyncRLDriver:
                           best_reward=max(rewards), seconds=time.monotonic() - start,
                           seconds_to_target=seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
                           plot_path=plot_path)
+
+    @staticmethod
+    def _log_step(step: int, records: list[dict], step_metrics: dict, writer: MetricsWriter,
+                  progress: ProgressReporter, rewards: list[float], sync_s: float, start: float) -> None:
+        for record in records:
+            record["time/weight_sync_s"] = sync_s
+            record["time/elapsed_s"] = time.monotonic() - start
+            writer.write(step, record)
+        progress.report(step, records[-1])
+        rewards.append(step_metrics["rollout/reward_mean"])
 
     def _train(self, mini_batches: list[list[dict]], step: int, rollout_metrics: dict[str, float]) -> list[dict]:
         """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""

@@ -13,7 +13,7 @@ power-of-two TP up to 128.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vespo.config.typed import ConfigError
@@ -139,3 +139,16 @@ def _validate_fp8(model: ModelConfig, parallel: ParallelConfig, precision: Preci
                 "precision.fp8.recipe",
                 f"FP8 recipe {fp8.recipe!r} needs GEMM dimensions divisible by {multiple}; {what} = {size}",
             )
+
+
+def megatron_parallel_sizes(parallel: ParallelConfig) -> dict[str, Any]:
+    """The parallel sizes under the keyword names that both Megatron's ``TransformerConfig`` and
+    ``parallel_state.initialize_model_parallel`` take."""
+    return dict(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+    )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
 from megatron_vespo.config.typed import ConfigError
-from megatron_vespo.models.layout import moe_layer_pattern, validate_layout
+from megatron_vespo.models.layout import megatron_parallel_sizes, moe_layer_pattern, validate_layout
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -162,12 +162,7 @@ def build_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # Parallel layout.
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **megatron_parallel_sizes(parallel),
         sequence_parallel=parallel.sequence_parallel,
         # RL micro-batches are packed to a token budget, so their lengths vary between steps: the
         # pipeline exchanges shapes before activations.

@@ -12,7 +12,6 @@ Megatron itself saves from the TP=2 layout must convert back to the original HF 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_vespo.checkpoint.hf_to_mcore import convert_hf_to_mcore
+from megatron_vespo.checkpoint.mcore_to_hf import convert_mcore_to_hf
 from megatron_vespo.checkpoint.hf_io import SafetensorsReader, hf_config_from_model
 from megatron_vespo.config import load_model_config
 
@@ -31,12 +32,6 @@ WORKER = Path(__file__).with_name("worker_hf_parity.py")
 LOGITS_TOL = 1e-5
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def random_hf_model(model_cfg, seed: int):
@@ -59,7 +54,7 @@ def random_hf_model(model_cfg, seed: int):
 def cases(tmp_path_factory) -> tuple[Path, dict]:
     """HF checkpoints, their conversions, the HF logits, and the worker's case list."""
     tmp = tmp_path_factory.mktemp("hf_parity")
-    to_mcore = _tool("convert_hf_to_mcore").convert_hf_to_mcore
+    to_mcore = convert_hf_to_mcore
     moe = load_model_config(REPO_ROOT / "configs/models/tiny_moe.yaml")
     dense = load_model_config(REPO_ROOT / "configs/models/tiny_dense.yaml")
     models = {
@@ -134,7 +129,7 @@ def test_two_process_layouts_match_hf(cases):
 
     # Checkpoints Megatron saved itself from a TP=2 layout (TP-split chunks, no model_config.yaml)
     # convert back to exactly the original HF tensors.
-    to_hf = _tool("convert_mcore_to_hf").convert_mcore_to_hf
+    to_hf = convert_mcore_to_hf
     for saved, source in (("moe_tp2", "moe_norm_topk"), ("dense_tp2", "dense_tied")):
         model_cfg = load_model_config(Path(prepared[source]["ckpt"]) / "model_config.yaml")
         to_hf(tmp / f"megatron_saved_{saved}", tmp / f"back_{saved}", model_cfg=model_cfg, log=lambda _: None)

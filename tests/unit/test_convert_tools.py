@@ -7,7 +7,6 @@ here: bitwise round trips, the files and configs the tools write, streaming IO, 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_vespo.checkpoint.hf_to_mcore import convert_hf_to_mcore
+from megatron_vespo.checkpoint.mcore_to_hf import convert_mcore_to_hf
 from megatron_vespo.checkpoint.hf_io import (
     INDEX_FILE, CheckpointError, SafetensorsReader, SafetensorsWriter, hf_config_from_model, model_config_from_hf,
 )
@@ -29,16 +30,9 @@ DENSE = load_model_config(ROOT / "configs/models/tiny_dense.yaml")
 QWEN3_30B = load_model_config(ROOT / "configs/models/qwen3_30b_a3b.yaml")
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-to_mcore = _tool("convert_hf_to_mcore").convert_hf_to_mcore
-to_hf = _tool("convert_mcore_to_hf").convert_mcore_to_hf
+to_mcore, to_hf = convert_hf_to_mcore, convert_mcore_to_hf
 quiet = {"log": lambda _: None}
 
 
