@@ -30,8 +30,12 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import warnings
+
     from megatron_vespo.driver import run_sync_training
 
+    # Expected on CPU (no TE/Apex: Megatron falls back to torch); one line each per rank is noise.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed.*")
     cfg = load_run_config(args.run_yaml, args.overrides)
     summary = run_sync_training(cfg)
     if summary is not None:  # rank 0
