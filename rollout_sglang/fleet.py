@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 
 from rollout_sglang.config import FleetConfig, ServerConfig
 from rollout_sglang.errors import RolloutError
-from rollout_sglang.launch import build_server_command
+from rollout_sglang.launch import build_server_command, terminate_process
 from rollout_sglang.net import find_free_port, http_json, is_healthy
 from rollout_sglang.router import RouterProcess
 
@@ -145,14 +145,7 @@ class Fleet:
 
     @staticmethod
     def terminate(server: ManagedServer) -> None:
-        if server.proc is None or server.proc.poll() is not None:
-            return
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+        terminate_process(server.proc)
 
     # ---- supervision -------------------------------------------------------------------------
     def start_supervision(self) -> None:

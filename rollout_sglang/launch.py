@@ -1,7 +1,9 @@
-"""Command lines for rollout servers and the router, built from typed configs (no processes here)."""
+"""Command lines for rollout servers and the router, built from typed configs, and how to stop them."""
 from __future__ import annotations
 
+import subprocess
 import sys
+from typing import Optional
 
 from rollout_sglang.config import RouterConfig, ServerConfig
 
@@ -45,3 +47,15 @@ def build_router_command(cfg: RouterConfig, port: int, prometheus_port: int, wor
            "--shutdown-grace-period-secs", "2"]
     cmd += ["--worker-urls", *worker_urls] if worker_urls else []
     return cmd + list(cfg.extra_args)
+
+
+def terminate_process(proc: Optional[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still alive after ``timeout_s``; no-op if already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

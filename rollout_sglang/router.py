@@ -18,7 +18,7 @@ from typing import Optional
 
 from rollout_sglang.config import RouterConfig
 from rollout_sglang.errors import RolloutError
-from rollout_sglang.launch import build_router_command
+from rollout_sglang.launch import build_router_command, terminate_process
 from rollout_sglang.net import find_free_port, http_json
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,7 @@ class RouterProcess:
         raise RolloutError(f"{self.url}: worker {url} still listed after {timeout_s}s")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate_process(self.proc)
 
     def __del__(self):  # never leave a router behind if the owner forgot stop()
         proc = getattr(self, "proc", None)
