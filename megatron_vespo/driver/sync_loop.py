@@ -346,8 +346,20 @@ class SyncRLDriver:
                 print(f"[shutdown] {type(exc).__name__}: {exc}", flush=True)
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """Rules that only matter for training runs (``megatron-vespo check`` accepts partial configs)."""
+    longest = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    if longest > cfg.model.max_position_embeddings:
+        raise ConfigError("rollout.max_response_len",
+                          f"max_prompt_len + max_response_len = {longest} exceeds the model's "
+                          f"max_position_embeddings={cfg.model.max_position_embeddings}")
+    if cfg.rollout.n_samples < 2:
+        raise ConfigError("rollout.n_samples", "GRPO needs at least 2 responses per prompt")
+
+
 def run_sync_training(cfg: RunConfig) -> Optional[RunSummary]:
     """Initialise (torchrun or single process), run the loop, tear down. Returns the summary on rank 0."""
+    check_run_config(cfg)
     ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
     try:
         return SyncRLDriver(cfg, ctx).run()

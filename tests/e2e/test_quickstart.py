@@ -68,3 +68,25 @@ def test_reward_does_not_collapse_and_outputs_exist(short_run):
     png = out / "metrics.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     assert "megatron-vespo run summary" in stdout and "step 6/6" in stdout
+
+
+def test_torchrun_two_ranks_expert_parallel_with_recomputed_pi_old(tmp_path):
+    """Two trainer ranks (EP=2): rank 0 drives the fleet and broadcasts the samples, both train, the
+    experts of both ranks reach the server (lag-0 μ still equals the trainer's log-probs), and π_old
+    recomputed by the trainer agrees with μ (TIS weights of 1)."""
+    from tests.multiproc.torchrun import run_torchrun
+
+    steps = 2
+    out = run_torchrun("-m", ["megatron_vespo.cli", "train", str(REPO / "configs/quickstart.yaml"),
+                              "parallel.expert=2", f"run.rollout_steps={steps}", f"run.output_dir={tmp_path}",
+                              "run.stop_at_reward=null", "run.plot=false", "train.recompute_old_logprobs=true",
+                              "correction.mode=token_tis"], nproc=2, timeout=150)
+    assert out.count("megatron-vespo run summary") == 1  # rank 0 only
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["train_step"] for r in records] == [1, 2, 3, 4]
+    assert [r["rollout_weight_version"] for r in records] == ["0", "0", "2", "2"]
+    for r in records:
+        assert abs(r["correction/tis_weight_mean"] - 1) < 1e-4
+        if r["lag"] == 0:
+            assert r["mismatch/logp_gap_max"] < 1e-4
+    assert not (tmp_path / "metrics.png").exists()
