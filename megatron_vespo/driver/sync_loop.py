@@ -218,13 +218,6 @@ class SyncRLDriver:
         """π_old for the whole rollout batch under the weights that generated it (before any step)."""
         flat = [s for mb in mini_batches for s in mb]
         logprobs = self.trainer.compute_logprobs(flat)
-        if self.ctx.world_size > 1:
-            from megatron.core import parallel_state as ps
-
-            box = [logprobs]
-            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                       group=ps.get_pipeline_model_parallel_group())
-            logprobs = box[0]
         for sample, lp in zip(flat, logprobs):
             sample["old_logp"] = lp.tolist()
 

@@ -4,7 +4,8 @@ One call of :meth:`PolicyTrainer.train_mini_batch` is one optimizer step on one 
 
 1. the mini-batch's samples (every rank receives all of them) are planned into THD micro-batches
    under the token budget, balanced over data-parallel ranks (:mod:`megatron_vespo.train.packing`);
-2. the normaliser (valid tokens and sequences of the whole mini-batch) is fixed before the step;
+2. the normaliser (valid tokens and sequences of the whole mini-batch: this rank's micro-batches
+   summed over data-parallel ranks) is fixed before the step;
 3. ``get_forward_backward_func()`` runs the micro-batches through the model chunks with the loss
    closure: in the last pipeline stage, vocab-parallel token log-probs from the ``[T, V/TP]`` logits
    (:mod:`megatron_vespo.train.logprobs`) feed the registered policy loss
@@ -32,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_vespo.config.schema import RunConfig
-from megatron_vespo.losses import Normalizer, PolicyBatch, compute_policy_loss
+from megatron_vespo.losses import Normalizer, PolicyBatch, compute_policy_loss, normalizer_from_masks
 from megatron_vespo.metrics import MetricBag
+from megatron_vespo.models.provider import te_available
 from megatron_vespo.models.trainable import Trainable
 from megatron_vespo.train.logprobs import vocab_parallel_logprobs
 from megatron_vespo.train.packing import iter_rank_micro_batches, pack_sequences, sequence_length
@@ -49,18 +51,6 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     same = segment[:, None] == segment[None, :]
     causal = torch.ones(total, total, dtype=torch.bool).tril_()
     return ~(same & causal)[None, None]
-
-
-def count_normalizer(samples: Sequence[Sample], norm_constant: Optional[float]) -> Normalizer:
-    """Valid tokens and sequences of a whole mini-batch, straight from its samples (all ranks hold
-    all samples, so no collective is needed and every rank gets the same numbers)."""
-    tokens = seqs = 0
-    for sample in samples:
-        mask = sample.get("response_mask")
-        n = len(sample["response_ids"]) if mask is None else int(sum(1 for m in mask if m))
-        tokens += n
-        seqs += int(n > 0)
-    return Normalizer(total_tokens=float(tokens), total_seqs=float(seqs), norm_constant=norm_constant)
 
 
 @dataclass
@@ -93,7 +83,7 @@ class PolicyTrainer:
         # Our losses carry their own global normaliser: reduce grads without any token-count scaling.
         finalize = self.config.finalize_model_grads_func
         self.config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize(model, None, **kw)
-        self.use_packed_params = self._uses_te_attention()
+        self.use_packed_params = te_available()
         if cfg.parallel.context > 1:
             # The losses take a CP all-reduce for their per-sequence sums, but splitting packed
             # sequences over CP ranks (TE's THD partitioning) is not wired into the step yet.
@@ -108,11 +98,6 @@ class PolicyTrainer:
         self.pad_to_multiple = cfg.parallel.tensor if self.config.sequence_parallel else 1
         self._bag = MetricBag()
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def _uses_te_attention(self) -> bool:
-        from megatron_vespo.models.provider import te_available
-
-        return te_available()
 
     # ----------------------------------------------------------------------------------------- data
     def _plan(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
@@ -207,7 +192,8 @@ class PolicyTrainer:
         if not samples:
             raise ValueError("train_mini_batch got an empty mini-batch")
         micro_batches = self._plan(samples)
-        normalizer = count_normalizer(samples, self.cfg.loss.norm_constant)
+        normalizer = normalizer_from_masks(((mb["loss_mask"], mb["seq_index"]) for mb in micro_batches),
+                                           self.cfg.loss.norm_constant, all_reduce_group=self.dp_group)
         for chunk in self.trainable.model:
             chunk.train()
         self.trainable.zero_grad()
@@ -229,7 +215,7 @@ class PolicyTrainer:
                 self.scheduler.step(increment=1)
         bag = self._reduce_metrics(self._bag)
         bag.add_sum("train/skipped_nonfinite_step", torch.tensor(float(skipped)))
-        metrics = self._share_from_last_stage(bag.compute())
+        metrics = self._from_last_stage(bag.compute())
         metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/micro_batches"] = float(len(micro_batches))
         metrics["train/lr"] = lr
@@ -253,16 +239,15 @@ class PolicyTrainer:
             bag.all_reduce(self.dp_group)
         return bag
 
-    def _share_from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Give the last stage's metrics to every pipeline rank (rank 0 logs)."""
+    def _from_last_stage(self, value: Any) -> Any:
+        """The last pipeline stage's ``value`` on every rank of the pipeline (rank 0 logs and drives)."""
         if self.cfg.parallel.pipeline == 1 or not dist.is_initialized():
-            return metrics
+            return value
         from megatron.core import parallel_state as ps
 
-        src = ps.get_pipeline_model_parallel_last_rank()
-        box = [metrics if self.is_last_stage else None]
-        dist.broadcast_object_list(box, src=src, group=self.pp_group)
-        return dict(box[0])
+        box = [value if self.is_last_stage else None]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+        return box[0]
 
     # ------------------------------------------------------------------------------ forward only
     def _collect_logprobs(self, mb: Mapping[str, Any], output: torch.Tensor):
@@ -272,12 +257,12 @@ class PolicyTrainer:
         return torch.zeros((), device=logp.device), torch.tensor(1, dtype=torch.int), {}
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: Sequence[Sample]) -> list[Optional[torch.Tensor]]:
+    def compute_logprobs(self, samples: Sequence[Sample]) -> list[torch.Tensor]:
         """Per-response-token log-probs of every sample under the current weights (forward only).
 
-        Returns one ``[R]`` tensor per sample in input order on last-stage ranks of the DP rank that
-        processed it, gathered over DP so that every last-stage rank has all of them; ``None``
-        entries elsewhere. Used to recompute π_old and for evaluation.
+        Returns one ``[R]`` CPU tensor per sample, in input order, on every rank: each DP rank's
+        last stage computes its share, the shares are gathered over DP, then sent down the pipeline.
+        Used to recompute π_old and for evaluation.
         """
         micro_batches = self._plan(samples)
         for chunk in self.trainable.model:
@@ -294,7 +279,7 @@ class PolicyTrainer:
             parts: list = [None] * self.dp_size
             dist.all_gather_object(parts, results, group=self.dp_group)
             results = [next((p[i] for p in parts if p[i] is not None), None) for i in range(len(samples))]
-        return results
+        return self._from_last_stage(results)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

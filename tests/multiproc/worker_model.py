@@ -127,14 +127,7 @@ def main() -> None:
     direct = None
     if ctx.world_size == 1:
         direct = reference_logprobs(trainable.model[0].module, samples)
-    # Every rank needs μ: take the last stage's log-probs (PP) and share them.
-    box = [logprobs]
-    if dist.is_initialized() and ctx.world_size > 1:
-        from megatron.core import parallel_state as ps
-
-        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
-    logprobs = box[0]
+    assert all(lp is not None for lp in logprobs), "compute_logprobs must return every sample on every rank"
     noise = torch.Generator().manual_seed(args.seed + 2)
     for s, lp in zip(samples, logprobs):
         s["rollout_logp"] = (lp + 0.05 * torch.randn(lp.shape, generator=noise)).tolist()
