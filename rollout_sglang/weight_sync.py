@@ -23,7 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +34,8 @@ from rollout_sglang.fleet import Fleet, ManagedServer, WeightState
 from rollout_sglang.net import find_free_port, http_json
 from rollout_sglang.process_group import destroy_custom_process_group, init_custom_process_group
 
+T = TypeVar("T")
+
 logger = logging.getLogger(__name__)
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -43,17 +45,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Group tensors in order into buckets of at most ``bucket_bytes`` (a bigger tensor goes alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
+def _named_tensor_bytes(item: tuple[str, torch.Tensor]) -> int:
+    return item[1].numel() * item[1].element_size()
+
+
+def iter_buckets(items: Iterable[T], bucket_bytes: int,
+                 nbytes: Callable[[T], int] = _named_tensor_bytes) -> Iterator[list[T]]:
+    """Group items (default: ``(name, tensor)`` pairs) in order into buckets of at most
+    ``bucket_bytes`` as measured by ``nbytes``; an item bigger than that goes alone."""
+    bucket: list[T] = []
     size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+    for item in items:
+        n = nbytes(item)
+        if bucket and size + n > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
+        bucket.append(item)
+        size += n
     if bucket:
         yield bucket
 

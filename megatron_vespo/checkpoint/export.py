@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit, detect_stacked_layers
 from megatron_vespo.config.schema import ModelConfig
 from megatron_vespo.models.full_state import Shard, local_shards
+from rollout_sglang.weight_sync import iter_buckets
 
 
 @dataclass(frozen=True)
@@ -165,16 +166,11 @@ def _numel(slices: tuple[tuple[int, int], ...]) -> int:
 
 
 def _bucketize(units: list[tuple[Unit, list[_Piece]]], bucket_bytes: int) -> list[list[tuple[Unit, list[_Piece]]]]:
-    buckets: list[list] = []
-    size = 0
-    for unit, pieces in units:
-        nbytes = unit.numel * torch.empty((), dtype=pieces[0].dtype).element_size()
-        if not buckets or (buckets[-1] and size + nbytes > bucket_bytes):
-            buckets.append([])
-            size = 0
-        buckets[-1].append((unit, pieces))
-        size += nbytes
-    return buckets
+    def nbytes(item: tuple[Unit, list[_Piece]]) -> int:
+        unit, pieces = item
+        return unit.numel * torch.empty((), dtype=pieces[0].dtype).element_size()
+
+    return list(iter_buckets(units, bucket_bytes, nbytes))
 
 
 def iter_hf_weights(model_chunks: Sequence[torch.nn.Module] | torch.nn.Module, model_cfg: ModelConfig,
