@@ -212,6 +212,8 @@ class TrainConfig:
     recompute_old_logprobs: bool = field(False, help="forward π_old before the update instead of using μ")
     logprob_chunk_tokens: int = field(4096, gt=0, help="tokens per chunk in the vocab-parallel log-prob kernel")
     compute_entropy: bool = field(False)
+    mode: Literal["sync", "async"] = field("sync", help="sync: staleness-N batches; async: continuous generation "
+                                           "into a version-tagged buffer (see the asynchronous section)")
 
 
 @dataclass(kw_only=True)
@@ -258,6 +260,10 @@ class RolloutConfig:
     fleet: Optional[_rollout_config.FleetConfig] = field(
         None, help="servers + router to start; null: cpu_servers CPU servers booted from the initial weights")
     cpu_servers: int = field(1, ge=1, help="number of local CPU rollout servers when fleet is null")
+    cpu_server_dtype: Literal["float32", "bfloat16"] = field(
+        "float32", help="dtype of the local CPU servers (bfloat16: a train/inference mismatch against an fp32 trainer)")
+    return_routed_experts: bool = field(False, help="MoE: ask the servers for the experts each token was routed to "
+                                        "(requests then go to the servers directly: the router drops the field)")
     weight_sync: _rollout_config.WeightSyncConfig = field(
         default_factory=lambda: _rollout_config.WeightSyncConfig(transport="disk"),
         help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
@@ -271,6 +277,62 @@ class RunLoopConfig:
     output_dir: str = field("outputs/run", help="metrics.jsonl, plot, initial HF weights, weight-sync versions")
     stop_at_reward: Optional[float] = field(None, help="stop early once a rollout batch's mean reward reaches this")
     plot: bool = field(True, help="write reward / W / phi curves (metrics.png) at the end")
+
+
+@dataclass(kw_only=True)
+class AsyncConfig:
+    """Fully asynchronous training (train.mode: async): the fleet generates continuously."""
+
+    push_every_steps: int = field(1, ge=1, help="optimizer steps between weight pushes to the fleet")
+    max_staleness: int = field(4, ge=0, help="bound on a sample's lag: trainer version minus the oldest version "
+                               "that generated any of its tokens")
+    over_staleness: Literal["drop", "throttle"] = field(
+        "drop", help="drop: samples past the bound are discarded and counted; throttle: generation waits")
+    partial_rollouts: bool = field(True, help="on a push, abort in-flight requests, keep the generated prefix "
+                                   "and its log-probs, continue with the new weights")
+    buffer_groups: int = field(0, ge=0, help="max finished prompt groups waiting in the buffer; 0: two mini-batches")
+
+
+@dataclass(kw_only=True)
+class EvalSetConfig:
+    """One evaluation benchmark: mean accuracy over k samples per prompt."""
+
+    name: str = field(help="metric prefix: eval/<name>/accuracy")
+    path: str = field("", help="jsonl/parquet with the training schema; empty: held-out synthetic prompts")
+    num_prompts: int = field(0, ge=0, help="0: all rows")
+    n_samples: int = field(4, ge=1, help="k: samples per prompt")
+    verifier: str = field("", help="empty: reward.verifier")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every_steps: int = field(0, ge=0, help="evaluate every K optimizer steps (and at the end); 0: never")
+    temperature: float = field(1.0, gt=0)
+    top_p: float = field(1.0, gt=0, le=1)
+    max_response_len: int = field(0, ge=0, help="0: rollout.max_response_len")
+    sets: list[EvalSetConfig] = field(default_factory=list, help="benchmarks")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Training checkpoints: model, optimizer, LR schedule, RNG, data position, driver state."""
+
+    dir: str = field("", help="empty: <run.output_dir>/checkpoints")
+    save_every_steps: int = field(0, ge=0, help="save every K rollout steps (and at the end); 0: never")
+    keep_last: int = field(2, ge=1, help="checkpoints kept (older ones are deleted after a save succeeds)")
+    resume: Literal["auto", "never", "must"] = field(
+        "auto", help="auto: resume from <dir>/latest when it exists; must: fail without one")
+    load_dir: str = field("", help="resume from this checkpoint directory instead of <dir>/latest")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Metric sinks; the JSONL file is always written. One metric name set for all sinks."""
+
+    tensorboard: bool = field(False, help="TensorBoard event files under <run.output_dir>/tensorboard")
+    wandb: bool = field(False, help="wandb: online when WANDB_API_KEY is set, offline otherwise")
+    wandb_project: str = field("megatron-vespo")
+    run_name: str = field("", help="empty: the output directory's name")
 
 
 @dataclass(kw_only=True)
@@ -289,6 +351,10 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     run: RunLoopConfig = field(default_factory=RunLoopConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, path: str) -> None:
         from megatron_vespo.models.layout import validate_layout  # late: layout imports this module

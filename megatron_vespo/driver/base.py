@@ -1,0 +1,261 @@
+"""What every RL loop shares: the trainer on every rank, and on rank 0 the data, verifier, fleet and
+weight sync; rank-0-to-all broadcasting with error propagation; N optimizer steps over mini-batches.
+
+The loops (``sync_loop.SyncRLDriver``, ``async_loop.AsyncRLDriver``) only decide *when* to generate,
+train and push. Rank 0 drives; the other ranks follow the payloads it broadcasts, so a failure on
+rank 0 is broadcast as ``{"error": ...}`` and raised everywhere instead of leaving ranks hanging in
+a collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_vespo.checkpoint.export import HFWeightExporter
+from megatron_vespo.checkpoint.hf_io import SafetensorsWriter, hf_config_from_model
+from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.config.typed import ConfigError
+from megatron_vespo.distributed import DistributedContext
+from megatron_vespo.logging_utils import format_duration
+from megatron_vespo.models.trainable import build_model_and_optimizer
+from megatron_vespo.train.lr_schedule import build_lr_scheduler
+from megatron_vespo.train.step import PolicyTrainer
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+PROGRESS_KEYS = {"rollout/reward_mean": "reward", "rollout/response_len_mean": "len",
+                 "rollout/zero_std_fraction": "flat", "vespo/W_mean": "W", "vespo/phi_mean": "phi",
+                 "mismatch/logp_gap_mean": "gap", "train/grad_norm": "gnorm"}
+
+
+class RankZeroError(RuntimeError):
+    """Raised on ranks > 0 when rank 0 failed (its error message is included)."""
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (rank 0)."""
+
+    rollout_steps: int
+    optimizer_steps: int
+    weight_version: str
+    initial_reward: float
+    final_reward: float  # mean of the last (up to) three rollout batches
+    best_reward: float
+    seconds: float
+    seconds_to_target: Optional[float]  # first time a batch reached run.stop_at_reward
+    metrics_path: Path
+    plot_path: Optional[Path]
+
+    def text(self, target: Optional[float]) -> str:
+        lines = [
+            f"rollout steps        {self.rollout_steps} ({self.optimizer_steps} optimizer steps, "
+            f"fleet at weight version {self.weight_version})",
+            f"mean reward          {self.initial_reward:.3f} (first batch) -> {self.final_reward:.3f} "
+            f"(last 3 batches), best {self.best_reward:.3f}",
+            f"wall time            {format_duration(self.seconds)}",
+        ]
+        if target is not None:
+            reached = (f"reached after {format_duration(self.seconds_to_target)}"
+                       if self.seconds_to_target is not None else "not reached")
+            lines.append(f"target reward {target:<6} {reached}")
+        lines.append(f"metrics              {self.metrics_path}")
+        if self.plot_path is not None:
+            lines.append(f"plot                 {self.plot_path}")
+        return "\n".join(lines)
+
+
+def gather_hf_weights(exporter: HFWeightExporter) -> NamedTensors:
+    """All HF-named tensors on rank 0 (CPU); an empty list elsewhere. Collective over the world.
+
+    Each stage leader holds its stage's tensors after the export; with PP > 1 they are sent to rank
+    0 as pickled CPU tensors (fine for small and medium models; very large models want a streaming
+    transport from every stage leader instead).
+    """
+    mine = [(name, t.detach().cpu()) for bucket in exporter.buckets() for name, t in bucket]
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    parts: Optional[list] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return [item for part in parts for item in part] if parts is not None else []
+
+
+def write_hf_dir(named: NamedTensors, cfg: RunConfig, directory: Path) -> Path:
+    """An HF model directory (config.json + safetensors) holding exactly the trainer's weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = named[0][1].dtype
+    hf = hf_config_from_model(cfg.model, dtype, extra={"bos_token_id": None, "eos_token_id": None,
+                                                       "pad_token_id": None})
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    writer = SafetensorsWriter(directory, {name: (t.dtype, tuple(t.shape)) for name, t in named})
+    for name, t in named:
+        writer.write(name, t)
+    writer.close()
+    return directory
+
+
+class RLDriver:
+    """The trainer on every rank; on rank 0 the data, verifier, fleet and weight sync."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistributedContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.is_driver = ctx.rank == 0
+        self.trainable = build_model_and_optimizer(cfg)
+        self.scheduler = build_lr_scheduler(self.trainable.optimizer, cfg.optimizer)
+        self.trainer = PolicyTrainer(cfg, self.trainable, self.scheduler, temperature=cfg.rollout.temperature)
+        self.exporter = HFWeightExporter(self.trainable.model, cfg.model,
+                                         bucket_bytes=cfg.rollout.weight_sync.bucket_bytes)
+        self.output_dir = Path(cfg.run.output_dir)
+        self.optimizer_steps = 0
+        self.version = "0"  # the fleet's weight version (= optimizer steps at the last push)
+        self.fleet = None
+        self.weight_sync = None
+        self._latest: NamedTensors = []
+
+    # ------------------------------------------------------------------------- rank 0 -> all
+    def broadcast(self, payload: Any) -> Any:
+        """Rank 0's ``payload`` on every rank (pickled; small control messages and token lists)."""
+        if self.ctx.world_size == 1:
+            return payload
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def from_driver(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 and return its result on every rank. Collective.
+
+        If ``fn`` raises, rank 0 broadcasts the error before re-raising, and every other rank raises
+        :class:`RankZeroError`, so no rank waits forever in the next collective.
+        """
+        result = None
+        if self.is_driver:
+            try:
+                result = {"ok": fn()}
+            except BaseException as exc:
+                self.broadcast({"error": f"{type(exc).__name__}: {exc}"})
+                raise
+        box = self.broadcast(result)
+        if "error" in box:
+            raise RankZeroError(f"rank 0 failed: {box['error']}")
+        return box["ok"]
+
+    # ------------------------------------------------------------------------------ rank 0 setup
+    def setup_driver(self, initial: NamedTensors) -> None:
+        """Data, verifier, fleet (booted from ``initial`` when it is the default CPU fleet), weight sync."""
+        from megatron_vespo.data.dataset import PromptSampler, load_prompt_dataset, load_tokenizer
+        from megatron_vespo.rewards.registry import get_verifier
+        from rollout_sglang.config import FleetConfig, ServerConfig
+        from rollout_sglang.fleet import Fleet
+
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = load_tokenizer(cfg.data)
+        dataset = load_prompt_dataset(cfg.data, cfg.rollout.max_prompt_len, self.tokenizer)
+        self.dataset_stats = {"data/prompts": float(len(dataset.rows)),
+                              "data/filtered_too_long": float(dataset.num_filtered_too_long)}
+        print(f"[data] {dataset.source}: {len(dataset.rows)} prompts "
+              f"({dataset.num_filtered_too_long} longer than {cfg.rollout.max_prompt_len} dropped)", flush=True)
+        self.sampler = PromptSampler(dataset, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        try:
+            self.verifier = get_verifier(cfg.reward.verifier)
+        except KeyError as exc:
+            raise ConfigError("reward.verifier", str(exc.args[0]).split(": ", 1)[-1]) from None
+
+        initial_dir: Optional[Path] = None
+        if cfg.rollout.fleet is None:
+            # Servers boot from a directory holding exactly the trainer's initial weights.
+            initial_dir = write_hf_dir(initial, cfg, self.output_dir / "initial_hf")
+            server = ServerConfig(kind="cpu", model_path=str(initial_dir), dtype=cfg.rollout.cpu_server_dtype,
+                                  extra_args=["--weight-version", self.version])
+            fleet_cfg = FleetConfig(servers=[server] * cfg.rollout.cpu_servers,
+                                    log_dir=str(self.output_dir / "fleet_logs"))
+        else:
+            fleet_cfg = cfg.rollout.fleet
+        t0 = time.monotonic()
+        self.fleet = Fleet(fleet_cfg).start()
+        print(f"[fleet] {len(fleet_cfg.servers)} server(s) behind {self.fleet.router_url} "
+              f"({time.monotonic() - t0:.1f}s)", flush=True)
+        self.weight_sync = self._make_weight_sync(initial_dir or Path(fleet_cfg.servers[0].model_path))
+        if cfg.rollout.fleet is not None:
+            self.push_weights(initial, "0")  # the given servers' checkpoint need not be the trainer's init
+
+    def _make_weight_sync(self, config_dir: Path):
+        from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync
+
+        ws = self.cfg.rollout.weight_sync
+        if ws.transport == "disk":
+            if not ws.disk_dir:
+                ws = dataclasses.replace(ws, disk_dir=str(self.output_dir / "weights"))
+            return DiskWeightSync(self.fleet, ws, config_dir=str(config_dir) if config_dir.is_dir() else None)
+        return DistributedWeightSync(self.fleet, ws, state_provider=lambda: self._latest)
+
+    # ------------------------------------------------------------------------------ weight sync
+    def push_weights(self, named: NamedTensors, version: str) -> None:
+        """Rank 0: send ``named`` to every server as ``version`` and check that each one reports it."""
+        self._latest = named
+        self.weight_sync.push(named, version)
+        reported = [data.get("weight_version") if isinstance(data, dict) else None
+                    for _, data in self.fleet.call_all("GET", "/get_weight_version")]
+        if not reported or any(v != version for v in reported):
+            raise RuntimeError(f"weight sync: pushed version {version}, servers report {reported}")
+        self.version = version
+
+    def export_and_push(self) -> float:
+        """Collective: gather the current weights and push them as version = optimizer steps. Seconds taken."""
+        t0 = time.monotonic()
+        named = gather_hf_weights(self.exporter)
+        self.from_driver(lambda: self.push_weights(named, str(self.optimizer_steps)))
+        return time.monotonic() - t0
+
+    # ------------------------------------------------------------------------------------ train
+    def recompute_old_logprobs(self, samples: list[dict]) -> float:
+        """π_old under the current weights (before any step on these samples). Seconds taken."""
+        t0 = time.monotonic()
+        for sample, lp in zip(samples, self.trainer.compute_logprobs(samples)):
+            sample["old_logp"] = lp.tolist()
+        return time.monotonic() - t0
+
+    def train_step(self, samples: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+        """One optimizer step on ``samples`` (every rank); the metrics record, ``extra`` included."""
+        t0 = time.monotonic()
+        if samples:
+            metrics = dict(self.trainer.train_mini_batch(samples).metrics)
+            self.optimizer_steps += 1
+        else:  # every response of the mini-batch was empty: nothing to learn from
+            metrics = {"train/skipped_empty_mini_batch": 1.0}
+        return {**extra, **metrics, "train_step": self.optimizer_steps, "train/samples": float(len(samples)),
+                "time/train_s": time.monotonic() - t0}
+
+    # ------------------------------------------------------------------------------------ end
+    def shutdown(self, quiet: bool) -> None:
+        """Rank 0: close the weight-sync group and stop the fleet (errors only printed when ``quiet``)."""
+        if not self.is_driver:
+            return
+        for closer in (getattr(self.weight_sync, "close", None), getattr(self.fleet, "stop", None)):
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception as exc:  # noqa: BLE001 -- cleanup must not hide the run's own error
+                if not quiet:
+                    raise
+                print(f"[shutdown] {type(exc).__name__}: {exc}", flush=True)
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Rules that only matter for training runs (``megatron-vespo check`` accepts partial configs)."""
+    longest = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    if longest > cfg.model.max_position_embeddings:
+        raise ConfigError("rollout.max_response_len",
+                          f"max_prompt_len + max_response_len = {longest} exceeds the model's "
+                          f"max_position_embeddings={cfg.model.max_position_embeddings}")
+    if cfg.rollout.n_samples < 2:
+        raise ConfigError("rollout.n_samples", "GRPO needs at least 2 responses per prompt")
