@@ -32,12 +32,12 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import warnings
 
-    from megatron_vespo.driver import run_sync_training
+    from megatron_vespo.driver import run_training
 
     # Expected on CPU (no TE/Apex: Megatron falls back to torch); one line each per rank is noise.
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed.*")
     cfg = load_run_config(args.run_yaml, args.overrides)
-    summary = run_sync_training(cfg)
+    summary = run_training(cfg)
     if summary is not None:  # rank 0
         print("\n== megatron-vespo run summary ==")
         print(summary.text(cfg.run.stop_at_reward), flush=True)
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("run_yaml")
     check.add_argument("overrides", nargs="*", help="a.b=value overrides")
     check.set_defaults(func=_cmd_check)
-    train = sub.add_parser("train", help="synchronous RL training (run under torchrun for several ranks)")
+    train = sub.add_parser("train", help="RL training, sync or async per train.mode (run under torchrun for several ranks)")
     train.add_argument("run_yaml")
     train.add_argument("overrides", nargs="*", help="a.b=value overrides")
     train.set_defaults(func=_cmd_train)

@@ -1,5 +1,20 @@
 """The RL driver: rollout through the fleet, scoring, GRPO, policy updates, weight sync."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.driver.base import RLDriver, RunSummary
 from megatron_vespo.driver.sync_loop import SyncRLDriver, run_sync_training
 
-__all__ = ["RLDriver", "RunSummary", "SyncRLDriver", "run_sync_training"]
+
+def run_training(cfg: RunConfig) -> Optional[RunSummary]:
+    """The loop ``train.mode`` names (sync: staleness-N batches; async: continuous generation)."""
+    if cfg.train.mode == "async":
+        from megatron_vespo.driver.async_loop import run_async_training
+
+        return run_async_training(cfg)
+    return run_sync_training(cfg)
+
+
+__all__ = ["RLDriver", "RunSummary", "SyncRLDriver", "run_sync_training", "run_training"]
