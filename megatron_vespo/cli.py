@@ -44,6 +44,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from megatron_vespo.planning import PlanError, format_plan, minimal_world_size, plan_run
+
+    cfg = load_run_config(args.run_yaml, args.overrides)
+    if args.trainer_gpus is None:
+        print(f"# trainer GPUs not given: planning the smallest valid world size, {minimal_world_size(cfg)} "
+              "(pass --trainer-gpus)", file=sys.stderr)
+    try:
+        plan = plan_run(cfg, trainer_gpus=args.trainer_gpus, gpu_memory_gib=args.gpu_memory_gib,
+                        recompute=args.recompute, overhead_gib=args.overhead_gib)
+    except PlanError as exc:
+        print(f"plan error: {exc}", file=sys.stderr)
+        return 3
+    print(format_plan(plan, cfg), end="")
+    print(f"# OK: {args.run_yaml} fits", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,13 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("run_yaml")
     train.add_argument("overrides", nargs="*", help="a.b=value overrides")
     train.set_defaults(func=_cmd_train)
+    plan = sub.add_parser("plan", help="validate a run for a trainer world size and print per-GPU memory estimates "
+                          "(parameters, gradients, optimizer, activations, KV cache) and the GPU split")
+    plan.add_argument("run_yaml")
+    plan.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    plan.add_argument("--trainer-gpus", type=int, default=None,
+                      help="trainer world size (torchrun NNODES x nproc_per_node); default: the smallest valid one")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    plan.add_argument("--recompute", choices=["none", "full"], default=None,
+                      help="activation recompute to assume (default: train.recompute if the config has it, else none)")
+    plan.add_argument("--overhead-gib", type=float, default=2.0,
+                      help="per-GPU allowance for CUDA context, NCCL buffers and fragmentation (default 2)")
+    plan.set_defaults(func=_cmd_plan)
     ref = sub.add_parser("config-reference", help="print the config reference as a markdown table")
     ref.set_defaults(func=_cmd_config_reference)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`plan run.yaml --trainer-gpus 16 a.b=1`): argparse leaves
+    # such trailing positionals unparsed, so they are collected here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except ConfigError as exc:

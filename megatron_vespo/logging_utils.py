@@ -1,12 +1,25 @@
-"""Run metrics: one JSON object per rollout step in ``metrics.jsonl``, and a one-line progress report."""
+"""Run metrics: JSONL always, TensorBoard and wandb when configured, and a one-line progress report.
+
+One record per ``write(step, metrics)``; every sink gets the same metric names. ``step`` is the
+rollout step (the JSONL ``step`` field); the x-axis of TensorBoard and wandb is the record's
+``train_step`` (optimizer step) when it has one, since the driver writes several records per
+rollout step (one per optimizer step) and both tools want one strictly increasing step per point.
+Non-numeric values (e.g. a weight-version string) go to the JSONL file only.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
+import struct
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from megatron_vespo.config.schema import RunConfig
 
 
 def _plain(value: Any) -> Any:
@@ -18,13 +31,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class MetricsWriter:
-    """Writes ``{"step": ..., **metrics}`` lines to a (new) JSONL file, flushed after every line."""
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a record (bools and nulls excluded): what TensorBoard and wandb get."""
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
-    def __init__(self, path: str | Path):
+
+def _chart_step(step: int, record: Mapping[str, Any]) -> int:
+    train_step = record.get("train_step")
+    return int(train_step) if isinstance(train_step, (int, float)) and not isinstance(train_step, bool) else int(step)
+
+
+class MetricsSink(Protocol):
+    def write(self, step: int, record: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MetricsWriter:
+    """Writes ``{"step": ..., **metrics}`` lines to a JSONL file, flushed after every line.
+
+    A new file by default; with ``resume_step`` the lines of steps ``< resume_step`` are kept (a run
+    resumed from a checkpoint taken after step ``resume_step - 1``) and new lines are appended.
+    """
+
+    def __init__(self, path: str | Path, resume_step: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w")  # one run per file: a rerun starts afresh
+        kept: list[str] = []
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
+        self.kept_records = [json.loads(line) for line in kept]
+        self._file = open(self.path, "w")
+        for line in kept:
+            self._file.write(line + "\n")
+        self._file.flush()
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -35,10 +77,174 @@ class MetricsWriter:
         self._file.close()
 
 
+class TensorBoardSink:
+    """Scalars to ``<log_dir>/events.out.tfevents.*`` (torch.utils.tensorboard)."""
+
+    def __init__(self, log_dir: str | Path, purge_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # the tensorboard package is missing
+            raise ImportError("logging.tensorboard needs the 'tensorboard' package: pip install tensorboard") from exc
+        # purge_step: on resume, TensorBoard hides the events of steps >= purge_step from the old files.
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        x = _chart_step(step, record)
+        for name, value in _scalars(record).items():
+            self._writer.add_scalar(name, value, global_step=x)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def wandb_mode() -> str:
+    """online with an API key, offline without one; an explicit WANDB_MODE wins."""
+    explicit = os.environ.get("WANDB_MODE", "")
+    if explicit in ("online", "offline", "disabled"):
+        return explicit
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class WandbSink:
+    """A wandb run under ``<dir>/wandb``; the run id is kept in ``<dir>/wandb_run_id`` so a resumed
+    run continues the same wandb run."""
+
+    def __init__(self, directory: str | Path, project: str, name: str, config: Optional[dict] = None,
+                 resume: bool = False):
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ImportError("logging.wandb needs the 'wandb' package: pip install wandb") from exc
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        id_file = directory / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self._wandb = wandb
+        self.mode = wandb_mode()
+        self.run = wandb.init(mode=self.mode, dir=str(directory), project=project, name=name, id=run_id,
+                              resume="allow", config=config, reinit="finish_previous")
+        self._last_step = -1
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        x = _chart_step(step, record)
+        if x <= self._last_step:  # wandb drops non-increasing steps with a warning; say why here
+            print(f"[wandb] step {x} <= {self._last_step}: not logged to wandb", file=sys.stderr)
+            return
+        self._last_step = x
+        self.run.log(_scalars(record), step=x)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Fans each record out to the JSONL writer and the optional sinks (same names everywhere)."""
+
+    def __init__(self, jsonl: MetricsWriter, sinks: Iterable[MetricsSink] = ()):
+        self.jsonl = jsonl
+        self.sinks = list(sinks)
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", resume_step: Optional[int] = None) -> "MetricsLogger":
+        """Sinks from ``cfg.logging`` under ``cfg.run.output_dir`` (call on the driver rank only)."""
+        from megatron_vespo.config.typed import to_dict
+
+        out = Path(cfg.run.output_dir)
+        jsonl = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step)
+        sinks: list[MetricsSink] = []
+        log = cfg.logging
+        if log.tensorboard:
+            # Events of steps past the resume point are superseded by the new ones.
+            done = [r["train_step"] for r in jsonl.kept_records if isinstance(r.get("train_step"), int)]
+            purge = (max(done) + 1 if done else 0) if resume_step is not None else None
+            sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
+        if log.wandb:
+            sinks.append(WandbSink(out, project=log.wandb_project, name=log.run_name or out.resolve().name,
+                                   config=to_dict(cfg), resume=resume_step is not None))
+        return cls(jsonl, sinks)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        record = {k: _plain(v) for k, v in metrics.items()}
+        self.jsonl.write(step, record)
+        for sink in self.sinks:
+            sink.write(step, record)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+# ---------------------------------------------------------------------------------- reading back
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def read_tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every scalar in a TensorBoard log directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+_WANDB_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version
+_LOG_RECORD = struct.Struct("<IHB")  # crc32c, length, type (leveldb log format, 32 KiB blocks)
+_BLOCK = 32768
+
+
+def _wandb_log_payloads(data: bytes) -> Iterable[bytes]:
+    ident, magic, _ = _WANDB_HEADER.unpack_from(data, 0)
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError("not a wandb transaction log (.wandb)")
+    pos, pending = _WANDB_HEADER.size, b""
+    while pos + _LOG_RECORD.size <= len(data):
+        if _BLOCK - pos % _BLOCK < _LOG_RECORD.size:  # block trailer too short for a header: padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _, length, kind = _LOG_RECORD.unpack_from(data, pos)
+        pos += _LOG_RECORD.size
+        chunk, pos = data[pos:pos + length], pos + length
+        if kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
+            continue
+        if kind == 1:  # full
+            yield chunk
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        elif kind == 4:  # last
+            yield pending + chunk
+            pending = b""
+
+
+def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The logged history rows of a wandb run directory (e.g. ``wandb/offline-run-*``), read from its
+    ``.wandb`` transaction log; each row has ``_step`` and the logged keys."""
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no .wandb file")
+    rows = []
+    for payload in _wandb_log_payloads(files[0].read_bytes()):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(payload)
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in rec.history.item:
+            key = item.key or "/".join(item.nested_key)
+            row[key] = json.loads(item.value_json)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- progress
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
@@ -51,16 +257,18 @@ def format_duration(seconds: float) -> str:
 class ProgressReporter:
     """Prints ``step k/K | key value ... | elapsed | ETA`` after each step (ETA from the mean step time)."""
 
-    def __init__(self, total_steps: int, keys: Mapping[str, str], stream: Optional[TextIO] = None):
+    def __init__(self, total_steps: int, keys: Mapping[str, str], stream: Optional[TextIO] = None,
+                 first_step: int = 0):
         self.total = total_steps
         self.keys = dict(keys)  # metric name -> short label
         self.stream = stream or sys.stdout
+        self.first_step = first_step  # a resumed run: the ETA counts only the steps timed in this process
         self.start = time.monotonic()
 
     def line(self, step: int, metrics: Mapping[str, Any]) -> str:
         elapsed = time.monotonic() - self.start
         done = step + 1
-        eta = elapsed / done * (self.total - done)
+        eta = elapsed / max(1, done - self.first_step) * (self.total - done)
         parts = [f"step {done}/{self.total}"]
         for key, label in self.keys.items():
             value = metrics.get(key)

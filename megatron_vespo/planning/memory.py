@@ -1,0 +1,311 @@
+"""Per-GPU memory estimates for a run, before launch: trainer ranks and rollout engines.
+
+Trainer rank (the worst pipeline stage), in bytes:
+
+- weights: the rank's parameter shard x 2 (bf16/fp16) or 4 (fp32). Vocabulary, attention and dense
+  MLP weights are split by TP; experts by EP x ETP; norms and the router are whole on every rank.
+  The first stage holds the embedding, the last the output layer (and the final norm).
+- gradients: 4 bytes per parameter (Megatron's DDP grad buffer in fp32, ``grad_reduce_in_fp32``).
+- optimizer: Adam m and v in fp32 (8 bytes/param) plus an fp32 master copy (4) when the model is not
+  fp32. With the distributed optimizer, dense state is sharded over DP x CP and expert state over
+  the expert data-parallel group (TP x CP x DP / (EP x ETP) ranks).
+- activations (no recompute): per layer and token, in the activation dtype, with s = TP under
+  sequence parallelism (else 1) and t = TP:
+    attention  2h/s (norm in/out) + (3q + 3kv)/t  (Q, K, V, normed/rotated Q and K, attention output;
+               flash attention: no [s x s] scores)
+    MLP        2h/s (norm in/out) + dense: 3f/t (gate, up, activation) | MoE: k·ETP/s · (2h + 3f_e/ETP)
+               (each routed copy: permuted input, gate, up, activation, expert output; balanced routing)
+               + router logits E/s in fp32
+  x micro_batch_tokens / CP tokens x layers on the stage x micro-batches in flight (1F1B: PP - stage).
+  With full recompute (``recompute='full'``) only each layer's input (h/s) is kept, plus one layer's
+  working set during its backward. The last stage adds the logits [tokens, V/TP] (activation dtype)
+  and two fp32 chunks of the log-prob kernel ([logprob_chunk_tokens, V/TP], forward and backward).
+- overhead: a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
+
+Rollout engine (one SGLang server with --tp T GPUs), per GPU:
+  weights = total params x bytes / T; KV budget = GPU memory x mem_fraction_static - weights;
+  KV bytes per token = 2 (K and V) x layers x max(1, kv_heads / T) x head_dim x bytes;
+  tokens = KV budget / KV bytes per token (every GPU of an engine holds the same tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.config.typed import ConfigError
+from megatron_vespo.models.layout import moe_layer_pattern, validate_layout
+from megatron_vespo.planning.params import ParamCount, count_params
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "": 2}
+
+
+class PlanError(ValueError):
+    """The run cannot work as configured (memory does not fit); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TrainerEstimate:
+    world_size: int
+    data_parallel: int
+    expert_data_parallel: int
+    stage: int  # the pipeline stage the numbers are for (the largest)
+    params_per_rank: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float
+    recompute: str
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+
+
+@dataclass(frozen=True)
+class ServerEstimate:
+    index: int
+    kind: str
+    gpus: int
+    weights_per_gpu: float = 0.0
+    kv_budget_per_gpu: float = 0.0
+    kv_bytes_per_token_per_gpu: float = 0.0
+
+    @property
+    def kv_tokens(self) -> int:
+        if not self.kv_bytes_per_token_per_gpu:
+            return 0
+        return int(self.kv_budget_per_gpu // self.kv_bytes_per_token_per_gpu)
+
+
+@dataclass(frozen=True)
+class FleetEstimate:
+    servers: list[ServerEstimate] = field(default_factory=list)
+
+    @property
+    def gpus(self) -> int:
+        return sum(s.gpus for s in self.servers)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(s.kv_tokens for s in self.servers)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    params: ParamCount
+    trainer: TrainerEstimate
+    fleet: FleetEstimate
+    gpu_memory: float
+    max_sequence_tokens: int
+
+    @property
+    def total_gpus(self) -> int:
+        return self.trainer.world_size + self.fleet.gpus
+
+
+def minimal_world_size(cfg: RunConfig) -> int:
+    """The smallest trainer world size the layout allows (DP grows until ETP x EP fits a stage)."""
+    p = cfg.parallel
+    dp = 1
+    while (p.tensor * p.context * dp) % (p.expert * p.expert_tensor):
+        dp += 1
+    return p.tensor * p.pipeline * p.context * dp
+
+
+def _stage_layers(pattern: list[int], pp: int, stage: int) -> tuple[int, int]:
+    """(layers, MoE layers) on one pipeline stage (layers are split evenly)."""
+    per = len(pattern) // pp
+    chunk = pattern[stage * per:(stage + 1) * per]
+    return len(chunk), sum(chunk)
+
+
+def _activation_bytes_per_token_layer(cfg: RunConfig, moe_layer: bool, recompute: str) -> float:
+    m, p = cfg.model, cfg.parallel
+    act = DTYPE_BYTES[cfg.precision.params_dtype]
+    h, t = m.hidden_size, p.tensor
+    s = t if p.sequence_parallel else 1
+    if recompute == "full":
+        return act * h / s
+    q, kv = m.num_attention_heads * m.kv_channels, m.num_key_value_heads * m.kv_channels
+    attention = 2 * h / s + (3 * q + 3 * kv) / t
+    if moe_layer:
+        etp = p.expert_tensor
+        mlp = 2 * h / s + m.num_experts_per_tok * etp / s * (2 * h + 3 * m.moe_intermediate_size / etp)
+        return act * (attention + mlp) + 4 * m.num_experts / s
+    mlp = 2 * h / s + 3 * m.intermediate_size / t
+    return act * (attention + mlp)
+
+
+def estimate_trainer(cfg: RunConfig, world_size: int, recompute: str = "none",
+                     overhead_gib: float = 2.0) -> TrainerEstimate:
+    m, p = cfg.model, cfg.parallel
+    validate_layout(m, p, cfg.precision, world_size=world_size)
+    counts = count_params(m)
+    pattern = moe_layer_pattern(m)
+    tp, pp, cp = p.tensor, p.pipeline, p.context
+    dp = world_size // (tp * pp * cp)
+    expert_dp = tp * cp * dp // (p.expert * p.expert_tensor)
+    pbytes = DTYPE_BYTES[cfg.precision.params_dtype]
+    tokens = cfg.train.micro_batch_tokens / cp
+    vocab_shard = m.vocab_size / tp
+
+    best: Optional[TrainerEstimate] = None
+    for stage in range(pp):
+        layers, moe_layers = _stage_layers(pattern, pp, stage)
+        first, last = stage == 0, stage == pp - 1
+        split_by_tp = layers * counts.attention_per_layer + (layers - moe_layers) * counts.dense_mlp_per_layer
+        split_by_tp += counts.embedding * first
+        # The output layer (or, when tied and PP > 1, the embedding's copy on the last stage).
+        split_by_tp += (counts.output or (counts.embedding if pp > 1 else 0)) * last
+        replicated = layers * counts.norms_per_layer + moe_layers * counts.router_per_layer + counts.final_norm * last
+        experts = moe_layers * counts.num_experts * counts.expert_per_expert // (p.expert * p.expert_tensor)
+        dense = split_by_tp // tp + replicated
+        params = dense + experts
+
+        state_bytes = 8 + (4 if pbytes != 4 else 0)  # Adam m, v (+ fp32 master)
+        if cfg.optimizer.distributed:
+            optimizer = state_bytes * (dense / (dp * cp) + experts / expert_dp)
+        else:
+            optimizer = state_bytes * params
+        in_flight = pp - stage
+        per_token = [_activation_bytes_per_token_layer(cfg, bool(x), recompute)
+                     for x in pattern[stage * (len(pattern) // pp):(stage + 1) * (len(pattern) // pp)]]
+        activations = in_flight * tokens * sum(per_token)
+        if recompute == "full" and per_token:  # one layer's full working set while it is recomputed
+            activations += tokens * max(_activation_bytes_per_token_layer(cfg, bool(x), "none") for x in pattern)
+        logits = 0.0
+        if last:
+            logits = tokens * vocab_shard * pbytes + 2 * min(cfg.train.logprob_chunk_tokens, tokens) * vocab_shard * 4
+        est = TrainerEstimate(
+            world_size=world_size, data_parallel=dp, expert_data_parallel=expert_dp, stage=stage,
+            params_per_rank=int(params), weights=params * pbytes, gradients=params * 4.0, optimizer=optimizer,
+            activations=activations, logits=logits, overhead=overhead_gib * GIB, recompute=recompute,
+        )
+        if best is None or est.total > best.total:
+            best = est
+    assert best is not None
+    return best
+
+
+def estimate_fleet(cfg: RunConfig, gpu_memory_bytes: float) -> FleetEstimate:
+    m = cfg.model
+    fleet = cfg.rollout.fleet
+    if fleet is None:  # rollout.cpu_servers local CPU servers
+        return FleetEstimate([ServerEstimate(index=i, kind="cpu", gpus=0) for i in range(cfg.rollout.cpu_servers)])
+    total_params = count_params(m).total
+    servers = []
+    for i, server in enumerate(fleet.servers):
+        if server.kind != "sglang":
+            servers.append(ServerEstimate(index=i, kind=server.kind, gpus=0))
+            continue
+        tp = server.tp
+        wbytes = 1 if server.quantization == "fp8" else DTYPE_BYTES.get(server.dtype, 2)
+        kv_bytes = 4 if DTYPE_BYTES.get(server.dtype, 2) == 4 else 2
+        weights = total_params * wbytes / tp
+        budget = gpu_memory_bytes * server.mem_fraction_static - weights
+        kv_heads_per_gpu = max(1.0, m.num_key_value_heads / tp)
+        per_token = 2 * m.num_hidden_layers * kv_heads_per_gpu * m.kv_channels * kv_bytes
+        servers.append(ServerEstimate(index=i, kind="sglang", gpus=tp, weights_per_gpu=weights,
+                                      kv_budget_per_gpu=budget, kv_bytes_per_token_per_gpu=per_token))
+    return FleetEstimate(servers)
+
+
+def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib: float = 80.0,
+             recompute: Optional[str] = None, overhead_gib: float = 2.0) -> RunPlan:
+    """Estimate the run; raise ConfigError for an impossible layout, PlanError when memory does not fit."""
+    world = trainer_gpus or minimal_world_size(cfg)
+    if world < 1:
+        raise ConfigError("trainer_gpus", f"must be >= 1; got {world}")
+    recompute = recompute or getattr(cfg.train, "recompute", None) or "none"
+    if recompute not in ("none", "full"):
+        raise ConfigError("train.recompute", f"the planner knows 'none' and 'full'; got {recompute!r}")
+    gpu_memory = gpu_memory_gib * GIB
+    trainer = estimate_trainer(cfg, world, recompute, overhead_gib)
+    fleet = estimate_fleet(cfg, gpu_memory)
+    plan = RunPlan(params=count_params(cfg.model), trainer=trainer, fleet=fleet, gpu_memory=gpu_memory,
+                   max_sequence_tokens=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
+    check_fits(plan, cfg)
+    return plan
+
+
+def check_fits(plan: RunPlan, cfg: RunConfig) -> None:
+    t, mem = plan.trainer, plan.gpu_memory
+    if t.total > mem:
+        hint = "raise parallel.tensor/expert/pipeline, lower train.micro_batch_tokens"
+        if t.recompute == "none":
+            hint += ", or plan with --recompute full"
+        raise PlanError(f"trainer rank (pipeline stage {t.stage}) needs about {t.total / GIB:.1f} GiB, more than "
+                        f"the {mem / GIB:.0f} GiB of GPU memory: {hint}")
+    for s in plan.fleet.servers:
+        if s.kind != "sglang":
+            continue
+        where = f"rollout.fleet.servers[{s.index}]"
+        if s.kv_budget_per_gpu <= 0:
+            raise PlanError(f"{where}: the weights ({s.weights_per_gpu / GIB:.1f} GiB per GPU at tp={s.gpus}) do "
+                            f"not fit in mem_fraction_static x {mem / GIB:.0f} GiB: raise tp or mem_fraction_static")
+        if s.kv_tokens < plan.max_sequence_tokens:
+            raise PlanError(f"{where}: KV cache holds {s.kv_tokens} tokens, fewer than one full sequence "
+                            f"(max_prompt_len + max_response_len = {plan.max_sequence_tokens})")
+
+
+def _human(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def format_plan(plan: RunPlan, cfg: RunConfig) -> str:
+    """The table ``megatron-vespo plan`` prints."""
+    p, c, t = cfg.parallel, plan.params, plan.trainer
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    lines = [
+        "== parameters ==",
+        f"  total            {c.total:>16,d}  ({_human(c.total)})",
+        f"  active per token {c.active:>16,d}  ({_human(c.active)})",
+        f"  embedding+output {c.embedding + c.output:>16,d}",
+        f"  attention        {c.attention:>16,d}",
+        f"  dense MLP        {c.dense_mlp:>16,d}",
+        f"  experts          {c.experts:>16,d}",
+        f"  norms+router     {c.replicated:>16,d}",
+        "",
+        f"== trainer: {t.world_size} GPUs  TP={p.tensor} PP={p.pipeline} CP={p.context} DP={t.data_parallel} "
+        f"EP={p.expert} ETP={p.expert_tensor} expert-DP={t.expert_data_parallel} "
+        f"SP={'on' if p.sequence_parallel else 'off'} ==",
+        f"  per-rank estimate (pipeline stage {t.stage}, {cfg.precision.params_dtype}, "
+        f"{cfg.train.micro_batch_tokens} tokens/micro-batch, recompute {t.recompute})",
+        f"  parameters       {t.params_per_rank:>16,d}",
+        f"  weights          {gib(t.weights)}",
+        f"  gradients (fp32) {gib(t.gradients)}",
+        f"  optimizer        {gib(t.optimizer)}  ({'distributed' if cfg.optimizer.distributed else 'replicated'})",
+        f"  activations      {gib(t.activations)}",
+        f"  logits/log-probs {gib(t.logits)}",
+        f"  overhead         {gib(t.overhead)}",
+        f"  total            {gib(t.total)}  of {plan.gpu_memory / GIB:.0f} GiB",
+        "",
+    ]
+    fleet = plan.fleet
+    lines.append(f"== fleet: {len(fleet.servers)} server(s), {fleet.gpus} GPUs, KV cache {fleet.kv_tokens:,d} tokens ==")
+    groups: list[list[ServerEstimate]] = []  # consecutive servers with the same estimate share a line
+    for s in fleet.servers:
+        if groups and dataclasses.replace(groups[-1][-1], index=s.index) == s:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    for group in groups:
+        s = group[0]
+        who = f"server {s.index}" if len(group) == 1 else f"servers {s.index}-{group[-1].index}"
+        if s.kind != "sglang":
+            lines.append(f"  {who}: {s.kind} (no GPU)")
+            continue
+        seqs = s.kv_tokens // plan.max_sequence_tokens
+        lines.append(f"  {who}: sglang tp={s.gpus}  weights {s.weights_per_gpu / GIB:.2f} GiB/GPU  "
+                     f"KV {s.kv_budget_per_gpu / GIB:.2f} GiB/GPU = {s.kv_tokens:,d} tokens "
+                     f"({seqs} full-length sequences) each")
+    lines += ["", f"== GPUs: trainer {t.world_size} + fleet {fleet.gpus} = {plan.total_gpus} =="]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""The run planner: parameter counts against hand arithmetic, per-rank shards, memory and layout errors."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_vespo.cli import main as cli_main
+from megatron_vespo.config import ConfigError, load_run_config
+from megatron_vespo.planning import PlanError, count_params, minimal_world_size, plan_run
+from megatron_vespo.planning.memory import GIB
+
+QWEN3_30B = "configs/models/qwen3_30b_a3b.yaml"
+
+
+def run_cfg(model: str, **sections):
+    data = {"model": model, **sections}
+    return load_run_config(data=data)
+
+
+def test_qwen3_30b_a3b_parameter_count_matches_hand_calculation():
+    h, layers, vocab, head_dim, experts, top_k, ffn_e = 2048, 48, 151936, 128, 128, 8, 768
+    q, kv = 32 * head_dim, 4 * head_dim                      # 4096, 512
+    attention = h * q + 2 * h * kv + q * h                   # q, k, v, o = 18,874,368
+    norms = 2 * h + 2 * head_dim                             # input/post-attn RMSNorm + q/k norms = 4,352
+    router = h * experts                                     # 262,144
+    expert = 3 * h * ffn_e                                   # gate, up, down = 4,718,592
+    embed = vocab * h                                        # 311,164,928 (x2: untied output layer)
+    total = layers * (attention + norms + router + experts * expert) + 2 * embed + h
+    active = layers * (attention + norms + router + top_k * expert) + 2 * embed + h
+    assert total == 30_532_122_624 and active == 3_353_032_704  # ~30.5B total, ~3.3B active
+
+    counts = count_params(load_run_config(data={"model": QWEN3_30B}).model)
+    assert counts.total == total
+    assert counts.active == active
+
+
+def test_dense_qwen3_0_6b_is_about_0_6b_with_tied_embeddings():
+    h, layers, vocab, head_dim, ffn = 1024, 28, 151936, 128, 3072
+    attention = h * 16 * head_dim * 2 + 2 * h * 8 * head_dim
+    per_layer = attention + 3 * h * ffn + 2 * h + 2 * head_dim
+    total = layers * per_layer + vocab * h + h  # tied: the output layer is the embedding
+    counts = count_params(load_run_config(data={"model": "configs/models/qwen3_0_6b.yaml"}).model)
+    assert counts.total == total == 596_049_920
+    assert counts.active == counts.total  # dense: every parameter is active
+
+
+def test_per_rank_shard_of_30b_under_tp_ep():
+    cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "expert": 8, "sequence_parallel": True})
+    plan = plan_run(cfg, trainer_gpus=16)
+    c = plan.params
+    # TP splits vocabulary and attention, EP x ETP the experts; norms and router stay whole.
+    expected = (c.embedding + c.output + c.attention) // 4 + c.replicated + c.experts // 8
+    assert plan.trainer.params_per_rank == expected
+    assert plan.trainer.data_parallel == 4 and plan.trainer.expert_data_parallel == 2
+    assert plan.trainer.weights == expected * 2 and plan.trainer.gradients == expected * 4
+    dense = (c.embedding + c.output + c.attention) // 4 + c.replicated
+    assert plan.trainer.optimizer == pytest.approx(12 * (dense / 4 + c.experts // 8 / 2))
+    assert plan.trainer.total < 80 * GIB
+
+
+def test_pipeline_stages_and_recompute_shrink_the_estimate():
+    base = run_cfg(QWEN3_30B, parallel={"tensor": 2, "expert": 8, "sequence_parallel": True})
+    with pytest.raises(PlanError, match="recompute full"):
+        plan_run(base, trainer_gpus=16)
+    full = plan_run(base, trainer_gpus=16, recompute="full")
+    assert full.trainer.activations < 0.1 * plan_run(base, trainer_gpus=16, gpu_memory_gib=1e4).trainer.activations
+    piped = run_cfg(QWEN3_30B, parallel={"tensor": 2, "pipeline": 2, "expert": 8, "sequence_parallel": True})
+    assert plan_run(piped, trainer_gpus=32, recompute="full").trainer.params_per_rank < full.trainer.params_per_rank
+
+
+def test_impossible_layout_is_a_config_error():
+    cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "expert": 8, "sequence_parallel": True})
+    with pytest.raises(ConfigError, match="parallel.expert"):
+        plan_run(cfg, trainer_gpus=12)  # 8 experts ranks cannot tile a stage of 4 x 3 ranks
+    with pytest.raises(ConfigError, match="parallel.tensor"):
+        run_cfg(QWEN3_30B, parallel={"tensor": 3})  # 3 does not divide 32 heads
+    assert minimal_world_size(cfg) == 8
+
+
+def test_fleet_kv_cache_capacity():
+    server = {"kind": "sglang", "model_path": "/ckpt", "tp": 4, "ep": 4, "mem_fraction_static": 0.8,
+              "dtype": "bfloat16"}
+    cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "expert": 8, "sequence_parallel": True},
+                  rollout={"fleet": {"servers": [server, server]}})
+    plan = plan_run(cfg, trainer_gpus=16)
+    s = plan.fleet.servers[0]
+    weights = 30_532_122_624 * 2 / 4
+    per_token = 2 * 48 * 1 * 128 * 2  # 4 KV heads / TP 4 = 1 per GPU, bf16
+    assert s.weights_per_gpu == weights
+    assert s.kv_tokens == int((80 * GIB * 0.8 - weights) // per_token)
+    assert plan.fleet.gpus == 8 and plan.total_gpus == 24
+    tight = run_cfg(QWEN3_30B, parallel={"tensor": 4, "expert": 8, "sequence_parallel": True},
+                    rollout={"fleet": {"servers": [{**server, "tp": 1, "ep": 1, "mem_fraction_static": 0.7}]}})
+    with pytest.raises(PlanError, match=r"servers\[0\].*weights"):
+        plan_run(tight, trainer_gpus=16)
+
+
+def test_cli_plan_prints_table_and_fails_cleanly(capsys, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {QWEN3_30B}\nparallel: {{tensor: 4, expert: 8, sequence_parallel: true}}\n")
+    assert cli_main(["plan", str(run), "--trainer-gpus", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "30,532,122,624" in out and "3,353,032,704" in out and "trainer 16 + fleet 0 = 16" in out
+    assert cli_main(["plan", str(run), "--trainer-gpus", "12"]) == 2
+    assert "parallel.expert" in capsys.readouterr().err
+    assert cli_main(["plan", str(run), "--trainer-gpus", "16", "--gpu-memory-gib", "40"]) == 3
+    assert "plan error" in capsys.readouterr().err
