@@ -269,6 +269,18 @@ class SGLangClient:
         return self._check_success(await self._post_json("/update_weights_from_distributed", body, retry=False),
                                    "/update_weights_from_distributed")
 
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *,
+                                         load_format: Optional[str] = None, flush_cache: bool = False,
+                                         weight_version: Optional[str] = None) -> dict:
+        """Colocated engines: ``serialized_named_tensors`` has one entry per TP rank of the engine, each
+        a base64 ForkingPickler payload of CUDA-IPC handles (``weight_sync.serialize_for_sglang``)."""
+        body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
+                                "load_format": load_format, "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        return self._check_success(await self._post_json("/update_weights_from_tensor", body, retry=False),
+                                   "/update_weights_from_tensor")
+
     async def destroy_weights_update_group(self, group_name: str) -> dict:
         return self._check_success(await self._post_json("/destroy_weights_update_group", {"group_name": group_name},
                                                          retry=False), "/destroy_weights_update_group")

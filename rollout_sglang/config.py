@@ -3,7 +3,8 @@
 Built from YAML mappings with ``megatron_vespo.config.typed.build`` (unknown keys and bad values fail
 with the dotted field path). Server kinds: ``cpu`` (the CPU rollout server, not SGLang), ``sglang``
 (``python -m sglang.launch_server``) and ``command`` (any command line, with ``{host}``, ``{port}``
-and ``{model_path}`` placeholders).
+and ``{model_path}`` placeholders). Launchers (``placement.launcher``): ``local`` subprocesses of the
+driver, or ``ray``: one Ray actor per server in a placement group (a bundle per server).
 """
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list, help="appended verbatim to the command line")
     env: dict[str, str] = field(default_factory=dict, help="extra environment variables")
     startup_timeout_s: float = field(600.0, gt=0, help="how long to wait for /health after launch")
+    num_gpus: Optional[int] = field(None, ge=0, help="ray launcher: GPUs of this server's bundle (its "
+                                    "CUDA_VISIBLE_DEVICES); null: tp for sglang, 0 otherwise")
+    num_cpus: float = field(1.0, ge=0, help="ray launcher: CPUs of this server's bundle")
+
+    def gpus(self) -> int:
+        """GPUs the engine occupies (its Ray bundle)."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return self.tp if self.kind == "sglang" else 0
 
     def validate(self, path: str) -> None:
         p = lambda name: f"{path}.{name}" if path else name  # noqa: E731
@@ -66,11 +76,25 @@ class RouterConfig:
 
 
 @dataclass(kw_only=True)
+class PlacementConfig:
+    """Where server processes run: local subprocesses, or Ray actors in one placement group."""
+
+    launcher: Literal["local", "ray"] = field("local", help="local: subprocesses of the driver; ray: one actor "
+                                              "per server, each in its own placement-group bundle")
+    ray_address: str = field("", help="ray.init address when Ray is not initialised yet ('auto', 'ray://h:p'); "
+                             "empty: RAY_ADDRESS or a new local instance")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = field(
+        "PACK", help="Ray placement-group strategy over the per-server bundles")
+    ready_timeout_s: float = field(600.0, gt=0, help="how long to wait for the placement group's resources")
+
+
+@dataclass(kw_only=True)
 class FleetConfig:
     """M servers behind one router, with supervision."""
 
     servers: list[ServerConfig] = field(default_factory=list, help="one entry per server")
     router: RouterConfig = field(default_factory=RouterConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     supervise: bool = field(True, help="restart dead servers and bring them to the current weights")
     health_interval_s: float = field(1.0, gt=0, help="supervisor poll period")
     health_failures_to_restart: int = field(3, ge=1, help="consecutive failed /health checks that count as dead")
@@ -81,13 +105,20 @@ class FleetConfig:
         where = f"{path}.servers" if path else "servers"
         if not self.servers:
             raise ConfigError(where, "needs at least one server")
+        if self.placement.launcher == "ray":
+            for i, server in enumerate(self.servers):
+                if server.nnodes > 1:  # one actor launches one process; a multi-node engine needs one per node
+                    raise ConfigError(f"{where}[{i}].nnodes", "multi-node engines are not supported by the ray "
+                                      "launcher; use one server per node group with the local launcher")
 
 
 @dataclass(kw_only=True)
 class WeightSyncConfig:
     """How new weights reach the fleet."""
 
-    transport: Literal["disk", "distributed"] = field("distributed")
+    transport: Literal["disk", "distributed", "ipc"] = field(
+        "distributed", help="disk: HF safetensors + /update_weights_from_disk; distributed: broadcast over a "
+        "process group (gloo/nccl); ipc: CUDA-IPC handles via /update_weights_from_tensor (colocated GPU engines)")
     disk_dir: str = field("", help="disk transport: where versions are written (HF safetensors dirs)")
     keep_versions: int = field(2, ge=1, help="disk transport: versions kept on disk")
     backend: Literal["gloo", "nccl"] = field("gloo", help="distributed transport backend (nccl on GPUs)")
@@ -98,4 +129,6 @@ class WeightSyncConfig:
     bucket_bytes: int = field(512 << 20, gt=0, help="bytes per broadcast bucket")
     flattened_bucket: bool = field(False, help="send each bucket as one uint8 buffer (SGLang 'flattened_bucket'); "
                                    "per-tensor broadcasts avoid the pack/unpack copies (faster on CPU, see bench_router)")
+    ipc_flattened_bucket: bool = field(True, help="ipc transport: one CUDA-IPC handle per bucket (per dtype) "
+                                       "instead of one per tensor")
     pause_mode: Literal["abort", "in_place", "retract"] = field("in_place", help="pause_generation mode around an update")

@@ -1,4 +1,8 @@
-"""M rollout servers as local subprocesses behind sglang-router, with supervision.
+"""M rollout servers behind sglang-router, with supervision.
+
+Servers are started through a launcher (launch.py): local subprocesses, or Ray actors in a
+placement group (ray_launcher.py, ``placement.launcher: ray``); the fleet only polls and stops the
+process handles they return, so supervision is the same for both.
 
 Lifecycle: launch every server, start the router, wait for each server's /health and register it.
 A supervisor thread polls each process and its /health; a server that exited (or failed
@@ -13,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
 import tempfile
 import threading
 import time
@@ -25,8 +27,8 @@ from typing import Callable, Iterator, Optional
 
 from rollout_sglang.config import FleetConfig, ServerConfig
 from rollout_sglang.errors import RolloutError
-from rollout_sglang.launch import build_server_command, terminate_process
-from rollout_sglang.net import find_free_port, http_json, is_healthy
+from rollout_sglang.launch import LocalLauncher, ServerLauncher, ServerProcess
+from rollout_sglang.net import http_json, is_healthy
 from rollout_sglang.router import RouterProcess
 
 logger = logging.getLogger(__name__)
@@ -38,9 +40,10 @@ class ManagedServer:
 
     index: int
     cfg: ServerConfig
-    port: int
     log_path: Path
-    proc: Optional[subprocess.Popen] = None
+    host: str = ""  # where the fleet reaches it (set by the launcher: cfg.host locally, the node's IP under Ray)
+    port: int = 0  # set by the launcher at the first launch; kept across restarts where possible
+    proc: Optional[ServerProcess] = None
     state: str = "new"  # new | starting | healthy | restarting | dead (restart failed) | failed | stopped
     restarts: int = 0
     health_failures: int = 0
@@ -48,7 +51,7 @@ class ManagedServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.cfg.host}:{self.port}"
+        return f"http://{self.host or self.cfg.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -72,10 +75,9 @@ class Fleet:
         self.cfg = cfg
         self.log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="rollout_fleet_"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.servers = [
-            ManagedServer(index=i, cfg=s, port=s.port or find_free_port(s.host), log_path=self.log_dir / f"server_{i}.log")
-            for i, s in enumerate(cfg.servers)
-        ]
+        self.servers = [ManagedServer(index=i, cfg=s, port=s.port, log_path=self.log_dir / f"server_{i}.log")
+                        for i, s in enumerate(cfg.servers)]
+        self.launcher = make_launcher(cfg)
         self.router = RouterProcess(cfg.router, self.log_dir / "router.log")
         self.weights = WeightState()
         self.update_lock = threading.RLock()
@@ -85,9 +87,9 @@ class Fleet:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Fleet":
-        for server in self.servers:
-            self._spawn(server)
         try:
+            for server in self.servers:
+                self._spawn(server)
             self.router.start()
             with ThreadPoolExecutor(len(self.servers)) as pool:
                 list(pool.map(self._wait_healthy, self.servers))
@@ -115,22 +117,16 @@ class Fleet:
         return [s for s in self.servers if s.state == "healthy"]
 
     def _spawn(self, server: ManagedServer) -> None:
-        cmd = build_server_command(server.cfg, server.port)
-        env = {**os.environ, **server.cfg.env}
-        log = open(server.log_path, "ab")
-        log.write(f"\n=== launch {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n".encode())
-        log.flush()
-        server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+        server.proc, server.host, server.port = self.launcher.launch(server.index, server.cfg, server.port, server.log_path)
         server.state = "starting"
         server.health_failures = 0
 
     def _wait_healthy(self, server: ManagedServer) -> None:
         deadline = time.monotonic() + server.cfg.startup_timeout_s
         while time.monotonic() < deadline:
-            if not server.alive():
-                tail = server.log_path.read_text(errors="replace")[-2000:]
-                raise RolloutError(f"server {server.index} ({server.url}) exited with code {server.proc.returncode}:\n{tail}")
+            code = server.proc.poll()
+            if code is not None:
+                raise RolloutError(f"server {server.index} ({server.url}) exited with code {code}:\n{server.proc.log_tail()}")
             if is_healthy(server.url):
                 return
             time.sleep(0.2)
@@ -142,10 +138,12 @@ class Fleet:
         for server in self.servers:
             self.terminate(server)
             server.state = "stopped"
+        self.launcher.shutdown()
 
     @staticmethod
     def terminate(server: ManagedServer) -> None:
-        terminate_process(server.proc)
+        if server.proc is not None:
+            server.proc.terminate()
 
     # ---- supervision -------------------------------------------------------------------------
     def start_supervision(self) -> None:
@@ -275,3 +273,12 @@ class Fleet:
 
     def record_weights(self, version: str, disk_path: Optional[str] = None) -> None:
         self.weights = WeightState(version=str(version), disk_path=disk_path)
+
+
+def make_launcher(cfg: FleetConfig) -> ServerLauncher:
+    """The launcher ``cfg.placement.launcher`` names."""
+    if cfg.placement.launcher == "ray":
+        from rollout_sglang.ray_launcher import RayLauncher  # Ray is imported only when asked for
+
+        return RayLauncher(cfg.placement, cfg.servers)
+    return LocalLauncher()

@@ -1,11 +1,21 @@
-"""Command lines for rollout servers and the router, built from typed configs, and how to stop them."""
+"""Command lines for rollout servers and the router, and the local way to run a server process.
+
+A fleet starts servers through a :class:`ServerLauncher`; what it gets back is a
+:class:`ServerProcess` it can poll and stop. :class:`LocalLauncher` runs each server as a subprocess
+of this process; ``rollout_sglang.ray_launcher.RayLauncher`` runs it from a Ray actor on some node.
+"""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
-from typing import Optional
+import time
+from pathlib import Path
+from typing import Optional, Protocol
 
 from rollout_sglang.config import RouterConfig, ServerConfig
+from rollout_sglang.net import find_free_port
 
 
 def _python(executable: str) -> str:
@@ -59,3 +69,104 @@ def terminate_process(proc: Optional[subprocess.Popen], timeout_s: float = 10.0)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def read_log_tail(path: str | Path, chars: int = 2000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"<no log at {path}: {exc}>"
+
+
+def open_server_log(path: str | Path, cmd: list[str]):
+    """Append-mode log file with a header naming the launch; the caller passes it to Popen and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "ab")
+    log.write(f"\n=== launch {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n".encode())
+    log.flush()
+    return log
+
+
+class ServerProcess(Protocol):
+    """A running (or exited) server process, wherever it runs."""
+
+    pid: int  # on the node that runs it
+
+    def poll(self) -> Optional[int]:
+        """None while it runs; its exit code (or -1 if its host is gone) once it stopped."""
+
+    def terminate(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; no-op if already gone."""
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of its log (for error messages)."""
+
+
+class ServerLauncher(Protocol):
+    """Starts the process of one fleet server and tells the fleet where it listens."""
+
+    def launch(self, index: int, cfg: ServerConfig, port: int, log_path: Path) -> tuple[ServerProcess, str, int]:
+        """Start server ``index``; ``port`` 0 picks one. Returns (process, host to reach it at, port)."""
+
+    def shutdown(self) -> None:
+        """Release what the launcher holds (actors, placement groups); processes are stopped already."""
+
+
+class LocalServerProcess:
+    """A server started with Popen in this process."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path):
+        self.proc = proc
+        self.pid = proc.pid
+        self.log_path = log_path
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.returncode
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def terminate(self, timeout_s: float = 10.0) -> None:
+        terminate_process(self.proc, timeout_s)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return read_log_tail(self.log_path, chars)
+
+
+def _kill_me_when_parent_dies() -> None:
+    """preexec_fn: Linux PR_SET_PDEATHSIG, so a server never outlives the process that launched it."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def spawn_server(cfg: ServerConfig, port: int, log_path: Path, extra_env: Optional[dict[str, str]] = None,
+                 die_with_parent: bool = False) -> subprocess.Popen:
+    """Popen the server command in its own session (so a stop never signals us), logging to ``log_path``.
+
+    ``die_with_parent`` (Linux PR_SET_PDEATHSIG): the server is killed when the thread that launched it
+    exits, e.g. because its process was killed — for launchers that can vanish without stopping it (a
+    killed Ray actor), so an orphan cannot hold a port or GPU. Call it from a long-lived thread.
+    """
+    cmd = build_server_command(cfg, port)
+    env = {**os.environ, **cfg.env, **(extra_env or {})}
+    log = open_server_log(log_path, cmd)
+    preexec = _kill_me_when_parent_dies if die_with_parent and sys.platform.startswith("linux") else None
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=preexec)
+    finally:
+        log.close()
+
+
+class LocalLauncher:
+    """Servers as subprocesses of this process, bound to ``cfg.host``."""
+
+    def launch(self, index: int, cfg: ServerConfig, port: int, log_path: Path) -> tuple[LocalServerProcess, str, int]:
+        port = port or cfg.port or find_free_port(cfg.host)
+        return LocalServerProcess(spawn_server(cfg, port, log_path), log_path), cfg.host, port
+
+    def shutdown(self) -> None:
+        pass
