@@ -17,6 +17,7 @@ After that, ``get_forward_backward_func()`` with any ``forward_step_func`` train
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -76,13 +77,15 @@ def _megatron_optimizer_config(cfg: RunConfig) -> Any:
 
 
 def build_model_and_optimizer(
-    cfg: RunConfig, initial_state: Optional[Mapping[str, torch.Tensor]] = None
+    cfg: RunConfig, initial_state: Optional[Mapping[str, torch.Tensor]] = None,
+    init_checkpoint: Optional[Path] = None,
 ) -> Trainable:
     """Model chunks wrapped for training and their optimizer, in the layout of ``cfg.parallel``.
 
     ``initial_state`` (a full state dict in the canonical naming of
     :func:`~megatron_vespo.models.full_state.gather_full_state_dict`) replaces the random
-    initialisation on every rank. Needs ``init_distributed`` first.
+    initialisation on every rank; so does ``init_checkpoint`` (a Megatron dist checkpoint, each rank
+    loading its own shards). Needs ``init_distributed`` first.
     """
     from megatron.core.distributed import (
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
@@ -93,6 +96,10 @@ def build_model_and_optimizer(
     chunks = build_model_chunks(cfg)
     if initial_state is not None:
         load_full_state_dict(chunks, initial_state)
+    if init_checkpoint is not None:
+        from megatron_vespo.checkpoint.init_weights import load_model_weights
+
+        load_model_weights(chunks, init_checkpoint, cfg.model)
     config = chunks[0].config
     if config.bf16 or config.fp16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]

@@ -1,0 +1,73 @@
+"""Initial policy weights for a run: a Megatron dist checkpoint (from ``tools/convert_hf_to_mcore.py``)
+or a Hugging Face directory, loaded into whatever TP/PP/EP layout the run uses.
+
+An HF directory is converted once, by rank 0, into ``<cache_dir>/<name>_mcore`` (the streaming
+converter; bounded memory), then every rank loads only its own shards with
+``dist_checkpointing.load``. Weights are loaded before the bf16 wrapper and the optimizer exist, so
+the optimizer's fp32 main copy starts from them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from megatron_vespo.checkpoint.hf_io import CheckpointError, MODEL_CONFIG_FILE, load_checkpoint_model_config
+from megatron_vespo.config.schema import ModelConfig
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "metadata.json").is_file()
+
+
+def check_same_model(found: ModelConfig, expected: ModelConfig, where: str) -> None:
+    """Clear error listing the architecture fields in which a checkpoint differs from the run's model."""
+    diff = [f"{f.name}: checkpoint {getattr(found, f.name)!r} != run {getattr(expected, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if f.name not in ("max_position_embeddings", "router_aux_loss_coef")
+            and getattr(found, f.name) != getattr(expected, f.name)]
+    if diff:
+        raise CheckpointError(f"{where}: the checkpoint's model does not match the run's model YAML: " + "; ".join(diff))
+
+
+def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path) -> Path:
+    """The dist checkpoint to load: ``path`` itself, or (HF input) its conversion under ``cache_dir``.
+
+    Collective when ``torch.distributed`` is initialised: rank 0 converts, the others wait.
+    """
+    import torch.distributed as dist
+
+    from megatron_vespo.checkpoint.hf_to_mcore import convert_hf_to_mcore
+
+    src = Path(path)
+    if not src.is_dir():
+        raise CheckpointError(f"checkpoint.init_from: {src} is not a directory")
+    if not is_hf_dir(src):
+        if not (src / MODEL_CONFIG_FILE).is_file():
+            raise CheckpointError(f"checkpoint.init_from: {src} is neither a Hugging Face directory (config.json) "
+                                  f"nor a converted Megatron checkpoint ({MODEL_CONFIG_FILE} missing)")
+        return src
+    out = cache_dir / f"{src.name}_mcore"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and not out.is_dir():
+        print(f"[init] converting {src} -> {out} (once; reused by later runs)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_hf_to_mcore(src, out, model_cfg)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def load_model_weights(chunks: Sequence[torch.nn.Module], ckpt_dir: Path, model_cfg: ModelConfig) -> None:
+    """Load this rank's shards of ``ckpt_dir`` into the (unwrapped) model chunks. Collective."""
+    from megatron.core import dist_checkpointing
+
+    check_same_model(load_checkpoint_model_config(ckpt_dir), model_cfg, str(ckpt_dir))
+    for chunk in chunks:
+        state = dist_checkpointing.load(chunk.sharded_state_dict(), str(ckpt_dir))
+        missing, unexpected = chunk.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt_dir}: keys missing {missing[:5]} / unexpected {unexpected[:5]}")
