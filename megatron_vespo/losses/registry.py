@@ -82,3 +82,12 @@ def _add_common_metrics(metrics: MetricBag, inputs: ScreenedBatch) -> None:
     gap = (inputs.logp.detach() - mu).abs()
     metrics.add_mean("mismatch/logp_gap_mean", gap, inputs.active)
     metrics.add_max("mismatch/logp_gap_max", gap, inputs.active)
+    # Sequence log-ratio log π_θ(y|x) − log μ(y|x) (unclamped, every loss): its spread is the tail of
+    # plain sequence-level importance sampling's weight W = exp(it).
+    seq_log_ratio = inputs.seq_sum(torch.where(inputs.active, inputs.logp.detach() - mu, torch.zeros_like(gap)))
+    on, share = inputs.seq_active, inputs.seq_share
+    metrics.add_mean("mismatch/seq_log_ratio_mean", seq_log_ratio, on, share)
+    metrics.add_std("mismatch/seq_log_ratio_std", seq_log_ratio, on, share)
+    metrics.add_max("mismatch/seq_log_ratio_max", seq_log_ratio, on)
+    metrics.add_min("mismatch/seq_log_ratio_min", seq_log_ratio, on)
+    metrics.add_mean("mismatch/seq_log_ratio_abs_mean", seq_log_ratio.abs(), on, share)

@@ -13,6 +13,10 @@ One call of :meth:`PolicyTrainer.train_mini_batch` is one optimizer step on one 
 4. gradients are checked for non-finite values on every rank (a bad step is skipped, counted and
    never reaches the weights), then Megatron's optimizer clips and steps, then the LR schedule.
 
+Routing mismatch (MoE): when the samples carry the rollout engine's routed experts, the training
+forward records the trainer's own top-k expert sets (:mod:`megatron_vespo.train.routing`) and the
+step reports ``mismatch/routing_flip_rate``. Nothing is replayed: the trainer always routes itself.
+
 Loss scaling: every micro-batch loss is already divided by the global normaliser, so the schedule
 must neither average over micro-batches nor the gradient reduction over data-parallel ranks. The
 provider sets ``calculate_per_token_loss=True`` (no division, DP grads summed) and this module hands
@@ -39,6 +43,9 @@ from megatron_vespo.models.provider import te_available
 from megatron_vespo.models.trainable import Trainable
 from megatron_vespo.train.logprobs import vocab_parallel_logprobs
 from megatron_vespo.train.packing import iter_rank_micro_batches, pack_sequences, sequence_length
+from megatron_vespo.train.routing import (
+    ROUTED_FIELD, RouterRecorder, count_flips, flip_metrics, reduce_flip_counts, routed_positions, routed_shape,
+)
 
 Sample = Mapping[str, Any]
 
@@ -98,14 +105,32 @@ class PolicyTrainer:
         self.pad_to_multiple = cfg.parallel.tensor if self.config.sequence_parallel else 1
         self._bag = MetricBag()
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.router_recorder: Optional[RouterRecorder] = None
+        if cfg.model.is_moe:
+            self.router_recorder = RouterRecorder(trainable.model, cfg.model.num_hidden_layers,
+                                                  cfg.model.mlp_only_layers)
+        self._flip_counts = torch.zeros(2, dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------- data
     def _plan(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         lengths = [sequence_length(s) for s in samples]
         plan = pack_sequences(lengths, self.cfg.train.micro_batch_tokens, self.dp_size)
         token_fields = tuple(f for f in ("rollout_logp", "old_logp") if f in samples[0])
-        return list(iter_rank_micro_batches(plan, samples, self.dp_rank, pad_to_multiple=self.pad_to_multiple,
-                                            response_token_fields=token_fields))
+        # Routed experts are [R, layers, topk] per sample: laid out per micro-batch here, not by the packer.
+        shape = routed_shape(samples, self._num_moe_layers(), self.cfg.model.num_experts_per_tok) \
+            if self.router_recorder is not None else None
+        plain = [{k: v for k, v in s.items() if k != ROUTED_FIELD} for s in samples] \
+            if any(ROUTED_FIELD in s for s in samples) else samples
+        micro_batches = list(iter_rank_micro_batches(plan, plain, self.dp_rank, pad_to_multiple=self.pad_to_multiple,
+                                                     response_token_fields=token_fields))
+        if shape is not None:
+            for mb in micro_batches:
+                mb["routed_experts"] = routed_positions(samples, mb["sample_index"].tolist(), mb["num_tokens"], *shape)
+        return micro_batches
+
+    def _num_moe_layers(self) -> int:
+        return self.cfg.model.num_hidden_layers - len(set(self.cfg.model.mlp_only_layers))
 
     def _model_inputs(self, mb: Mapping[str, Any]) -> dict[str, Any]:
         total = mb["num_tokens"]
@@ -162,7 +187,14 @@ class PolicyTrainer:
 
     def _forward_step(self, normalizer: Optional[Normalizer], data_iterator: Iterable, model: torch.nn.Module):
         mb = next(data_iterator)
-        output = model(**self._model_inputs(mb))
+        if normalizer is not None and "routed_experts" in mb and self.router_recorder is not None:
+            with self.router_recorder.capture() as records:
+                output = model(**self._model_inputs(mb))
+            flips = count_flips(records, mb["routed_experts"], mb["loss_mask"], self.router_recorder,
+                                tp_rank=self.tp_rank)
+            self._flip_counts = self._flip_counts.to(flips.device) + flips
+        else:
+            output = model(**self._model_inputs(mb))
         if normalizer is None:  # forward-only log-prob pass
             return output, partial(self._collect_logprobs, mb)
         return output, partial(self._loss_func, mb, normalizer)
@@ -198,6 +230,7 @@ class PolicyTrainer:
             chunk.train()
         self.trainable.zero_grad()
         self._bag = MetricBag()
+        self._flip_counts = torch.zeros(2, dtype=torch.float64)
         self._run_schedule(micro_batches, normalizer, forward_only=False)
 
         lr = float(self.trainable.optimizer.param_groups[0]["lr"])  # the lr this update uses
@@ -216,6 +249,10 @@ class PolicyTrainer:
         bag = self._reduce_metrics(self._bag)
         bag.add_sum("train/skipped_nonfinite_step", torch.tensor(float(skipped)))
         metrics = self._from_last_stage(bag.compute())
+        if "routed_experts" in micro_batches[0]:  # true on all ranks or none (every rank has all samples)
+            metrics.update(flip_metrics(reduce_flip_counts(
+                self._flip_counts, tp_group=self.tp_group, sequence_parallel=self.config.sequence_parallel,
+                pp_group=self.pp_group, dp_group=self.dp_group, device=_model_device(self.trainable.model[0]))))
         metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/micro_batches"] = float(len(micro_batches))
         metrics["train/lr"] = lr
