@@ -281,7 +281,11 @@ class RunLoopConfig:
 
 @dataclass(kw_only=True)
 class AsyncConfig:
-    """Fully asynchronous training (train.mode: async): the fleet generates continuously."""
+    """Fully asynchronous training (train.mode: async): the fleet generates continuously.
+
+    The run trains run.rollout_steps x train.staleness mini-batches of train.mini_batch_prompts groups (the
+    samples of the synchronous run of the same config), one optimizer step each.
+    """
 
     push_every_steps: int = field(1, ge=1, help="optimizer steps between weight pushes to the fleet")
     max_staleness: int = field(4, ge=0, help="bound on a sample's lag: trainer version minus the oldest version "
@@ -291,6 +295,13 @@ class AsyncConfig:
     partial_rollouts: bool = field(True, help="on a push, abort in-flight requests, keep the generated prefix "
                                    "and its log-probs, continue with the new weights")
     buffer_groups: int = field(0, ge=0, help="max finished prompt groups waiting in the buffer; 0: two mini-batches")
+
+    def validate(self, path: str) -> None:
+        # Steps between pushes train on weights pushed up to push_every_steps - 1 steps earlier.
+        if self.max_staleness < self.push_every_steps - 1:
+            raise ConfigError(f"{path}.max_staleness",
+                              f"must be >= push_every_steps - 1 = {self.push_every_steps - 1} (the lag of the last "
+                              f"step before each push); got {self.max_staleness}")
 
 
 @dataclass(kw_only=True)

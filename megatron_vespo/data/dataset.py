@@ -134,6 +134,22 @@ class PromptSampler:
             self.rng.shuffle(self._order)
         self._pos = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (epoch, order, position, shuffle RNG) for training checkpoints."""
+        return {"dataset_size": len(self.dataset.rows), "source": self.dataset.source, "shuffle": self.shuffle,
+                "epoch": self.epoch, "order": list(self._order), "pos": self._pos, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where :meth:`state_dict` was taken; the dataset must be the same size."""
+        if state["dataset_size"] != len(self.dataset.rows):
+            raise DataError(f"{self.dataset.source}: {len(self.dataset.rows)} prompts, but the checkpoint's sampler "
+                            f"was over {state['dataset_size']} prompts of {state['source']}: not the same data")
+        self.shuffle = state["shuffle"]
+        self.epoch = state["epoch"]
+        self._order = list(state["order"])
+        self._pos = state["pos"]
+        self.rng.setstate(state["rng"])
+
     def next_batch(self, size: int) -> list[PromptRow]:
         batch = []
         while len(batch) < size:

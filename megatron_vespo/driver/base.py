@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_vespo.checkpoint.export import HFWeightExporter
 from megatron_vespo.checkpoint.hf_io import SafetensorsWriter, hf_config_from_model
+from megatron_vespo.checkpoint.training import TrainingCheckpointer
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.distributed import DistributedContext
@@ -119,6 +120,15 @@ class RLDriver:
         self.fleet = None
         self.weight_sync = None
         self._latest: NamedTensors = []
+        # Run progress that a training checkpoint carries (see checkpoint_state).
+        self.checkpointer = TrainingCheckpointer(cfg, self.trainable.model, self.trainable.optimizer, self.scheduler)
+        self.next_rollout_step = 0
+        self.rewards: list[float] = []  # rank 0: mean reward per rollout batch (the summary's history)
+        self.seconds_to_target: Optional[float] = None
+        self.elapsed_before_resume_s = 0.0  # wall time of the run segments before the last resume
+        self.run_clock_start = time.monotonic()
+        self._last_saved_step: Optional[int] = None
+        self._pending_sampler_state: Optional[dict] = None  # restored once setup_driver made the sampler
 
     # ------------------------------------------------------------------------- rank 0 -> all
     def broadcast(self, payload: Any) -> Any:
@@ -164,6 +174,9 @@ class RLDriver:
         print(f"[data] {dataset.source}: {len(dataset.rows)} prompts "
               f"({dataset.num_filtered_too_long} longer than {cfg.rollout.max_prompt_len} dropped)", flush=True)
         self.sampler = PromptSampler(dataset, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        if self._pending_sampler_state is not None:  # resumed: continue at the checkpoint's data position
+            self.sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
         try:
             self.verifier = get_verifier(cfg.reward.verifier)
         except KeyError as exc:
@@ -185,7 +198,8 @@ class RLDriver:
               f"({time.monotonic() - t0:.1f}s)", flush=True)
         self.weight_sync = self._make_weight_sync(initial_dir or Path(fleet_cfg.servers[0].model_path))
         if cfg.rollout.fleet is not None:
-            self.push_weights(initial, "0")  # the given servers' checkpoint need not be the trainer's init
+            # The given servers' checkpoint need not be the trainer's weights (initial or resumed).
+            self.push_weights(initial, self.version)
 
     def _make_weight_sync(self, config_dir: Path):
         from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync
@@ -233,6 +247,67 @@ class RLDriver:
             metrics = {"train/skipped_empty_mini_batch": 1.0}
         return {**extra, **metrics, "train_step": self.optimizer_steps, "train/samples": float(len(samples)),
                 "time/train_s": time.monotonic() - t0}
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def elapsed_s(self) -> float:
+        """Wall time of the whole run, earlier segments (before a resume) included."""
+        return self.elapsed_before_resume_s + time.monotonic() - self.run_clock_start
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The driver's part of a training checkpoint (rank 0's is saved). Subclasses extend it via super()."""
+        sampler = getattr(self, "sampler", None)
+        return {"optimizer_steps": self.optimizer_steps, "weight_version": self.version,
+                "rollout_step": self.next_rollout_step, "rewards": list(self.rewards),
+                "seconds_to_target": self.seconds_to_target, "elapsed_s": self.elapsed_s(),
+                "sampler": sampler.state_dict() if sampler is not None else None}
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state` (every rank; the sampler part applies on rank 0)."""
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.version = str(state["weight_version"])
+        self.next_rollout_step = int(state["rollout_step"])
+        self.rewards = list(state["rewards"])
+        self.seconds_to_target = state["seconds_to_target"]
+        self.elapsed_before_resume_s = float(state["elapsed_s"])
+        self.run_clock_start = time.monotonic()
+        if self.is_driver and state.get("sampler") is not None:
+            if getattr(self, "sampler", None) is not None:
+                self.sampler.load_state_dict(state["sampler"])
+            else:
+                self._pending_sampler_state = state["sampler"]
+
+    def maybe_resume(self) -> Optional[int]:
+        """Collective: load the checkpoint that ``checkpoint.resume``/``load_dir`` name, if any.
+
+        Call at the start of ``run()`` before the fleet boots, so the servers start from the resumed
+        weights at the resumed version. Returns the next rollout step, or None for a fresh start.
+        """
+        directory = self.checkpointer.resume_directory()
+        if directory is None:
+            return None
+        t0 = time.monotonic()
+        loaded = self.checkpointer.load(directory)
+        self.restore_checkpoint_state(loaded.driver_state)
+        self._last_saved_step = loaded.step
+        if self.is_driver:
+            print(f"[checkpoint] resumed from {loaded.directory} (rollout step {self.next_rollout_step}, "
+                  f"{self.optimizer_steps} optimizer steps, weight version {self.version}, "
+                  f"{time.monotonic() - t0:.1f}s)", flush=True)
+        return self.next_rollout_step
+
+    def maybe_save(self, step: int, final: bool = False) -> None:
+        """Collective: after rollout step ``step`` (0-based) save a checkpoint when ``checkpoint.save_every_steps``
+        says so, or when ``final`` (the end of the run); never twice for the same step."""
+        every = self.cfg.checkpoint.save_every_steps
+        done = step + 1
+        if every == 0 or done == self._last_saved_step or (not final and done % every):
+            return
+        t0 = time.monotonic()
+        self.next_rollout_step = done
+        path = self.checkpointer.save(done, self.checkpoint_state())
+        self._last_saved_step = done
+        if self.is_driver:
+            print(f"[checkpoint] saved {path} ({time.monotonic() - t0:.1f}s)", flush=True)
 
     # ------------------------------------------------------------------------------------ end
     def shutdown(self, quiet: bool) -> None:

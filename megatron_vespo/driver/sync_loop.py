@@ -14,10 +14,17 @@ Every rollout step:
 
 Rank 0 also writes ``metrics.jsonl`` (one line per optimizer step), a progress line per rollout
 step and, at the end, ``metrics.png``.
+
+Checkpoints (``checkpoint.*``): the run resumes from the latest training checkpoint before the
+fleet boots (the servers start from the resumed weights at the resumed version), saves one every
+``checkpoint.save_every_steps`` rollout steps and at the end; ``metrics.jsonl`` keeps the lines of
+the steps before the resumed one and continues after them.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from megatron_vespo.config.schema import RunConfig
@@ -59,38 +66,37 @@ class SyncRLDriver(RLDriver):
 
     def run(self) -> Optional[RunSummary]:
         cfg = self.cfg
-        start = time.monotonic()
+        first_step = self.maybe_resume() or 0
         initial = gather_hf_weights(self.exporter)
         error: Optional[BaseException] = None
         writer = progress = None
-        rewards: list[float] = []
-        seconds_to_target: Optional[float] = None
-        step = 0
+        step = first_step - 1
         try:
             self.from_driver(lambda: self.setup_driver(initial))
             del initial
             if self.is_driver:
-                writer = MetricsWriter(self.output_dir / "metrics.jsonl")
+                writer = open_metrics_writer(self.output_dir / "metrics.jsonl", first_step)
                 progress = ProgressReporter(cfg.run.rollout_steps, PROGRESS_KEYS)
-            for step in range(cfg.run.rollout_steps):
+            for step in range(first_step, cfg.run.rollout_steps):
                 payload = self.from_driver(lambda: self._rollout(step))
                 records = self._train(payload["mini_batches"], payload["metrics"])
                 sync_s = self.export_and_push()
 
                 def log_and_decide() -> bool:
-                    nonlocal seconds_to_target
                     for record in records:
                         record["time/weight_sync_s"] = sync_s
-                        record["time/elapsed_s"] = time.monotonic() - start
+                        record["time/elapsed_s"] = self.elapsed_s()
                         writer.write(step, record)
                     progress.report(step, records[-1])
-                    rewards.append(payload["metrics"]["rollout/reward_mean"])
-                    if seconds_to_target is None and cfg.run.stop_at_reward is not None \
-                            and rewards[-1] >= cfg.run.stop_at_reward:
-                        seconds_to_target = time.monotonic() - start
-                    return seconds_to_target is not None
+                    self.rewards.append(payload["metrics"]["rollout/reward_mean"])
+                    if self.seconds_to_target is None and cfg.run.stop_at_reward is not None \
+                            and self.rewards[-1] >= cfg.run.stop_at_reward:
+                        self.seconds_to_target = self.elapsed_s()
+                    return self.seconds_to_target is not None
 
-                if self.from_driver(log_and_decide):
+                stop = self.from_driver(log_and_decide)
+                self.maybe_save(step, final=stop or step == cfg.run.rollout_steps - 1)
+                if stop:
                     break
         except BaseException as exc:
             error = exc
@@ -101,6 +107,10 @@ class SyncRLDriver(RLDriver):
             self.shutdown(quiet=error is not None)
         if not self.is_driver:
             return None
+        if not self.rewards:
+            raise RuntimeError(f"nothing to do: the run resumed at rollout step {first_step} of "
+                               f"run.rollout_steps={cfg.run.rollout_steps}")
+        rewards = self.rewards
         plot_path = None
         if cfg.run.plot:
             from megatron_vespo.plotting import plot_metrics
@@ -108,9 +118,25 @@ class SyncRLDriver(RLDriver):
             plot_path = plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "metrics.png")
         return RunSummary(rollout_steps=step + 1, optimizer_steps=self.optimizer_steps, weight_version=self.version,
                           initial_reward=rewards[0], final_reward=sum(rewards[-3:]) / len(rewards[-3:]),
-                          best_reward=max(rewards), seconds=time.monotonic() - start,
-                          seconds_to_target=seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
+                          best_reward=max(rewards), seconds=self.elapsed_s(),
+                          seconds_to_target=self.seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
                           plot_path=plot_path)
+
+
+def open_metrics_writer(path: Path, first_step: int) -> MetricsWriter:
+    """A writer for ``path``; on resume (``first_step`` > 0) the lines of earlier steps are kept.
+
+    ``MetricsWriter`` starts its file afresh, so the kept lines are replayed through it (an append
+    mode in the writer would make the replay unnecessary).
+    """
+    kept: list[dict[str, Any]] = []
+    if first_step > 0 and path.is_file():
+        kept = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+                if r["step"] < first_step]
+    writer = MetricsWriter(path)
+    for record in kept:
+        writer.write(record.pop("step"), record)
+    return writer
 
 
 def run_sync_training(cfg: RunConfig) -> Optional[RunSummary]:

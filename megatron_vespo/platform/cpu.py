@@ -394,6 +394,43 @@ def _patch_all_to_all_split_sizes() -> None:
     mappings._AllToAll.forward = staticmethod(forward)
 
 
+# --------------------------------------------------------------------------------------------
+# Distributed checkpointing
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_distributed_optimizer_reshardable_load() -> None:
+    """Loading the distributed optimizer's ``fully_reshardable`` checkpoint format fails over torch Adam.
+
+    Without Apex or Transformer Engine (always the case on the CPU) the distributed optimizer wraps
+    torch's Adam, whose per-parameter state holds a ``step`` tensor. ``load_state_dict`` first
+    sets that ``step`` from the saved param groups, then
+    ``_set_main_param_and_optimizer_states`` copies every key of the live state from the loaded
+    tensors, which carry no ``step`` (the format stores it in the param groups) -> ``KeyError``.
+    Skipping keys that the loaded tensors lack keeps the ``step`` that was just set; every other
+    key (``param``, ``exp_avg``, ``exp_avg_sq``) is copied as before. Needed for training
+    checkpoints of runs with ``optimizer.distributed`` (:mod:`megatron_vespo.checkpoint.training`).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_megatron_vespo_cpu", False):
+        return
+
+    @functools.wraps(original)
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if "step" in state and "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            tensors = {**tensors, "step": state["step"]}  # copy onto itself: unchanged
+        original(self, model_param, tensors)
+
+    set_states._megatron_vespo_cpu = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states
+
+
 # Every entry is needed: with any one removed, at least one of the layouts TP=2+SP, EP=2, PP=2 and
 # DP=2 with the distributed optimizer fails (checked by running tests/multiproc/worker_model.py).
 _PATCHES: list[tuple[str, Callable[[], None]]] = [
@@ -405,6 +442,8 @@ _PATCHES: list[tuple[str, Callable[[], None]]] = [
     ("RNG tracker on the CPU generator", _patch_rng_tracker),
     ("MoE router: te_general_gemm = None without TE", _patch_moe_router_gemm),
     ("gloo all_to_all_single: int split sizes", _patch_all_to_all_split_sizes),
+    ("distributed optimizer: reshardable checkpoint load over torch Adam",
+     _patch_distributed_optimizer_reshardable_load),
 ]
 
 

@@ -1,0 +1,241 @@
+"""The fully asynchronous RL loop (``train.mode: async``): the fleet generates while the trainer trains.
+
+- Rank 0 runs a :class:`BackgroundGenerator` thread that keeps the fleet busy and puts scored prompt
+  groups into a :class:`RolloutBuffer`, each tagged with the policy versions behind its tokens.
+- Every rank runs the trainer. Per optimizer step rank 0 takes one mini-batch
+  (``train.mini_batch_prompts`` groups; waiting is trainer idle time), computes GRPO advantages per
+  group and broadcasts the samples; every rank trains on them.
+- Every ``asynchronous.push_every_steps`` steps the weights are exported and pushed (version =
+  optimizer steps). With partial rollouts the generator aborts what is in flight around the push and
+  continues each aborted response from its prefix under the new weights.
+- Lag of a sample = optimizer steps done when it is trained - the oldest version behind any of its
+  tokens; it never exceeds ``asynchronous.max_staleness`` (groups past it are dropped and counted,
+  or generation is throttled so that none gets there; see rollout_buffer).
+
+The run trains ``run.rollout_steps * train.staleness`` mini-batches: the same number of samples as
+the synchronous run of the same config. Per step ``metrics.jsonl`` gets the trainer's metrics, the
+mini-batch's rollout metrics, and ``async/*`` (lag mean/max and every sample's lag, buffer size,
+drops, resumed partial responses) and ``time/trainer_idle_s`` / ``time/fleet_idle_s``.
+
+Checkpoints (``checkpoint.save_every_steps`` counts mini-batches in this mode) carry the buffer's
+finished groups and the prompts still being generated; a resumed run puts the groups back and
+regenerates those prompts first (their partial outputs are not kept).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional
+
+from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.config.typed import ConfigError
+from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
+from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, check_run_config, gather_hf_weights
+from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
+from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups
+from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
+from megatron_vespo.driver.sync_loop import open_metrics_writer
+from megatron_vespo.logging_utils import ProgressReporter
+
+ASYNC_PROGRESS_KEYS = {**PROGRESS_KEYS, "async/lag_mean": "lag", "async/buffer_groups": "buf",
+                       "time/trainer_idle_s": "t_idle", "time/fleet_idle_s": "f_idle"}
+
+
+def buffer_capacity(cfg: RunConfig) -> int:
+    return cfg.asynchronous.buffer_groups or 2 * cfg.train.mini_batch_prompts
+
+
+def check_async_config(cfg: RunConfig) -> None:
+    """Cross-section rules of the asynchronous mode (AsyncConfig checks its own fields)."""
+    if buffer_capacity(cfg) < cfg.train.mini_batch_prompts:
+        raise ConfigError("asynchronous.buffer_groups",
+                          f"must hold at least one mini-batch (train.mini_batch_prompts="
+                          f"{cfg.train.mini_batch_prompts}); got {cfg.asynchronous.buffer_groups}")
+    if cfg.rollout.return_routed_experts:
+        raise ConfigError("rollout.return_routed_experts", "is not supported with train.mode=async yet")
+
+
+def lag_metrics(lags: list[int]) -> dict[str, Any]:
+    """Mean, max and the histogram of per-sample lags (``async/lag_count_<k>``), plus the raw list."""
+    if not lags:
+        return {"async/lag_mean": None, "async/lag_max": None, "async/sample_lags": []}
+    out: dict[str, Any] = {"async/lag_mean": sum(lags) / len(lags), "async/lag_max": float(max(lags)),
+                           "async/lag_min": float(min(lags)), "async/sample_lags": list(lags)}
+    for lag, count in sorted(Counter(lags).items()):
+        out[f"async/lag_count_{lag}"] = float(count)
+    return out
+
+
+class AsyncRLDriver(RLDriver):
+    """Continuous generation into a version-tagged buffer; one mini-batch per optimizer step."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistributedContext):
+        super().__init__(cfg, ctx)
+        self.buffer: Optional[RolloutBuffer] = None
+        self.generator: Optional[BackgroundGenerator] = None
+        self._push_drain_s = 0.0
+        self._fleet_idle_mark = 0.0
+        self._resumed_async_state: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The base state plus, on rank 0, the buffer's finished groups and the prompts still generating
+        (replayed first on resume; their partial outputs are not kept)."""
+        if self.generator is None:
+            return super().checkpoint_state()
+        with self.generator.lock:  # the sampler position and the drawn-but-unfinished prompts agree
+            state = super().checkpoint_state()
+            rows = self.generator.in_flight_rows()
+        # Read after the rows: a group finishing in between is in both lists (one prompt twice), never in neither.
+        state["async"] = {"finished_groups": self.buffer.finished_groups(), "in_flight_rows": rows,
+                          "dropped_total": self.buffer.dropped_total}
+        return state
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().restore_checkpoint_state(state)
+        self._resumed_async_state = state.get("async")
+
+    # ------------------------------------------------------------------------------ rank 0
+    def _score(self, group: RolloutGroup) -> tuple[list[float], dict[str, float]]:
+        return score_groups([group], self.verifier, self.cfg.reward, self.tokenizer)
+
+    def _abort_all(self) -> None:
+        self.fleet.call_all("POST", "/abort_request", {"abort_all": True}, timeout_s=30)
+
+    def start_generator(self) -> None:
+        cfg = self.cfg
+        self.buffer = RolloutBuffer(cfg.train.mini_batch_prompts, cfg.asynchronous.max_staleness,
+                                    cfg.asynchronous.over_staleness, buffer_capacity(cfg))
+        self.generator = BackgroundGenerator(
+            self.fleet.router_url, self.sampler, cfg.rollout, self.buffer, self._score,
+            partial_rollouts=cfg.asynchronous.partial_rollouts, abort_all=self._abort_all,
+            version=int(self.version), rid_prefix=f"s{cfg.train.seed}-async-{self.optimizer_steps}")
+        if self._resumed_async_state is not None:
+            resumed = self._resumed_async_state
+            self.buffer.restore(resumed["finished_groups"])
+            self.buffer.dropped_total = int(resumed["dropped_total"])
+            self.generator.replay(resumed["in_flight_rows"])
+            print(f"[async] resumed {len(resumed['finished_groups'])} finished group(s); regenerating "
+                  f"{len(resumed['in_flight_rows'])} prompt(s) that were in flight", flush=True)
+            self._resumed_async_state = None
+        self.generator.start()
+        self._fleet_idle_mark = self.generator.fleet_idle_seconds()
+
+    def push_weights(self, named, version: str) -> None:
+        """Rank 0: the base push, with generation held (and in-flight requests aborted) around it."""
+        if self.generator is None:  # the initial push to a given fleet, before generation starts
+            return super().push_weights(named, version)
+        self._push_drain_s += self.generator.hold_for_push(timeout_s=self.cfg.rollout.request_timeout_s)
+        try:
+            super().push_weights(named, version)
+        finally:
+            self.generator.release_after_push(int(self.version))
+
+    def _mini_batch(self) -> dict[str, Any]:
+        """Rank 0: the next mini-batch from the buffer as training samples, and its metrics."""
+        cfg = self.cfg
+        taken: TakeResult = self.buffer.take(self.optimizer_steps, should_stop=lambda: self.generator.error)
+        payloads: list[GroupPayload] = [g.payload for g in taken.groups]
+        batch = build_rollout_batch([p.group for p in payloads], [r for p in payloads for r in p.rewards],
+                                    cfg.advantage)
+        samples = [s for group in batch.groups for s in group if s["response_ids"]]
+        fleet_idle = self.generator.fleet_idle_seconds()
+        metrics: dict[str, Any] = {
+            **batch.metrics, **self.dataset_stats, **self.buffer.snapshot(), **self.generator.counters(),
+            **lag_metrics(taken.sample_lags()),
+            "reward/verifier_errors": sum(p.reward_stats.get("reward/verifier_errors", 0.0) for p in payloads),
+            "reward/verifier_timeouts": sum(p.reward_stats.get("reward/verifier_timeouts", 0.0) for p in payloads),
+            "rollout/epoch": float(self.sampler.epoch),
+            "rollout_weight_version": self.version,
+            "async/max_staleness": float(cfg.asynchronous.max_staleness),
+            "async/oldest_version": float(min(g.oldest_version for g in taken.groups)),
+            "async/newest_version": float(max(g.newest_version for g in taken.groups)),
+            "async/dropped_stale_groups": float(len(taken.dropped)),
+            "async/partial_resumed_responses": float(sum(p.resumed_responses for p in payloads)),
+            "time/trainer_idle_s": taken.waited_s,
+            "time/fleet_idle_s": fleet_idle - self._fleet_idle_mark,
+            "time/push_drain_s": self._push_drain_s,
+        }
+        metrics["lag"] = metrics["async/lag_max"]
+        self._fleet_idle_mark = fleet_idle
+        self._push_drain_s = 0.0
+        return {"samples": samples, "metrics": metrics}
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self) -> Optional[RunSummary]:
+        cfg = self.cfg
+        total = cfg.run.rollout_steps * cfg.train.staleness
+        window = cfg.train.staleness  # the stop rule averages as many mini-batches as a sync rollout batch has
+        first_step = self.maybe_resume() or 0  # in this mode a checkpoint step is one mini-batch
+        initial = gather_hf_weights(self.exporter)
+        error: Optional[BaseException] = None
+        writer = progress = None
+        step = first_step - 1
+        try:
+            self.from_driver(lambda: self.setup_driver(initial))
+            del initial
+            if self.is_driver:
+                writer = open_metrics_writer(self.output_dir / "metrics.jsonl", first_step)
+                progress = ProgressReporter(total, ASYNC_PROGRESS_KEYS)
+                self.start_generator()
+            for step in range(first_step, total):
+                payload = self.from_driver(self._mini_batch)
+                recompute_s = 0.0
+                if cfg.train.recompute_old_logprobs:
+                    recompute_s = self.recompute_old_logprobs(payload["samples"])
+                record = self.train_step(payload["samples"], {**payload["metrics"], "time/recompute_s": recompute_s})
+                sync_s = 0.0
+                if (step + 1) % cfg.asynchronous.push_every_steps == 0:
+                    sync_s = self.export_and_push()
+
+                def log_and_decide() -> bool:
+                    record["time/weight_sync_s"] = sync_s
+                    record["time/elapsed_s"] = self.elapsed_s()
+                    record["weight_version_after"] = self.version
+                    writer.write(step, record)
+                    progress.report(step, record)
+                    self.rewards.append(payload["metrics"]["rollout/reward_mean"])
+                    recent = self.rewards[-window:]
+                    if self.seconds_to_target is None and cfg.run.stop_at_reward is not None \
+                            and len(recent) == window and sum(recent) / window >= cfg.run.stop_at_reward:
+                        self.seconds_to_target = self.elapsed_s()
+                    return self.seconds_to_target is not None
+
+                stop = self.from_driver(log_and_decide)
+                self.maybe_save(step, final=stop or step == total - 1)
+                if stop:
+                    break
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if self.generator is not None:
+                self.generator.stop()
+            if writer is not None:
+                writer.close()
+            self.shutdown(quiet=error is not None)
+        if not self.is_driver:
+            return None
+        if not self.rewards:
+            raise RuntimeError(f"nothing to do: the run resumed at mini-batch {first_step} of {total}")
+        rewards = self.rewards
+        plot_path = None
+        if cfg.run.plot:
+            from megatron_vespo.plotting import plot_metrics
+
+            plot_path = plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "metrics.png")
+        return RunSummary(rollout_steps=step + 1, optimizer_steps=self.optimizer_steps, weight_version=self.version,
+                          initial_reward=rewards[0], final_reward=sum(rewards[-3:]) / len(rewards[-3:]),
+                          best_reward=max(rewards), seconds=self.elapsed_s(),
+                          seconds_to_target=self.seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
+                          plot_path=plot_path)
+
+
+def run_async_training(cfg: RunConfig) -> Optional[RunSummary]:
+    """Initialise (torchrun or single process), run the asynchronous loop, tear down. Summary on rank 0."""
+    check_run_config(cfg)
+    check_async_config(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
+    try:
+        return AsyncRLDriver(cfg, ctx).run()
+    finally:
+        destroy_distributed()
