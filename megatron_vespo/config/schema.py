@@ -262,6 +262,9 @@ class RolloutConfig:
     cpu_servers: int = field(1, ge=1, help="number of local CPU rollout servers when fleet is null")
     cpu_server_dtype: Literal["float32", "bfloat16"] = field(
         "float32", help="dtype of the local CPU servers (bfloat16: a train/inference mismatch against an fp32 trainer)")
+    cpu_server_deterministic: bool = field(
+        False, help="local CPU servers run one sequence per forward, so results do not depend on request timing "
+        "(bitwise-reproducible runs and resumes; slower)")
     return_routed_experts: bool = field(False, help="MoE: ask the servers for the experts each token was routed to "
                                         "(requests then go to the servers directly: the router drops the field)")
     weight_sync: _rollout_config.WeightSyncConfig = field(
@@ -273,7 +276,8 @@ class RolloutConfig:
 class RunLoopConfig:
     """The driver loop around the trainer."""
 
-    rollout_steps: int = field(100, ge=1, help="rollout batches (each: train.staleness optimizer steps)")
+    rollout_steps: int = field(100, ge=1, help="rollout batches (each: train.staleness optimizer steps); "
+                               "async mode trains rollout_steps x train.staleness mini-batches")
     output_dir: str = field("outputs/run", help="metrics.jsonl, plot, initial HF weights, weight-sync versions")
     stop_at_reward: Optional[float] = field(None, help="stop early once a rollout batch's mean reward reaches this")
     plot: bool = field(True, help="write reward / W / phi curves (metrics.png) at the end")
@@ -329,11 +333,14 @@ class CheckpointConfig:
     """Training checkpoints: model, optimizer, LR schedule, RNG, data position, driver state."""
 
     dir: str = field("", help="empty: <run.output_dir>/checkpoints")
-    save_every_steps: int = field(0, ge=0, help="save every K rollout steps (and at the end); 0: never")
+    save_every_steps: int = field(0, ge=0, help="save every K rollout steps (async mode: K mini-batches) and at the "
+                                  "end; 0: never")
     keep_last: int = field(2, ge=1, help="checkpoints kept (older ones are deleted after a save succeeds)")
     resume: Literal["auto", "never", "must"] = field(
         "auto", help="auto: resume from <dir>/latest when it exists; must: fail without one")
     load_dir: str = field("", help="resume from this checkpoint directory instead of <dir>/latest")
+    init_from: str = field("", help="initial policy weights when not resuming: a Hugging Face directory (converted "
+                           "once into <dir>/init) or a Megatron dist checkpoint from tools/convert_hf_to_mcore.py")
 
 
 @dataclass(kw_only=True)

@@ -33,8 +33,6 @@ from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, chec
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
-from megatron_vespo.driver.sync_loop import open_metrics_writer
-from megatron_vespo.logging_utils import ProgressReporter
 
 ASYNC_PROGRESS_KEYS = {**PROGRESS_KEYS, "async/lag_mean": "lag", "async/buffer_groups": "buf",
                        "time/trainer_idle_s": "t_idle", "time/fleet_idle_s": "f_idle"}
@@ -75,6 +73,7 @@ class AsyncRLDriver(RLDriver):
         self._push_drain_s = 0.0
         self._fleet_idle_mark = 0.0
         self._resumed_async_state: Optional[dict[str, Any]] = None
+        self._steps_at_last_eval_check = 0  # optimizer steps at the previous push (the eval window's start)
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -93,6 +92,7 @@ class AsyncRLDriver(RLDriver):
     def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
         super().restore_checkpoint_state(state)
         self._resumed_async_state = state.get("async")
+        self._steps_at_last_eval_check = self.optimizer_steps
 
     # ------------------------------------------------------------------------------ rank 0
     def _score(self, group: RolloutGroup) -> tuple[list[float], dict[str, float]]:
@@ -174,8 +174,7 @@ class AsyncRLDriver(RLDriver):
             self.from_driver(lambda: self.setup_driver(initial))
             del initial
             if self.is_driver:
-                writer = open_metrics_writer(self.output_dir / "metrics.jsonl", first_step)
-                progress = ProgressReporter(total, ASYNC_PROGRESS_KEYS)
+                writer, progress = self.open_metrics(first_step, total, ASYNC_PROGRESS_KEYS)
                 self.start_generator()
             for step in range(first_step, total):
                 payload = self.from_driver(self._mini_batch)
@@ -184,8 +183,13 @@ class AsyncRLDriver(RLDriver):
                     recompute_s = self.recompute_old_logprobs(payload["samples"])
                 record = self.train_step(payload["samples"], {**payload["metrics"], "time/recompute_s": recompute_s})
                 sync_s = 0.0
-                if (step + 1) % cfg.asynchronous.push_every_steps == 0:
+                last = step == total - 1
+                if (step + 1) % cfg.asynchronous.push_every_steps == 0 or last:
+                    steps_before_push = self._steps_at_last_eval_check
                     sync_s = self.export_and_push()
+                    # Evaluated right after a push, so the fleet serves exactly the trained weights.
+                    record.update(self.maybe_evaluate(steps_before_push, final=last))
+                    self._steps_at_last_eval_check = self.optimizer_steps
 
                 def log_and_decide() -> bool:
                     record["time/weight_sync_s"] = sync_s
@@ -213,21 +217,7 @@ class AsyncRLDriver(RLDriver):
             if writer is not None:
                 writer.close()
             self.shutdown(quiet=error is not None)
-        if not self.is_driver:
-            return None
-        if not self.rewards:
-            raise RuntimeError(f"nothing to do: the run resumed at mini-batch {first_step} of {total}")
-        rewards = self.rewards
-        plot_path = None
-        if cfg.run.plot:
-            from megatron_vespo.plotting import plot_metrics
-
-            plot_path = plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "metrics.png")
-        return RunSummary(rollout_steps=step + 1, optimizer_steps=self.optimizer_steps, weight_version=self.version,
-                          initial_reward=rewards[0], final_reward=sum(rewards[-3:]) / len(rewards[-3:]),
-                          best_reward=max(rewards), seconds=self.elapsed_s(),
-                          seconds_to_target=self.seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
-                          plot_path=plot_path)
+        return self.summary(step + 1, first_step) if self.is_driver else None
 
 
 def run_async_training(cfg: RunConfig) -> Optional[RunSummary]:

@@ -33,7 +33,7 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 
 PROGRESS_KEYS = {"rollout/reward_mean": "reward", "rollout/response_len_mean": "len",
                  "rollout/zero_std_fraction": "flat", "vespo/W_mean": "W", "vespo/phi_mean": "phi",
-                 "mismatch/logp_gap_mean": "gap", "train/grad_norm": "gnorm"}
+                 "mismatch/logp_gap_mean": "gap", "mismatch/routing_flip_rate": "flip", "train/grad_norm": "gnorm"}
 
 
 class RankZeroError(RuntimeError):
@@ -109,7 +109,7 @@ class RLDriver:
         self.cfg = cfg
         self.ctx = ctx
         self.is_driver = ctx.rank == 0
-        self.trainable = build_model_and_optimizer(cfg)
+        self.trainable = build_model_and_optimizer(cfg, init_checkpoint=self._init_checkpoint())
         self.scheduler = build_lr_scheduler(self.trainable.optimizer, cfg.optimizer)
         self.trainer = PolicyTrainer(cfg, self.trainable, self.scheduler, temperature=cfg.rollout.temperature)
         self.exporter = HFWeightExporter(self.trainable.model, cfg.model,
@@ -129,6 +129,21 @@ class RLDriver:
         self.run_clock_start = time.monotonic()
         self._last_saved_step: Optional[int] = None
         self._pending_sampler_state: Optional[dict] = None  # restored once setup_driver made the sampler
+        self.evaluator = None  # rank 0, when eval.sets and eval.every_steps are set
+        self._last_eval_step: Optional[int] = None
+
+    def _init_checkpoint(self) -> Optional[Path]:
+        """The dist checkpoint named by ``checkpoint.init_from`` (an HF directory is converted once)."""
+        ck = self.cfg.checkpoint
+        if not ck.init_from:
+            return None
+        from megatron_vespo.checkpoint.init_weights import resolve_init_checkpoint
+        from megatron_vespo.checkpoint.training import read_latest
+
+        root = Path(ck.dir) if ck.dir else Path(self.cfg.run.output_dir) / "checkpoints"
+        if ck.resume != "never" and (ck.load_dir or read_latest(root) is not None):
+            return None  # the training checkpoint replaces these weights anyway
+        return resolve_init_checkpoint(ck.init_from, self.cfg.model, root / "init")
 
     # ------------------------------------------------------------------------- rank 0 -> all
     def broadcast(self, payload: Any) -> Any:
@@ -181,13 +196,20 @@ class RLDriver:
             self.verifier = get_verifier(cfg.reward.verifier)
         except KeyError as exc:
             raise ConfigError("reward.verifier", str(exc.args[0]).split(": ", 1)[-1]) from None
+        if cfg.eval.sets and cfg.eval.every_steps:
+            from megatron_vespo.driver.evaluation import Evaluator
+
+            self.evaluator = Evaluator(cfg, self.tokenizer)
 
         initial_dir: Optional[Path] = None
         if cfg.rollout.fleet is None:
             # Servers boot from a directory holding exactly the trainer's initial weights.
             initial_dir = write_hf_dir(initial, cfg, self.output_dir / "initial_hf")
+            extra = ["--weight-version", self.version]
+            if cfg.rollout.cpu_server_deterministic:  # one sequence per forward: results independent of timing
+                extra += ["--max-batch-size", "1"]
             server = ServerConfig(kind="cpu", model_path=str(initial_dir), dtype=cfg.rollout.cpu_server_dtype,
-                                  extra_args=["--weight-version", self.version])
+                                  extra_args=extra)
             fleet_cfg = FleetConfig(servers=[server] * cfg.rollout.cpu_servers,
                                     log_dir=str(self.output_dir / "fleet_logs"))
         else:
@@ -202,14 +224,13 @@ class RLDriver:
             self.push_weights(initial, self.version)
 
     def _make_weight_sync(self, config_dir: Path):
-        from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync
+        from rollout_sglang.weight_sync import make_weight_sync
 
         ws = self.cfg.rollout.weight_sync
-        if ws.transport == "disk":
-            if not ws.disk_dir:
-                ws = dataclasses.replace(ws, disk_dir=str(self.output_dir / "weights"))
-            return DiskWeightSync(self.fleet, ws, config_dir=str(config_dir) if config_dir.is_dir() else None)
-        return DistributedWeightSync(self.fleet, ws, state_provider=lambda: self._latest)
+        if ws.transport == "disk" and not ws.disk_dir:
+            ws = dataclasses.replace(ws, disk_dir=str(self.output_dir / "weights"))
+        return make_weight_sync(self.fleet, ws, config_dir=str(config_dir) if config_dir.is_dir() else None,
+                                state_provider=lambda: self._latest)
 
     # ------------------------------------------------------------------------------ weight sync
     def push_weights(self, named: NamedTensors, version: str) -> None:
@@ -247,6 +268,51 @@ class RLDriver:
             metrics = {"train/skipped_empty_mini_batch": 1.0}
         return {**extra, **metrics, "train_step": self.optimizer_steps, "train/samples": float(len(samples)),
                 "time/train_s": time.monotonic() - t0}
+
+    # ------------------------------------------------------------------------- eval and logging
+    def maybe_evaluate(self, steps_before: int, final: bool = False) -> dict[str, float]:
+        """Collective: evaluate through the router when a multiple of ``eval.every_steps`` lies in
+        ``(steps_before, optimizer_steps]``, or at the end of the run if the last step was not
+        evaluated. The ``eval/*`` metrics (empty when nothing ran), on every rank."""
+        def run() -> dict[str, float]:
+            ev, now = self.evaluator, self.optimizer_steps
+            if ev is None or now == self._last_eval_step:
+                return {}
+            if not (ev.due(now, previous=steps_before) or final):
+                return {}
+            t0 = time.monotonic()
+            metrics = ev.run(self.fleet.router_url, now)
+            self._last_eval_step = now
+            metrics["time/eval_s"] = time.monotonic() - t0
+            print("[eval] step " + str(now) + ": " + ", ".join(
+                f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy")), flush=True)
+            return metrics
+
+        return self.from_driver(run)
+
+    def open_metrics(self, first_step: int, total_steps: int, keys: dict[str, str]):
+        """Rank 0: the metrics logger (JSONL + configured sinks; continues the file after a resume) and
+        the progress line printer."""
+        from megatron_vespo.logging_utils import MetricsLogger, ProgressReporter
+
+        writer = MetricsLogger.from_config(self.cfg, resume_step=first_step or None)
+        return writer, ProgressReporter(total_steps, keys, first_step=first_step)
+
+    def summary(self, steps_done: int, first_step: int) -> RunSummary:
+        """Rank 0, after the loop: the plot (``run.plot``) and the run summary."""
+        if not self.rewards:
+            raise RuntimeError(f"nothing to do: the run resumed at step {first_step}, past its last step")
+        plot_path = None
+        if self.cfg.run.plot:
+            from megatron_vespo.plotting import plot_metrics
+
+            plot_path = plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "metrics.png")
+        rewards = self.rewards
+        return RunSummary(rollout_steps=steps_done, optimizer_steps=self.optimizer_steps, weight_version=self.version,
+                          initial_reward=rewards[0], final_reward=sum(rewards[-3:]) / len(rewards[-3:]),
+                          best_reward=max(rewards), seconds=self.elapsed_s(),
+                          seconds_to_target=self.seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
+                          plot_path=plot_path)
 
     # ------------------------------------------------------------------------------- checkpoints
     def elapsed_s(self) -> float:

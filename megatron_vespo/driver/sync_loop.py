@@ -22,9 +22,7 @@ the steps before the resumed one and continues after them.
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from megatron_vespo.config.schema import RunConfig
@@ -33,7 +31,6 @@ from megatron_vespo.driver.base import (
     PROGRESS_KEYS, RLDriver, RunSummary, check_run_config, gather_hf_weights,
 )
 from megatron_vespo.driver.rollout import build_rollout_batch, generate_groups, score_groups, split_mini_batches
-from megatron_vespo.logging_utils import MetricsWriter, ProgressReporter
 
 
 class SyncRLDriver(RLDriver):
@@ -75,12 +72,14 @@ class SyncRLDriver(RLDriver):
             self.from_driver(lambda: self.setup_driver(initial))
             del initial
             if self.is_driver:
-                writer = open_metrics_writer(self.output_dir / "metrics.jsonl", first_step)
-                progress = ProgressReporter(cfg.run.rollout_steps, PROGRESS_KEYS)
+                writer, progress = self.open_metrics(first_step, cfg.run.rollout_steps, PROGRESS_KEYS)
             for step in range(first_step, cfg.run.rollout_steps):
                 payload = self.from_driver(lambda: self._rollout(step))
+                steps_before = self.optimizer_steps
                 records = self._train(payload["mini_batches"], payload["metrics"])
                 sync_s = self.export_and_push()
+                last = step == cfg.run.rollout_steps - 1
+                records[-1].update(self.maybe_evaluate(steps_before, final=last))
 
                 def log_and_decide() -> bool:
                     for record in records:
@@ -95,7 +94,11 @@ class SyncRLDriver(RLDriver):
                     return self.seconds_to_target is not None
 
                 stop = self.from_driver(log_and_decide)
-                self.maybe_save(step, final=stop or step == cfg.run.rollout_steps - 1)
+                if stop and not last:  # stopped early: the final evaluation still happens
+                    final_eval = self.maybe_evaluate(self.optimizer_steps, final=True)
+                    if final_eval and self.is_driver:
+                        writer.write(step, {**final_eval, "train_step": self.optimizer_steps})
+                self.maybe_save(step, final=stop or last)
                 if stop:
                     break
         except BaseException as exc:
@@ -105,38 +108,7 @@ class SyncRLDriver(RLDriver):
             if writer is not None:
                 writer.close()
             self.shutdown(quiet=error is not None)
-        if not self.is_driver:
-            return None
-        if not self.rewards:
-            raise RuntimeError(f"nothing to do: the run resumed at rollout step {first_step} of "
-                               f"run.rollout_steps={cfg.run.rollout_steps}")
-        rewards = self.rewards
-        plot_path = None
-        if cfg.run.plot:
-            from megatron_vespo.plotting import plot_metrics
-
-            plot_path = plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "metrics.png")
-        return RunSummary(rollout_steps=step + 1, optimizer_steps=self.optimizer_steps, weight_version=self.version,
-                          initial_reward=rewards[0], final_reward=sum(rewards[-3:]) / len(rewards[-3:]),
-                          best_reward=max(rewards), seconds=self.elapsed_s(),
-                          seconds_to_target=self.seconds_to_target, metrics_path=self.output_dir / "metrics.jsonl",
-                          plot_path=plot_path)
-
-
-def open_metrics_writer(path: Path, first_step: int) -> MetricsWriter:
-    """A writer for ``path``; on resume (``first_step`` > 0) the lines of earlier steps are kept.
-
-    ``MetricsWriter`` starts its file afresh, so the kept lines are replayed through it (an append
-    mode in the writer would make the replay unnecessary).
-    """
-    kept: list[dict[str, Any]] = []
-    if first_step > 0 and path.is_file():
-        kept = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-                if r["step"] < first_step]
-    writer = MetricsWriter(path)
-    for record in kept:
-        writer.write(record.pop("step"), record)
-    return writer
+        return self.summary(step + 1, first_step) if self.is_driver else None
 
 
 def run_sync_training(cfg: RunConfig) -> Optional[RunSummary]:

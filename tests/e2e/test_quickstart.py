@@ -70,6 +70,18 @@ def test_reward_does_not_collapse_and_outputs_exist(short_run):
     assert "megatron-vespo run summary" in stdout and "step 6/6" in stdout
 
 
+def test_evaluation_runs_at_the_end(short_run):
+    out, stdout = short_run
+    records = read_metrics(out / "metrics.jsonl")
+    evaluated = [r for r in records if "eval/reverse/accuracy" in r]
+    assert [r["train_step"] for r in evaluated] == [ROLLOUT_STEPS * STALENESS]  # every 20 steps + the end
+    r = evaluated[0]
+    assert 0.0 <= r["eval/reverse/accuracy"] <= 1.0 and 0.0 <= r["eval/reverse/pass@k"] <= 1.0
+    assert r["eval/reverse/num_prompts"] == 64 and r["eval/reverse/n_samples"] == 4
+    assert r["eval/step"] == ROLLOUT_STEPS * STALENESS
+    assert "[eval] step" in stdout
+
+
 def test_torchrun_two_ranks_expert_parallel_with_recomputed_pi_old(tmp_path):
     """Two trainer ranks (EP=2): rank 0 drives the fleet and broadcasts the samples, both train, the
     experts of both ranks reach the server (lag-0 μ still equals the trainer's log-probs), and π_old
