@@ -68,7 +68,7 @@ class SetResult:
             f"{p}/response_len_mean": sum(self.response_lengths) / len(self.response_lengths),
             f"{p}/num_prompts": float(len(self.scores)),
             f"{p}/n_samples": float(len(self.scores[0])),
-            f"{p}/seconds": self.seconds,
+            f"time/eval_{self.name}_s": self.seconds,  # under time/ like every wall-clock metric
         }
 
 

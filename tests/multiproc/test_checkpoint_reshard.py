@@ -4,6 +4,8 @@ Saved by two ranks, loaded by one process that started from other random weights
 
 - expert parallelism (EP=2: the experts are split across ranks and Megatron chains a dense and an
   expert optimizer) -> EP=1 (a single optimizer), plain optimizer;
+- tensor parallelism with sequence parallelism and EP=2 (attention/MLP shards and experts split) -> one process;
+- pipeline parallelism (PP=2: each rank holds half of the layers and their optimizer state) -> one process;
 - data parallelism with the distributed optimizer (DP=2: each rank holds half of Adam's state)
   -> DP=1 with the distributed optimizer.
  After the load the full weights equal the saved ones exactly;
@@ -27,6 +29,8 @@ WORKER = Path(__file__).with_name("worker_checkpoint_reshard.py")
 
 CASES = {
     "ep2_to_one_process": (["--ep", "2"], []),
+    "tp2_sp_ep2_to_one_process": (["--tp", "2", "--sp", "--ep", "2"], []),
+    "pp2_to_one_process": (["--pp", "2"], []),
     "dp2_distributed_optimizer_to_one_process": (["--distributed-optimizer"], ["--distributed-optimizer"]),
 }
 

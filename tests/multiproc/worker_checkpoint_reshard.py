@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--phase", choices=["save", "load"], required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
     p.add_argument("--sp", action="store_true")
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--ckpt", required=True, help="checkpoint root (save) / step directory (load)")
@@ -50,7 +51,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = RunConfig(
         model=load_model_config(REPO_ROOT / "configs/models/tiny_moe.yaml"),
-        parallel=ParallelConfig(tensor=args.tp, expert=args.ep, expert_tensor=1, sequence_parallel=args.sp),
+        parallel=ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, expert_tensor=1,
+                                sequence_parallel=args.sp),
         precision=PrecisionConfig(params_dtype="fp32"),
         optimizer=OptimizerConfig(lr=3e-4, weight_decay=0.1, adam_eps=1e-4, clip_grad=1.0, warmup_steps=3,
                                   distributed=args.distributed_optimizer),

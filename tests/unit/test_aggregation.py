@@ -229,7 +229,8 @@ def test_seq_sum_reduce_is_threaded_through_every_loss():
                             CorrectionConfig(mode="seq_mis"), seq_sum_reduce=record)
         assert calls and all(s[-1] == 4 for s in calls)
         needs_seq_sum = name.startswith("vespo") or name == "gspo"
-        assert len(calls) == (3 if needs_seq_sum else 2), (name, calls)  # screen, correction[, loss]
+        # screen, correction, the sequence log-ratio diagnostic[, the loss's own log W]
+        assert len(calls) == (4 if needs_seq_sum else 3), (name, calls)
 
 
 def test_default_aggregation_is_seq_mean_token_mean_for_gspo_only():

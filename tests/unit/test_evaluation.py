@@ -137,7 +137,7 @@ def test_held_out_prompts_depend_on_the_seed_and_due_steps(tmp_path):
     assert [a.due(s) for s in range(9)] == [False, False, False, False, True, False, False, False, True]
     # A loop doing 3 optimizer steps per rollout step: due when it crosses a multiple of 4.
     assert [a.due(s, previous=s - 3) for s in (3, 6, 9, 12)] == [False, True, True, True]
-    assert not Evaluator(load_run_config(REPO / "configs/quickstart.yaml", ["eval.every_steps=2"])).due(2)  # no sets
+    assert not Evaluator(load_run_config(REPO / "configs/quickstart.yaml", ["eval.every_steps=2", "eval.sets=[]"])).due(2)  # no sets
 
 
 @pytest.mark.parametrize("sets, field", [
