@@ -148,6 +148,25 @@ def read_latest(root: Path) -> Optional[Path]:
     return root / name
 
 
+def checkpoint_root(cfg: RunConfig) -> Path:
+    """``checkpoint.dir``, or ``<run.output_dir>/checkpoints`` when it is empty."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
+    """The checkpoint a run resumes from per ``checkpoint.resume`` / ``load_dir`` (None: a fresh start)."""
+    ck = cfg.checkpoint
+    if ck.resume == "never":
+        return None
+    if ck.load_dir:
+        return Path(ck.load_dir)
+    root = checkpoint_root(cfg)
+    found = read_latest(root)
+    if found is None and ck.resume == "must":
+        raise CheckpointError(f"{root / LATEST_FILE}: not found and checkpoint.resume is 'must'")
+    return found
+
+
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """Complete-by-name step directories under ``root``, oldest first."""
     found = []
@@ -374,7 +393,7 @@ class TrainingCheckpointer:
 
     def __init__(self, cfg: RunConfig, model: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any):
         self.cfg = cfg
-        self.root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
+        self.root = checkpoint_root(cfg)
         self.model = list(model)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -455,18 +474,9 @@ class TrainingCheckpointer:
     # ---- load --------------------------------------------------------------------------------
     def resume_directory(self) -> Optional[Path]:
         """Which checkpoint to resume from, per ``checkpoint.resume`` / ``checkpoint.load_dir`` (rank 0 decides)."""
-        ck = self.cfg.checkpoint
-
         def decide() -> Optional[Path]:
             remove_stale_tmp_dirs(self.root)
-            if ck.resume == "never":
-                return None
-            if ck.load_dir:
-                return Path(ck.load_dir)
-            found = read_latest(self.root)
-            if found is None and ck.resume == "must":
-                raise CheckpointError(f"{self.root / LATEST_FILE}: not found and checkpoint.resume is 'must'")
-            return found
+            return find_resume_checkpoint(self.cfg)
 
         return self._on_rank0(decide)
 
