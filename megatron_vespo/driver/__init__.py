@@ -5,16 +5,16 @@ from typing import Optional
 
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.driver.base import RLDriver, RunSummary
-from megatron_vespo.driver.sync_loop import SyncRLDriver, run_sync_training
+from megatron_vespo.driver.sync_loop import SyncRLDriver
 
 
 def run_training(cfg: RunConfig) -> Optional[RunSummary]:
     """The loop ``train.mode`` names (sync: staleness-N batches; async: continuous generation)."""
     if cfg.train.mode == "async":
-        from megatron_vespo.driver.async_loop import run_async_training
+        from megatron_vespo.driver.async_loop import AsyncRLDriver
 
-        return run_async_training(cfg)
-    return run_sync_training(cfg)
+        return AsyncRLDriver.launch(cfg)
+    return SyncRLDriver.launch(cfg)
 
 
-__all__ = ["RLDriver", "RunSummary", "SyncRLDriver", "run_sync_training", "run_training"]
+__all__ = ["RLDriver", "RunSummary", "SyncRLDriver", "run_training"]

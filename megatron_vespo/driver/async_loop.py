@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.config.typed import ConfigError
-from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
-from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, check_run_config, gather_hf_weights
+from megatron_vespo.distributed import DistributedContext
+from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, gather_hf_weights
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
@@ -160,6 +160,17 @@ class AsyncRLDriver(RLDriver):
         self._push_drain_s = 0.0
         return {"samples": samples, "metrics": metrics}
 
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        check_async_config(cfg)
+
+    def shutdown(self, quiet: bool) -> None:
+        """Stop generating before the sinks close and the fleet goes away."""
+        if self.generator is not None:
+            self.generator.stop()
+        super().shutdown(quiet)
+
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> Optional[RunSummary]:
         cfg = self.cfg
@@ -212,20 +223,5 @@ class AsyncRLDriver(RLDriver):
             error = exc
             raise
         finally:
-            if self.generator is not None:
-                self.generator.stop()
-            if writer is not None:
-                writer.close()
             self.shutdown(quiet=error is not None)
         return self.summary(step + 1, first_step) if self.is_driver else None
-
-
-def run_async_training(cfg: RunConfig) -> Optional[RunSummary]:
-    """Initialise (torchrun or single process), run the asynchronous loop, tear down. Summary on rank 0."""
-    check_run_config(cfg)
-    check_async_config(cfg)
-    ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
-    try:
-        return AsyncRLDriver(cfg, ctx).run()
-    finally:
-        destroy_distributed()

@@ -23,7 +23,7 @@ from megatron_vespo.checkpoint.hf_io import SafetensorsWriter, hf_config_from_mo
 from megatron_vespo.checkpoint.training import TrainingCheckpointer
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.config.typed import ConfigError
-from megatron_vespo.distributed import DistributedContext
+from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
 from megatron_vespo.logging_utils import format_duration
 from megatron_vespo.models.trainable import build_model_and_optimizer
 from megatron_vespo.train.lr_schedule import build_lr_scheduler
@@ -130,6 +130,7 @@ class RLDriver:
         self._last_saved_step: Optional[int] = None
         self._pending_sampler_state: Optional[dict] = None  # restored once setup_driver made the sampler
         self.evaluator = None  # rank 0, when eval.sets and eval.every_steps are set
+        self.metrics_writer = None  # rank 0, from open_metrics; closed by shutdown
         self._last_eval_step: Optional[int] = None
 
     def _init_checkpoint(self) -> Optional[Path]:
@@ -138,12 +139,11 @@ class RLDriver:
         if not ck.init_from:
             return None
         from megatron_vespo.checkpoint.init_weights import resolve_init_checkpoint
-        from megatron_vespo.checkpoint.training import read_latest
+        from megatron_vespo.checkpoint.training import checkpoint_root, find_resume_checkpoint
 
-        root = Path(ck.dir) if ck.dir else Path(self.cfg.run.output_dir) / "checkpoints"
-        if ck.resume != "never" and (ck.load_dir or read_latest(root) is not None):
+        if find_resume_checkpoint(self.cfg) is not None:
             return None  # the training checkpoint replaces these weights anyway
-        return resolve_init_checkpoint(ck.init_from, self.cfg.model, root / "init")
+        return resolve_init_checkpoint(ck.init_from, self.cfg.model, checkpoint_root(self.cfg) / "init")
 
     # ------------------------------------------------------------------------- rank 0 -> all
     def broadcast(self, payload: Any) -> Any:
@@ -295,8 +295,8 @@ class RLDriver:
         the progress line printer."""
         from megatron_vespo.logging_utils import MetricsLogger, ProgressReporter
 
-        writer = MetricsLogger.from_config(self.cfg, resume_step=first_step or None)
-        return writer, ProgressReporter(total_steps, keys, first_step=first_step)
+        self.metrics_writer = MetricsLogger.from_config(self.cfg, resume_step=first_step or None)
+        return self.metrics_writer, ProgressReporter(total_steps, keys, first_step=first_step)
 
     def summary(self, steps_done: int, first_step: int) -> RunSummary:
         """Rank 0, after the loop: the plot (``run.plot``) and the run summary."""
@@ -377,9 +377,12 @@ class RLDriver:
 
     # ------------------------------------------------------------------------------------ end
     def shutdown(self, quiet: bool) -> None:
-        """Rank 0: close the weight-sync group and stop the fleet (errors only printed when ``quiet``)."""
+        """Rank 0: close the metrics sinks and the weight-sync group, stop the fleet (errors only
+        printed when ``quiet``, i.e. when the run is already failing)."""
         if not self.is_driver:
             return
+        if self.metrics_writer is not None:
+            self.metrics_writer.close()
         for closer in (getattr(self.weight_sync, "close", None), getattr(self.fleet, "stop", None)):
             if closer is None:
                 continue
@@ -389,6 +392,24 @@ class RLDriver:
                 if not quiet:
                     raise
                 print(f"[shutdown] {type(exc).__name__}: {exc}", flush=True)
+
+
+    # ---------------------------------------------------------------------------------- launch
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Rules this loop needs beyond the schema's; runs before any process group exists."""
+        check_run_config(cfg)
+
+    @classmethod
+    def launch(cls, cfg: RunConfig) -> Optional[RunSummary]:
+        """Check, initialise (torchrun or single process), run the loop (a subclass's ``run``), tear down.
+        The summary on rank 0."""
+        cls.check_config(cfg)
+        ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
+        try:
+            return cls(cfg, ctx).run()
+        finally:
+            destroy_distributed()
 
 
 def check_run_config(cfg: RunConfig) -> None:

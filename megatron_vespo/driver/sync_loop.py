@@ -25,11 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from megatron_vespo.config.schema import RunConfig
-from megatron_vespo.distributed import init_distributed, destroy_distributed
-from megatron_vespo.driver.base import (
-    PROGRESS_KEYS, RLDriver, RunSummary, check_run_config, gather_hf_weights,
-)
+from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, gather_hf_weights
 from megatron_vespo.driver.rollout import build_rollout_batch, generate_groups, score_groups, split_mini_batches
 
 
@@ -105,17 +101,5 @@ class SyncRLDriver(RLDriver):
             error = exc
             raise
         finally:
-            if writer is not None:
-                writer.close()
             self.shutdown(quiet=error is not None)
         return self.summary(step + 1, first_step) if self.is_driver else None
-
-
-def run_sync_training(cfg: RunConfig) -> Optional[RunSummary]:
-    """Initialise (torchrun or single process), run the loop, tear down. Returns the summary on rank 0."""
-    check_run_config(cfg)
-    ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
-    try:
-        return SyncRLDriver(cfg, ctx).run()
-    finally:
-        destroy_distributed()
