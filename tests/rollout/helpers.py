@@ -1,7 +1,13 @@
-"""Helpers for rollout tests: a tiny random Qwen3-MoE as an HF directory, teacher-forced log-probs."""
+"""Helpers for rollout tests: a tiny random Qwen3-MoE as an HF directory, teacher-forced log-probs,
+a CPU rollout server process."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -67,3 +73,24 @@ def load_state_into(model, state: dict[str, torch.Tensor]) -> None:
     from rollout_sglang.cpu_server.weights import load_hf_named_tensors
 
     load_hf_named_tensors(model, state.items())
+
+
+@contextlib.contextmanager
+def cpu_server(model_dir: Path, log_path: Path, startup_timeout_s: float = 120.0) -> Iterator[str]:
+    """A CPU rollout server on a free loopback port serving ``model_dir``; yields its URL once healthy."""
+    from rollout_sglang.net import find_free_port, is_healthy
+
+    port = find_free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(model_dir),
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_timeout_s
+        while not is_healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "CPU server did not start"
+            time.sleep(0.2)
+        try:
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,25 +12,14 @@ import torch
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.cpu_server.engine import CpuEngine, Sequence
 from rollout_sglang.cpu_server.sampling import SamplingParams, sample_tokens
-from rollout_sglang.net import find_free_port, http_json, is_healthy
-from .helpers import load_hf, teacher_forced_logprobs
+from rollout_sglang.net import http_json
+from .helpers import cpu_server, load_hf, teacher_forced_logprobs
 
 
 @pytest.fixture(scope="module")
 def server(tiny_moe_dir, tmp_path_factory):
-    port = find_free_port()
-    log = open(tmp_path_factory.mktemp("server_log") / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(tiny_moe_dir),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not is_healthy(url):
-        assert proc.poll() is None and time.monotonic() < deadline, "CPU server did not start"
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    with cpu_server(tiny_moe_dir, tmp_path_factory.mktemp("server_log") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

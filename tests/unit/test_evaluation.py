@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from megatron_vespo.driver.evaluation import Evaluator, format_table
 from megatron_vespo.rewards.registry import register_verifier
 from megatron_vespo.rewards.synthetic import synthetic_partial_credit
 from rollout_sglang.client import SGLangClient
-from rollout_sglang.net import find_free_port, is_healthy
+from tests.rollout.helpers import cpu_server
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -59,19 +58,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = find_free_port()
-    log = open(tmp_path_factory.mktemp("eval_server") / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(model_dir),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not is_healthy(url):
-        assert proc.poll() is None and time.monotonic() < deadline, "CPU server did not start"
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    with cpu_server(model_dir, tmp_path_factory.mktemp("eval_server") / "server.log") as url:
+        yield url
 
 
 def eval_config(tmp_path: Path, *extra: str):
