@@ -274,6 +274,9 @@ class RLDriver:
         """Collective: evaluate through the router when a multiple of ``eval.every_steps`` lies in
         ``(steps_before, optimizer_steps]``, or at the end of the run if the last step was not
         evaluated. The ``eval/*`` metrics (empty when nothing ran), on every rank."""
+        if not (self.cfg.eval.sets and self.cfg.eval.every_steps):
+            return {}  # known on every rank: no broadcast per step when evaluation is off
+
         def run() -> dict[str, float]:
             ev, now = self.evaluator, self.optimizer_steps
             if ev is None or now == self._last_eval_step:
