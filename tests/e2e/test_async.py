@@ -48,8 +48,13 @@ def check_common(records: list[dict], bound: int, push_every: int) -> None:
 def test_torchrun_expert_parallel_partial_rollouts_within_the_bound(tmp_path):
     """Two trainer ranks (EP=2), drop mode. Generation never waits (a buffer far larger than the run
     needs), so every push (every 2 steps) finds requests in flight, aborts them and resumes them from
-    their prefixes under the new weights; resumed groups are the oldest, so they are trained first,
-    and groups past the bound are dropped and counted."""
+    their prefixes under the new weights; resumed groups are the oldest, so they are trained first.
+
+    Generation must stay the bottleneck: if it outruns the trainer, a backlog of older groups builds
+    up ahead of the resumed ones and those are dropped past the bound instead of trained (seen in CI
+    with the batching server). The deterministic CPU server (one sequence per forward) generates ~6x
+    slower than these steps train, so the buffer stays empty (measured: trainer idle 1.1-1.9 s per
+    step, train 0.2-0.6 s). Drops past the bound are covered by the single-process test."""
     from tests.multiproc.torchrun import run_torchrun
 
     bound, push_every, steps = 5, 2, 8
@@ -59,14 +64,17 @@ def test_torchrun_expert_parallel_partial_rollouts_within_the_bound(tmp_path):
                               "asynchronous.over_staleness=drop", "asynchronous.buffer_groups=100000", "train.mini_batch_prompts=4", "rollout.n_samples=8",
                               "rollout.max_response_len=56", "rollout.stop_token_ids=[]",
                               "train.micro_batch_tokens=512",  # fast steps: generation is the bottleneck
-                              "rollout.max_concurrency=8"], nproc=2, timeout=150)
+                              "rollout.max_concurrency=8", "rollout.cpu_server_deterministic=true"],
+                       nproc=2, timeout=150)
     assert out.count("megatron-vespo run summary") == 1  # rank 0 only
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert len(records) == steps
     check_common(records, bound, push_every)
     last = records[-1]
     assert last["async/partial_resumed_responses_total"] > 0, "no push found a request in flight"
-    assert sum(r["async/partial_resumed_responses"] for r in records) > 0, "no resumed response was trained"
+    assert sum(r["async/partial_resumed_responses"] for r in records) > 0, \
+        ("no resumed response was trained; buffer sizes per step (a backlog means generation outran the trainer): "
+         f"{[r['async/buffer_groups'] for r in records]}")
     for r in records:
         # Resumed responses are complete: every response used its whole budget (no stop token).
         assert r["rollout/finish_length"] == r["rollout/num_responses"] and r["rollout/finish_abort"] == 0

@@ -13,8 +13,9 @@ rollout batch is 64 mini-batches of one prompt (staleness 64: mini-batch j train
 - Control: the same pipeline with an fp32 server gives zero routing flips and no log-prob gap at lag
   0 (the diagnostics measure the mismatch, not an alignment error).
 
-Runs are deterministic (fixed seed; sampling seeds derive from request ids); they run as
-concurrent subprocesses (~1 min on 2 cores).
+Runs are deterministic (fixed seed; sampling seeds derive from request ids; the bf16 CPU server
+runs one sequence per forward, so batch composition and timing cannot change the numbers); they
+run as concurrent subprocesses (~1 min on 2 cores).
 """
 from __future__ import annotations
 
