@@ -86,8 +86,12 @@ def _require(meta: dict, key: str, server: str, kinds: tuple[type, ...], prefix:
     return value
 
 
-def decode_routed_experts(raw: Any, server: str, num_tokens: int, shape: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """Decode base64 int32 routed experts into (tokens, layers, topk); infer layers*topk if shape is None."""
+def decode_routed_experts(raw: Any, server: str, num_tokens: int, shape: Optional[tuple[int, int]] = None,
+                          partial: bool = False) -> np.ndarray:
+    """Decode base64 int32 routed experts into (tokens, layers, topk); infer layers*topk if shape is None.
+
+    ``partial`` (an aborted request): up to ``num_tokens`` rows; an abort that came before the prefill
+    has none."""
     name = "meta_info.routed_experts"
     if not isinstance(raw, str):
         raise ResponseFormatError(server, name, f"expected a base64 string; got {type(raw).__name__}")
@@ -97,9 +101,13 @@ def decode_routed_experts(raw: Any, server: str, num_tokens: int, shape: Optiona
         raise ResponseFormatError(server, name, f"not base64 int32: {exc}") from None
     if shape is not None:
         per_token = shape[0] * shape[1]
+        if partial and flat.size % per_token == 0 and flat.size <= num_tokens * per_token:
+            return flat.reshape(-1, shape[0], shape[1])
         if flat.size != num_tokens * per_token:
             raise ResponseFormatError(server, name, f"{flat.size} ids, expected {num_tokens} tokens x {shape}")
         return flat.reshape(num_tokens, shape[0], shape[1])
+    if partial and flat.size == 0:
+        return flat.reshape(0, 1, 0)
     if num_tokens <= 0 or flat.size % num_tokens:
         raise ResponseFormatError(server, name, f"{flat.size} ids do not divide into {num_tokens} tokens")
     return flat.reshape(num_tokens, 1, flat.size // num_tokens)
@@ -158,10 +166,11 @@ def parse_generate_item(
         raise ResponseFormatError(server, f"{mp}completion_tokens", f"{completion_tokens} but {len(output_ids)} output ids")
 
     experts = None
-    if expect_routed_experts:
+    if expect_routed_experts and not (finish.type == "abort" and meta.get("routed_experts") is None):
         if "routed_experts" not in meta:
             raise ResponseFormatError(server, f"{mp}routed_experts", "missing (was the server started with routed experts enabled?)")
-        experts = decode_routed_experts(meta["routed_experts"], server, prompt_tokens + completion_tokens - 1, routed_experts_shape)
+        experts = decode_routed_experts(meta["routed_experts"], server, prompt_tokens + completion_tokens - 1,
+                                        routed_experts_shape, partial=finish.type == "abort")
 
     e2e = meta.get("e2e_latency", 0.0)
     return Sample(

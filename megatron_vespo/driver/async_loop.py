@@ -48,8 +48,6 @@ def check_async_config(cfg: RunConfig) -> None:
         raise ConfigError("asynchronous.buffer_groups",
                           f"must hold at least one mini-batch (train.mini_batch_prompts="
                           f"{cfg.train.mini_batch_prompts}); got {cfg.asynchronous.buffer_groups}")
-    if cfg.rollout.return_routed_experts:
-        raise ConfigError("rollout.return_routed_experts", "is not supported with train.mode=async yet")
 
 
 def lag_metrics(lags: list[int]) -> dict[str, Any]:

@@ -13,6 +13,11 @@ fleet busy and fills the :class:`RolloutBuffer` with scored prompt groups.
   come from versions between the fleet version when it was sent and the version the server reports
   when it ends (equal unless a push happened mid-request, as without partial rollouts).
 - Fleet idle time: wall time with no generation request in flight.
+- Routed experts (``rollout.return_routed_experts``): the router drops the field, so requests go to
+  the router's healthy workers directly (the least busy one; see :mod:`driver.rollout`; the list is
+  read when generation starts, and a restarted server keeps its address with the local launcher). A resumed
+  response keeps, for each segment, the rows of the positions that produced that segment's tokens
+  (under the weights that sampled them), so the merged response carries one row per token.
 """
 from __future__ import annotations
 
@@ -25,9 +30,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 from megatron_vespo.config.schema import RolloutConfig
 from megatron_vespo.data.dataset import PromptRow, PromptSampler
-from megatron_vespo.driver.rollout import RolloutGroup, sampling_params
+from megatron_vespo.driver.rollout import (RolloutGroup, healthy_worker_urls, response_routed_experts,
+                                          routed_experts_shape, sampling_params)
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import Sample
@@ -58,15 +65,51 @@ class _Response:
     oldest_version: int
     newest_version: int
     resumes: int = 0
+    # With routed experts (else None): the original prompt's rows (P - 1; SGLang's layout puts them
+    # first) and, per segment, the rows of the positions that produced its tokens.
+    routed_prompt: Optional[np.ndarray] = None
+    routed_rows: Optional[list[np.ndarray]] = None
+
+    def add_segment(self, piece: Sample, segment_prompt_ids: list[int]) -> None:
+        """Append a segment's tokens, log-probs and (if kept) the routed rows that produced them."""
+        if self.routed_rows is not None:
+            if piece.output_ids:  # an abort before the first token may come back without any rows
+                self.routed_rows.append(response_routed_experts(piece, len(segment_prompt_ids)))
+            if self.routed_prompt is None and piece.routed_experts is not None \
+                    and piece.routed_experts.shape[0] >= len(self.prompt_ids) - 1:
+                self.routed_prompt = piece.routed_experts[:len(self.prompt_ids) - 1]
+        self.output_ids += piece.output_ids
+        self.logprobs += list(piece.output_logprobs or [])
+        self.sample = piece
 
     def needs_continuation(self, max_response_len: int) -> bool:
         return (self.sample.aborted and self.resumes < MAX_RESUMES
                 and len(self.output_ids) < max_response_len)
 
     def merged(self) -> Sample:
+        routed = None
+        if self.routed_rows is not None:
+            routed = self._merged_routed()
         return dataclasses.replace(self.sample, prompt_ids=list(self.prompt_ids), output_ids=list(self.output_ids),
                                    output_logprobs=list(self.logprobs), completion_tokens=len(self.output_ids),
-                                   weight_version=str(self.newest_version))
+                                   weight_version=str(self.newest_version), routed_experts=routed)
+
+    def _merged_routed(self) -> np.ndarray:
+        prompt = self.routed_prompt
+        if prompt is None:  # no segment was ever prefilled (no tokens at all): rows that are never compared
+            shape = self.sample.routed_experts.shape[1:] if self.sample.routed_experts is not None else None
+            if shape is None or len(shape) != 2:
+                raise ValueError(f"response {self.sample.rid}: no routed experts came back for any segment")
+            prompt = np.zeros((len(self.prompt_ids) - 1, *shape), np.int32)
+        return np.concatenate([prompt.astype(np.int32)] + [r.astype(np.int32) for r in self.routed_rows], axis=0)
+
+    @classmethod
+    def start(cls, prompt_ids: list[int], first: Sample, oldest: int, newest: int, keep_routed: bool) -> "_Response":
+        """A response from its first segment."""
+        r = cls(prompt_ids=list(prompt_ids), sample=first, output_ids=[], logprobs=[], oldest_version=oldest,
+                newest_version=newest, routed_rows=[] if keep_routed else None)
+        r.add_segment(first, prompt_ids)
+        return r
 
 
 def _version_int(version: str, server: str) -> int:
@@ -102,6 +145,7 @@ class BackgroundGenerator:
         self._rows: dict[int, PromptRow] = {}  # ticket -> prompt of every group not yet in the buffer
         self._replay: deque[PromptRow] = deque()  # prompts to send before drawing new ones (resume)
         self._requests = 0
+        self._busy: dict[int, tuple[int, int]] = {}  # id(client) -> (requests in flight, requests sent)
         self._resumed_responses = 0
         self._aborted_responses = 0
 
@@ -197,9 +241,25 @@ class BackgroundGenerator:
                 raise asyncio.CancelledError
             await asyncio.sleep(0.01)
 
+    async def _clients(self) -> list[SGLangClient]:
+        """The router, or with routed experts the router's healthy workers (each told its expert shape)."""
+        if not self.cfg.return_routed_experts:
+            return [SGLangClient(self.url, request_timeout_s=self.cfg.request_timeout_s)]
+        urls = await asyncio.to_thread(healthy_worker_urls, self.url)
+        clients = [SGLangClient(u, request_timeout_s=self.cfg.request_timeout_s) for u in urls]
+        for c, shape in zip(clients, await asyncio.gather(*(routed_experts_shape(c) for c in clients))):
+            c.routed_experts_shape = shape
+        return clients
+
+    def _pick(self, clients: list[SGLangClient]) -> SGLangClient:
+        """The client with the fewest requests in flight, then the fewest sent (spreads ties)."""
+        with self._lock:
+            return min(clients, key=lambda c: self._busy.get(id(c), (0, 0)))
+
     async def _main(self) -> None:
         groups: set[asyncio.Task] = set()
-        async with SGLangClient(self.url, request_timeout_s=self.cfg.request_timeout_s) as client:
+        clients = await self._clients()
+        try:
             try:
                 while not self._stop.is_set():
                     failed = [t for t in groups if t.done() and not t.cancelled() and t.exception() is not None]
@@ -217,17 +277,22 @@ class BackgroundGenerator:
                     with self._lock:
                         row = self._replay.popleft() if self._replay else self.sampler.next_batch(1)[0]
                         self._rows[ticket] = row
-                    groups.add(asyncio.create_task(self._run_group(client, ticket, row, version)))
+                    groups.add(asyncio.create_task(self._run_group(clients, ticket, row, version)))
             finally:
                 for task in groups:
                     task.cancel()
                 await asyncio.gather(*groups, return_exceptions=True)
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
 
-    async def _request(self, client: SGLangClient, prompt_ids: list[int], params: dict[str, Any], n: int,
+    async def _request(self, clients: list[SGLangClient], prompt_ids: list[int], params: dict[str, Any], n: int,
                        rid: str) -> tuple[list[Sample], int]:
         """One /generate call; returns its samples and the fleet version when it was sent."""
         await self._wait_until_sendable()
+        client = self._pick(clients)
         with self._lock:  # counted before the await, so hold_for_push() waits for it
+            busy, sent = self._busy.get(id(client), (0, 0))
+            self._busy[id(client)] = (busy + 1, sent + 1)
             self._in_flight += 1
             self._requests += 1
             version = self._version
@@ -235,17 +300,20 @@ class BackgroundGenerator:
                 self._idle_total += time.monotonic() - self._idle_since
                 self._idle_since = None
         try:
-            samples = await client.generate(prompt_ids, params, n=n, return_logprob=True, rid=rid)
+            samples = await client.generate(prompt_ids, params, n=n, return_logprob=True, rid=rid,
+                                            return_routed_experts=self.cfg.return_routed_experts)
         finally:
             with self._lock:
+                busy, sent = self._busy[id(client)]
+                self._busy[id(client)] = (busy - 1, sent)
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle_since = time.monotonic()
         return samples, version
 
-    async def _run_group(self, client: SGLangClient, ticket: int, row: PromptRow, admitted: int) -> None:
+    async def _run_group(self, clients: list[SGLangClient], ticket: int, row: PromptRow, admitted: int) -> None:
         try:
-            payload, oldest, newest, per_response = await self._generate_group(client, ticket, row, admitted)
+            payload, oldest, newest, per_response = await self._generate_group(clients, ticket, row, admitted)
         except BaseException:
             self.buffer.cancel(ticket)
             raise
@@ -256,20 +324,19 @@ class BackgroundGenerator:
         with self._lock:  # after complete(): a checkpoint reads these rows first, then the buffer
             self._rows.pop(ticket, None)
 
-    async def _generate_group(self, client: SGLangClient, ticket: int, row: PromptRow, admitted: int):
+    async def _generate_group(self, clients: list[SGLangClient], ticket: int, row: PromptRow, admitted: int):
         params = sampling_params(self.cfg)
         rid = f"{self.rid_prefix}-g{ticket}"
-        samples, sent_version = await self._request(client, list(row.prompt_ids), params, self.cfg.n_samples, rid)
+        samples, sent_version = await self._request(clients, list(row.prompt_ids), params, self.cfg.n_samples, rid)
         sent_version = min(sent_version, admitted)
         responses = []
         for s in samples:
             reported = _version_int(s.weight_version, s.server)
-            responses.append(_Response(prompt_ids=list(row.prompt_ids), sample=s, output_ids=list(s.output_ids),
-                                       logprobs=list(s.output_logprobs or []),
-                                       oldest_version=min(sent_version, reported),
-                                       newest_version=max(sent_version, reported)))
+            responses.append(_Response.start(list(row.prompt_ids), s, oldest=min(sent_version, reported),
+                                             newest=max(sent_version, reported),
+                                             keep_routed=self.cfg.return_routed_experts))
         if self.partial_rollouts:
-            await self._continue_aborted(client, responses, rid)
+            await self._continue_aborted(clients, responses, rid)
         resumed = sum(1 for r in responses if r.resumes)
         group = RolloutGroup(row, [r.merged() for r in responses])
         rewards, stats = await asyncio.to_thread(self.scorer, group)
@@ -279,7 +346,7 @@ class BackgroundGenerator:
         return (payload, min(r.oldest_version for r in responses), max(r.newest_version for r in responses),
                 [r.oldest_version for r in responses])
 
-    async def _continue_aborted(self, client: SGLangClient, responses: list[_Response], rid: str) -> None:
+    async def _continue_aborted(self, clients: list[SGLangClient], responses: list[_Response], rid: str) -> None:
         """Resume every aborted response from its prefix (after the push that aborted it) until it ends."""
         base = sampling_params(self.cfg)
         while True:
@@ -292,13 +359,11 @@ class BackgroundGenerator:
             async def resume(k: int, r: _Response) -> None:
                 params = {**base, "max_new_tokens": self.cfg.max_response_len - len(r.output_ids)}
                 r.resumes += 1
-                (piece,), version = await self._request(client, r.prompt_ids + r.output_ids, params, 1,
-                                                        f"{rid}-r{k}.{r.resumes}")
+                segment_prompt = r.prompt_ids + r.output_ids
+                (piece,), version = await self._request(clients, segment_prompt, params, 1, f"{rid}-r{k}.{r.resumes}")
                 reported = _version_int(piece.weight_version, piece.server)
-                r.output_ids += piece.output_ids
-                r.logprobs += list(piece.output_logprobs or [])
+                r.add_segment(piece, segment_prompt)
                 r.oldest_version = min(r.oldest_version, version, reported)
                 r.newest_version = max(r.newest_version, version, reported)
-                r.sample = piece
 
             await asyncio.gather(*(resume(k, r) for k, r in enumerate(responses) if r in todo))

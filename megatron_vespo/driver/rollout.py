@@ -81,7 +81,7 @@ def healthy_worker_urls(url: str) -> list[str]:
     return urls
 
 
-async def _routed_experts_shape(client: SGLangClient) -> Optional[tuple[int, int]]:
+async def routed_experts_shape(client: SGLangClient) -> Optional[tuple[int, int]]:
     """(layers, topk) when the server says (the CPU server's /get_model_info does; SGLang may not)."""
     try:
         shape = (await client.model_info()).get("routed_experts_shape")
@@ -97,7 +97,7 @@ async def _generate_direct(servers: Sequence[str], rows: Sequence[PromptRow], cf
     Request ids (hence sampling seeds) depend only on the prompt index, never on which server ran it."""
     clients = [SGLangClient(u, request_timeout_s=cfg.request_timeout_s) for u in servers]
     try:
-        shapes = await asyncio.gather(*(_routed_experts_shape(c) for c in clients))
+        shapes = await asyncio.gather(*(routed_experts_shape(c) for c in clients))
         for c, shape in zip(clients, shapes):
             c.routed_experts_shape = shape
         queue: asyncio.Queue[int] = asyncio.Queue()

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def check_common(records: list[dict], bound: int, push_every: int) -> None:
 
 
 def test_torchrun_expert_parallel_partial_rollouts_within_the_bound(tmp_path):
-    """Two trainer ranks (EP=2), drop mode. Generation never waits (a buffer far larger than the run
+    """Two trainer ranks (EP=2), drop mode, routed experts on (the routing flip rate in async mode). Generation never waits (a buffer far larger than the run
     needs), so every push (every 2 steps) finds requests in flight, aborts them and resumes them from
     their prefixes under the new weights; resumed groups are the oldest, so they are trained first.
 
@@ -64,7 +65,8 @@ def test_torchrun_expert_parallel_partial_rollouts_within_the_bound(tmp_path):
                               "asynchronous.over_staleness=drop", "asynchronous.buffer_groups=100000", "train.mini_batch_prompts=4", "rollout.n_samples=8",
                               "rollout.max_response_len=56", "rollout.stop_token_ids=[]",
                               "train.micro_batch_tokens=512",  # fast steps: generation is the bottleneck
-                              "rollout.max_concurrency=8", "rollout.cpu_server_deterministic=true"],
+                              "rollout.max_concurrency=8", "rollout.cpu_server_deterministic=true",
+                              "rollout.return_routed_experts=true"],
                        nproc=2, timeout=150)
     assert out.count("megatron-vespo run summary") == 1  # rank 0 only
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -81,6 +83,8 @@ def test_torchrun_expert_parallel_partial_rollouts_within_the_bound(tmp_path):
         assert r["rollout/response_len_mean"] == 56
     assert records[-1]["weight_version_after"] == str(steps)
     check_drop_accounting(records)
+    for r in records:  # routed experts came back with every response, resumed ones included
+        assert r["mismatch/routing_compared_pairs"] > 0 and math.isfinite(r["mismatch/routing_flip_rate"])
     assert f"fleet at weight version {steps}" in out
 
 
@@ -133,7 +137,11 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
     prefix under the new weights: every token's log-prob is then the teacher-forced one of a version
     between the response's oldest and newest, in order (the pieces were concatenated correctly).
     Without, requests are held in place across the update and continue on their old KV cache (as in
-    SGLang), so only the first token can be checked exactly."""
+    SGLang), so only the first token can be checked exactly.
+
+    With partial rollouts the generator also asks for routed experts (requests then go to the server
+    directly): each token's row must be the routing of the version that produced its log-prob, so a
+    resumed response keeps the prefix rows of the weights that sampled the prefix."""
     from megatron_vespo.config.schema import RolloutConfig
     from megatron_vespo.data.dataset import PromptDataset, PromptRow, PromptSampler
     from megatron_vespo.driver.generator import BackgroundGenerator
@@ -142,14 +150,15 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
     from rollout_sglang.fleet import Fleet
     from rollout_sglang.weight_sync import DiskWeightSync
     from tests.rollout.helpers import hf_state, load_hf, load_state_into, perturbed, save_tiny_moe, \
-        teacher_forced_logprobs
+        teacher_forced_logprobs, teacher_forced_routing
 
     model_dir = save_tiny_moe(tmp_path / "model")
     base = hf_state(model_dir)
     states = {0: base, **{v: perturbed(base, seed=v) for v in (1, 2, 3)}}
     rng = torch.Generator().manual_seed(0)
     rows = [PromptRow(i, torch.randint(0, 128, (4,), generator=rng).tolist(), None) for i in range(64)]
-    cfg = RolloutConfig(n_samples=2, max_response_len=32, max_concurrency=4, request_timeout_s=60)
+    cfg = RolloutConfig(n_samples=2, max_response_len=32, max_concurrency=4, request_timeout_s=60,
+                        return_routed_experts=partial_rollouts)
     buffer = RolloutBuffer(1, max_staleness=100, over_staleness="drop", capacity=1000)
     fleet = Fleet(FleetConfig(servers=[ServerConfig(kind="cpu", model_path=str(model_dir),
                                                     extra_args=["--weight-version", "0"])],
@@ -182,7 +191,7 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
     for v, state in states.items():
         models[v] = load_hf(model_dir)
         load_state_into(models[v], state)
-    mixed = 0
+    mixed = routed_checked = 0
     for g in groups:
         for sample, oldest in zip(g.payload.group.responses, g.response_oldest_versions):
             newest = int(sample.weight_version)
@@ -202,7 +211,22 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
                     assert v <= newest, f"token {t} of {sample.rid}: log-prob {lp} matches no version in " \
                                         f"[{oldest}, {newest}]"
             assert v == newest, f"{sample.rid}: tagged up to version {newest}, tokens only up to {v}"
+            token_versions = []
+            v = oldest
+            for t, lp in enumerate(sample.output_logprobs):
+                while abs(lp - expected[v][t]) > 1e-4:
+                    v += 1
+                token_versions.append(v)
+            p = len(sample.prompt_ids)
+            assert sample.routed_experts.shape == (p - 1 + cfg.max_response_len, 4, 2)
+            routing = {v: teacher_forced_routing(models[v], sample.prompt_ids, sample.output_ids)
+                       for v in set(token_versions)}
+            rows = np.sort(sample.routed_experts[p - 1:], -1)
+            want = np.stack([routing[v][p - 1 + t] for t, v in enumerate(token_versions)])
+            assert (rows == want).mean() > 0.98, (sample.rid, token_versions)
+            routed_checked += newest > oldest
     assert mixed > 0, "no response spans a weight push"
+    assert routed_checked > 0 or not partial_rollouts
     if partial_rollouts:
         assert counters["async/partial_resumed_responses_total"] > 0
         assert sum(g.payload.resumed_responses for g in groups) > 0

@@ -1,5 +1,5 @@
-"""Helpers for rollout tests: a tiny random Qwen3-MoE as an HF directory, teacher-forced log-probs,
-a CPU rollout server process."""
+"""Helpers for rollout tests: a tiny random Qwen3-MoE as an HF directory, teacher-forced log-probs and
+routing, a CPU rollout server process."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import yaml
 
@@ -67,6 +68,21 @@ def teacher_forced_logprobs(model, prompt: list[int], output: list[int], tempera
     logp = torch.log_softmax(logits / temperature, dim=-1)
     positions = range(len(prompt) - 1, len(prompt) + len(output) - 1)
     return [float(logp[p, tok]) for p, tok in zip(positions, output)]
+
+
+@torch.no_grad()
+def teacher_forced_routing(model, prompt: list[int], output: list[int]) -> np.ndarray:
+    """The HF router's top-k experts of every position fed forward (prompt + output - 1), SGLang's
+    layout ``(tokens, layers, topk)``, sorted along topk (a set)."""
+    captured = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(o[2]))
+             for layer in model.model.layers]
+    try:
+        model(input_ids=torch.tensor([prompt + output[:-1]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.sort(torch.stack(captured).permute(1, 0, 2).numpy(), -1)
 
 
 def load_state_into(model, state: dict[str, torch.Tensor]) -> None:
