@@ -383,6 +383,23 @@ class LoadedCheckpoint:
     rng_restored: bool
 
 
+def on_every_rank(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on every rank; if it raised on any rank, every rank raises a CheckpointError naming
+    them (instead of the healthy ranks waiting at the next collective for one that left)."""
+    try:
+        result, error = fn(), None
+    except Exception as exc:  # noqa: BLE001 -- reported to every rank below
+        result, error = None, f"{type(exc).__name__}: {exc}"
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed on {len(failed)} rank(s): " + "; ".join(failed))
+    return result
+
+
 class TrainingCheckpointer:
     """Saves and loads training checkpoints. ``save`` and ``load`` are collective over the world.
 
@@ -454,10 +471,12 @@ class TrainingCheckpointer:
             return tmp
 
         tmp = self._on_rank0(prepare)
+        # Per-rank write failures inside torch.distributed.checkpoint reach every rank already; the
+        # RNG file is this rank's own write, so its failure is shared explicitly (this also replaces
+        # the barrier before rank 0 publishes). The temporary directory is removed by the next save.
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(tmp / DIST_DIR))
-        torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{self.rank:05d}.pt")
-        if self.world_size > 1:
-            dist.barrier()
+        on_every_rank(lambda: torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{self.rank:05d}.pt"),
+                      f"writing the RNG states to {tmp / RNG_DIR}")
 
         def finish() -> Path:
             if os.environ.get(KILL_HOOK_ENV) == str(step):  # test hook: a crash in the middle of a save
@@ -534,7 +553,9 @@ class TrainingCheckpointer:
                                   f"settings ({exc})") from None
         same_layout = manifest["layout"] == layout_of(self.cfg.parallel, self.world_size)
         if same_layout:
-            restore_rng_state(torch.load(directory / RNG_DIR / f"rank_{self.rank:05d}.pt", weights_only=False))
+            rng_file = directory / RNG_DIR / f"rank_{self.rank:05d}.pt"
+            on_every_rank(lambda: restore_rng_state(torch.load(rng_file, weights_only=False)),
+                          f"restoring the RNG states from {directory / RNG_DIR}")
         elif self.rank == 0:
             print(f"[checkpoint] {directory} was written in layout {manifest['layout']}; "
                   "RNG states are not restored (re-seeded)", flush=True)
