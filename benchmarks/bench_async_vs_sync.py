@@ -8,14 +8,17 @@ asynchronous mode overlaps them (the server generates the next groups while the 
 
 Printed: the sync run's mean generate and train time per step (the balance), both runs' wall times
 (whole process, and the steady-state loop after ``--warmup`` steps, which leaves out start-up), the
-async run's lag, drops and idle times, and the ratio sync / async (> 1: async is faster).
+async run's lag, drops and idle times, and the ratio sync / async (> 1: async is faster), for
+``--repeats`` pairs run alternately (this machine is shared: one pair can be off by 20%), and the
+median ratio. The quickstart's evaluation is switched off (it would add the same seconds to both).
 
-    python benchmarks/bench_async_vs_sync.py [--steps 32] [--max-staleness 2] [--over-staleness throttle]
+    python benchmarks/bench_async_vs_sync.py [--steps 32] [--repeats 3] [--concurrency 4] [--max-staleness 2]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per mini-batch")
     parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
     parser.add_argument("--response-len", type=int, default=56, help="tokens per response (no stop token)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="prompts in flight on the server: 4 makes generating a mini-batch take about as long as "
+                             "training on it here (2 cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="sync/async pairs, alternating which runs first")
     parser.add_argument("--micro-batch-tokens", type=int, default=512,
                         help="packed micro-batch size (attention over a packed micro-batch is quadratic on CPU)")
     parser.add_argument("--max-staleness", type=int, default=2)
@@ -65,36 +72,54 @@ def main() -> None:
 
     common = [f"run.rollout_steps={args.steps}", "train.staleness=1", f"train.mini_batch_prompts={args.prompts}",
               f"rollout.n_samples={args.samples}", f"rollout.max_response_len={args.response_len}",
-              "rollout.stop_token_ids=[]", f"rollout.max_concurrency={args.prompts}",
-              f"train.micro_batch_tokens={args.micro_batch_tokens}", "run.stop_at_reward=null", "run.plot=false"]
+              "rollout.stop_token_ids=[]", f"rollout.max_concurrency={args.concurrency}",
+              f"train.micro_batch_tokens={args.micro_batch_tokens}", "run.stop_at_reward=null", "run.plot=false",
+              "eval.every_steps=0"]  # the quickstart's evaluation would add the same seconds to both runs
+    async_args = ["train.mode=async", "asynchronous.push_every_steps=1", f"asynchronous.max_staleness={args.max_staleness}",
+                  f"asynchronous.over_staleness={args.over_staleness}", "asynchronous.partial_rollouts=true"]
+    pairs = []  # (sync wall, sync records, async wall, async records) per repeat
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
-        sync_wall, sync = run(["train.mode=sync"], common, Path(tmp) / "sync")
-        async_wall, asyn = run(["train.mode=async", "asynchronous.push_every_steps=1",
-                                f"asynchronous.max_staleness={args.max_staleness}",
-                                f"asynchronous.over_staleness={args.over_staleness}",
-                                "asynchronous.partial_rollouts=true"], common, Path(tmp) / "async")
-    assert len(sync) == len(asyn) == args.steps
-    samples = sum(r["train/samples"] for r in sync)
-    assert samples == sum(r["train/samples"] for r in asyn) == args.steps * args.prompts * args.samples
-    sync_steady, async_steady = steady_seconds(sync, args.warmup), steady_seconds(asyn, args.warmup)
+        for k in range(args.repeats):
+            # Alternating which mode goes first: a slow spell on a shared machine does not favour one mode.
+            order = ["sync", "async"] if k % 2 == 0 else ["async", "sync"]
+            got = {}
+            for mode in order:
+                got[mode] = run(["train.mode=sync"] if mode == "sync" else async_args, common, Path(tmp) / f"{mode}{k}")
+                print(f"[bench] repeat {k + 1}/{args.repeats}: {mode} done in {got[mode][0]:.1f}s", flush=True)
+            pairs.append((*got["sync"], *got["async"]))
+
+    sync, asyn = pairs[0][1], pairs[0][3]
+    for _, s_rec, _, a_rec in pairs:
+        assert len(s_rec) == len(a_rec) == args.steps
+        assert sum(r["train/samples"] for r in s_rec) == sum(r["train/samples"] for r in a_rec) \
+            == args.steps * args.prompts * args.samples
+    samples = args.steps * args.prompts * args.samples
     lags = [lag for r in asyn for lag in r["async/sample_lags"]]
 
     print(f"same work: {args.steps} optimizer steps x {args.prompts} prompts x {args.samples} responses "
-          f"x {args.response_len} tokens = {samples:.0f} samples; one CPU rollout server, push every step")
+          f"x {args.response_len} tokens = {samples} samples; one CPU rollout server ({args.concurrency} prompts in "
+          "flight), push every step")
     print(f"sync  (N=1): generate {mean([r['time/generate_s'] for r in sync]):.2f} s + train "
           f"{mean([r['time/train_s'] for r in sync]):.2f} s + push {mean([r['time/weight_sync_s'] for r in sync]):.2f} s "
-          "per step (one after the other)")
+          "per step (one after the other; repeat 1)")
     print(f"async      : max_staleness {args.max_staleness} ({args.over_staleness}), lag mean {mean(lags):.2f} "
           f"max {max(lags)}, dropped groups {asyn[-1]['async/dropped_stale_groups_total']:.0f}, resumed partial "
           f"responses {asyn[-1]['async/partial_resumed_responses_total']:.0f}, train "
           f"{mean([r['time/train_s'] for r in asyn]):.2f} s + push {mean([r['time/weight_sync_s'] for r in asyn]):.2f} s "
           f"per step, trainer idle "
-          f"{sum(r['time/trainer_idle_s'] for r in asyn):.1f} s, fleet idle {sum(r['time/fleet_idle_s'] for r in asyn):.1f} s")
+          f"{sum(r['time/trainer_idle_s'] for r in asyn):.1f} s, fleet idle {sum(r['time/fleet_idle_s'] for r in asyn):.1f} s"
+          " (repeat 1)")
     print()
-    print(f"{'':28}{'sync N=1':>10}{'async':>10}{'sync/async':>12}")
-    print(f"{'steady loop after warm-up':28}{sync_steady:>9.1f}s{async_steady:>9.1f}s{sync_steady / async_steady:>12.2f}")
-    print(f"{'whole process':28}{sync_wall:>9.1f}s{async_wall:>9.1f}s{sync_wall / async_wall:>12.2f}")
-
+    print(f"{'':34}{'sync N=1':>10}{'async':>10}{'sync/async':>12}")
+    steady, whole = [], []
+    for k, (s_wall, s_rec, a_wall, a_rec) in enumerate(pairs):
+        s_steady, a_steady = steady_seconds(s_rec, args.warmup), steady_seconds(a_rec, args.warmup)
+        steady.append(s_steady / a_steady)
+        whole.append(s_wall / a_wall)
+        print(f"{f'repeat {k + 1}: steady loop after warm-up':34}{s_steady:>9.1f}s{a_steady:>9.1f}s{steady[-1]:>12.2f}")
+        print(f"{f'repeat {k + 1}: whole process':34}{s_wall:>9.1f}s{a_wall:>9.1f}s{whole[-1]:>12.2f}")
+    print(f"median sync/async: steady loop {statistics.median(steady):.2f}, whole process {statistics.median(whole):.2f} "
+          f"(start-up, the same in both modes, is in the whole-process figure)")
 
 if __name__ == "__main__":
     main()

@@ -41,7 +41,8 @@ def mismatch_overrides(out_dir: Path, staleness: int, rollout_steps: int) -> lis
     return [f"run.output_dir={out_dir}", f"run.rollout_steps={rollout_steps}", "run.stop_at_reward=null",
             "run.plot=false", f"train.staleness={staleness}", "train.mini_batch_prompts=1", "optimizer.lr=3e-3",
             "data.synthetic.num_digits=6", "rollout.max_response_len=6", "rollout.cpu_server_dtype=bfloat16",
-            "rollout.return_routed_experts=true", "rollout.cpu_server_deterministic=true"]
+            "rollout.return_routed_experts=true", "rollout.cpu_server_deterministic=true",
+            "eval.every_steps=0"]
 
 
 def start_run(overrides: Sequence[str], log: Path) -> subprocess.Popen:

@@ -177,18 +177,23 @@ class BackgroundGenerator:
             self._held = True
         if not self.partial_rollouts:
             return 0.0
+        last_abort = float("-inf")
         while True:
             with self._lock:
                 if self._in_flight == 0:
                     return time.monotonic() - start
             if self._error is not None:
                 raise RuntimeError(f"generation thread failed: {self._error}")
-            if time.monotonic() - start > timeout_s:
+            now = time.monotonic()
+            if now - start > timeout_s:
                 raise TimeoutError(f"{self._in_flight} generation request(s) still in flight {timeout_s:.0f}s "
                                    "after aborting them for a weight push")
-            # Repeated: a request still on its way to a server when the first abort arrived runs on.
-            self.abort_all()
-            time.sleep(0.05)
+            # Repeated every 50 ms: a request still on its way to a server when an abort arrived runs on.
+            # Polled more often than that: the drain usually takes milliseconds, and the trainer waits.
+            if now - last_abort >= 0.05:
+                self.abort_all()
+                last_abort = now
+            time.sleep(0.002)
 
     def release_after_push(self, version: int) -> None:
         with self._lock:

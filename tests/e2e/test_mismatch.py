@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("mismatch")
     # The fp32 control runs alongside: 2 rollout steps (the second after a weight push), lag 0 only.
     control = bench.start_run([f"run.output_dir={out / 'fp32'}", "run.rollout_steps=2", "run.stop_at_reward=null",
-                               "run.plot=false", "train.staleness=1", "rollout.return_routed_experts=true"],
+                               "run.plot=false", "train.staleness=1", "rollout.return_routed_experts=true",
+                               "eval.every_steps=0"],
                               out / "fp32.log")
     try:
         vespo, plain = bench.run_pair(out, STALENESS, ROLLOUT_STEPS, timeout_s=240)

@@ -24,7 +24,8 @@ def test_sync_staleness_n_under_torchrun_ep2(tmp_path, staleness, rollout_steps)
     out = run_torchrun("-m", ["megatron_vespo.cli", "train", str(REPO / "configs/quickstart.yaml"), "parallel.expert=2",
                               f"train.staleness={staleness}", "train.mini_batch_prompts=1",
                               f"rollout.n_samples={N_SAMPLES}", f"run.rollout_steps={rollout_steps}",
-                              f"run.output_dir={tmp_path}", "run.stop_at_reward=null", "run.plot=false"],
+                              f"run.output_dir={tmp_path}", "run.stop_at_reward=null", "run.plot=false",
+                              "eval.every_steps=0"],
                        nproc=2, timeout=150)
     assert out.count("megatron-vespo run summary") == 1
     total = staleness * rollout_steps
