@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+
 from megatron_vespo.config.schema import RolloutConfig
 from megatron_vespo.data.dataset import PromptRow, PromptSampler
 from megatron_vespo.driver.rollout import (RolloutGroup, healthy_worker_urls, response_routed_experts,
