@@ -14,9 +14,8 @@ fleet busy and fills the :class:`RolloutBuffer` with scored prompt groups.
   when it ends (equal unless a push happened mid-request, as without partial rollouts).
 - Fleet idle time: wall time with no generation request in flight.
 - Routed experts (``rollout.return_routed_experts``): the router drops the field, so requests go to
-  the router's healthy workers directly (the least busy one; see :mod:`driver.rollout`; the list is
-  read when generation starts, and a restarted server keeps its address with the local launcher). A resumed
-  response keeps, for each segment, the rows of the positions that produced that segment's tokens
+  the router's healthy workers directly (:mod:`driver.worker_pool`: least busy first, failover,
+  membership re-read from the router). A resumed response keeps, for each segment, the rows of the positions that produced that segment's tokens
   (under the weights that sampled them), so the merged response carries one row per token.
 """
 from __future__ import annotations
@@ -28,19 +27,20 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from megatron_vespo.config.schema import RolloutConfig
 from megatron_vespo.data.dataset import PromptRow, PromptSampler
-from megatron_vespo.driver.rollout import (RolloutGroup, healthy_worker_urls, response_routed_experts,
-                                          routed_experts_shape, sampling_params)
+from megatron_vespo.driver.rollout import RolloutGroup, response_routed_experts, sampling_params
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer
+from megatron_vespo.driver.worker_pool import WorkerPool
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import Sample
 
 Scorer = Callable[[RolloutGroup], tuple[list[float], dict[str, float]]]
+Target = Union[SGLangClient, WorkerPool]  # where generation requests go
 MAX_RESUMES = 16  # a response aborted this often for other reasons than pushes is kept as it is
 
 
@@ -146,7 +146,6 @@ class BackgroundGenerator:
         self._rows: dict[int, PromptRow] = {}  # ticket -> prompt of every group not yet in the buffer
         self._replay: deque[PromptRow] = deque()  # prompts to send before drawing new ones (resume)
         self._requests = 0
-        self._busy: dict[int, tuple[int, int]] = {}  # id(client) -> (requests in flight, requests sent)
         self._resumed_responses = 0
         self._aborted_responses = 0
 
@@ -247,25 +246,12 @@ class BackgroundGenerator:
                 raise asyncio.CancelledError
             await asyncio.sleep(0.01)
 
-    async def _clients(self) -> list[SGLangClient]:
-        """The router, or with routed experts the router's healthy workers (each told its expert shape)."""
-        if not self.cfg.return_routed_experts:
-            return [SGLangClient(self.url, request_timeout_s=self.cfg.request_timeout_s)]
-        urls = await asyncio.to_thread(healthy_worker_urls, self.url)
-        clients = [SGLangClient(u, request_timeout_s=self.cfg.request_timeout_s) for u in urls]
-        for c, shape in zip(clients, await asyncio.gather(*(routed_experts_shape(c) for c in clients))):
-            c.routed_experts_shape = shape
-        return clients
-
-    def _pick(self, clients: list[SGLangClient]) -> SGLangClient:
-        """The client with the fewest requests in flight, then the fewest sent (spreads ties)."""
-        with self._lock:
-            return min(clients, key=lambda c: self._busy.get(id(c), (0, 0)))
-
     async def _main(self) -> None:
         groups: set[asyncio.Task] = set()
-        clients = await self._clients()
-        try:
+        # The router, or with routed experts its workers directly; both have the same generate().
+        target = (WorkerPool(self.url, request_timeout_s=self.cfg.request_timeout_s) if self.cfg.return_routed_experts
+                  else SGLangClient(self.url, request_timeout_s=self.cfg.request_timeout_s))
+        async with target:
             try:
                 while not self._stop.is_set():
                     failed = [t for t in groups if t.done() and not t.cancelled() and t.exception() is not None]
@@ -283,22 +269,17 @@ class BackgroundGenerator:
                     with self._lock:
                         row = self._replay.popleft() if self._replay else self.sampler.next_batch(1)[0]
                         self._rows[ticket] = row
-                    groups.add(asyncio.create_task(self._run_group(clients, ticket, row, version)))
+                    groups.add(asyncio.create_task(self._run_group(target, ticket, row, version)))
             finally:
                 for task in groups:
                     task.cancel()
                 await asyncio.gather(*groups, return_exceptions=True)
-        finally:
-            await asyncio.gather(*(c.close() for c in clients))
 
-    async def _request(self, clients: list[SGLangClient], prompt_ids: list[int], params: dict[str, Any], n: int,
+    async def _request(self, target: Target, prompt_ids: list[int], params: dict[str, Any], n: int,
                        rid: str) -> tuple[list[Sample], int]:
         """One /generate call; returns its samples and the fleet version when it was sent."""
         await self._wait_until_sendable()
-        client = self._pick(clients)
         with self._lock:  # counted before the await, so hold_for_push() waits for it
-            busy, sent = self._busy.get(id(client), (0, 0))
-            self._busy[id(client)] = (busy + 1, sent + 1)
             self._in_flight += 1
             self._requests += 1
             version = self._version
@@ -306,20 +287,18 @@ class BackgroundGenerator:
                 self._idle_total += time.monotonic() - self._idle_since
                 self._idle_since = None
         try:
-            samples = await client.generate(prompt_ids, params, n=n, return_logprob=True, rid=rid,
+            samples = await target.generate(prompt_ids, params, n=n, return_logprob=True, rid=rid,
                                             return_routed_experts=self.cfg.return_routed_experts)
         finally:
             with self._lock:
-                busy, sent = self._busy[id(client)]
-                self._busy[id(client)] = (busy - 1, sent)
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle_since = time.monotonic()
         return samples, version
 
-    async def _run_group(self, clients: list[SGLangClient], ticket: int, row: PromptRow, admitted: int) -> None:
+    async def _run_group(self, target: Target, ticket: int, row: PromptRow, admitted: int) -> None:
         try:
-            payload, oldest, newest, per_response = await self._generate_group(clients, ticket, row, admitted)
+            payload, oldest, newest, per_response = await self._generate_group(target, ticket, row, admitted)
         except BaseException:
             self.buffer.cancel(ticket)
             raise
@@ -330,10 +309,10 @@ class BackgroundGenerator:
         with self._lock:  # after complete(): a checkpoint reads these rows first, then the buffer
             self._rows.pop(ticket, None)
 
-    async def _generate_group(self, clients: list[SGLangClient], ticket: int, row: PromptRow, admitted: int):
+    async def _generate_group(self, target: Target, ticket: int, row: PromptRow, admitted: int):
         params = sampling_params(self.cfg)
         rid = f"{self.rid_prefix}-g{ticket}"
-        samples, sent_version = await self._request(clients, list(row.prompt_ids), params, self.cfg.n_samples, rid)
+        samples, sent_version = await self._request(target, list(row.prompt_ids), params, self.cfg.n_samples, rid)
         sent_version = min(sent_version, admitted)
         responses = []
         for s in samples:
@@ -342,7 +321,7 @@ class BackgroundGenerator:
                                              newest=max(sent_version, reported),
                                              keep_routed=self.cfg.return_routed_experts))
         if self.partial_rollouts:
-            await self._continue_aborted(clients, responses, rid)
+            await self._continue_aborted(target, responses, rid)
         resumed = sum(1 for r in responses if r.resumes)
         group = RolloutGroup(row, [r.merged() for r in responses])
         rewards, stats = await asyncio.to_thread(self.scorer, group)
@@ -352,7 +331,7 @@ class BackgroundGenerator:
         return (payload, min(r.oldest_version for r in responses), max(r.newest_version for r in responses),
                 [r.oldest_version for r in responses])
 
-    async def _continue_aborted(self, clients: list[SGLangClient], responses: list[_Response], rid: str) -> None:
+    async def _continue_aborted(self, target: Target, responses: list[_Response], rid: str) -> None:
         """Resume every aborted response from its prefix (after the push that aborted it) until it ends."""
         base = sampling_params(self.cfg)
         while True:
@@ -366,7 +345,7 @@ class BackgroundGenerator:
                 params = {**base, "max_new_tokens": self.cfg.max_response_len - len(r.output_ids)}
                 r.resumes += 1
                 segment_prompt = r.prompt_ids + r.output_ids
-                (piece,), version = await self._request(clients, segment_prompt, params, 1, f"{rid}-r{k}.{r.resumes}")
+                (piece,), version = await self._request(target, segment_prompt, params, 1, f"{rid}-r{k}.{r.resumes}")
                 reported = _version_int(piece.weight_version, piece.server)
                 r.add_segment(piece, segment_prompt)
                 r.oldest_version = min(r.oldest_version, version, reported)

@@ -4,9 +4,8 @@
 they become each training sample's ``rollout_logp``. Nothing is recomputed here.
 
 Routed experts (``rollout.return_routed_experts``, MoE only). sglang-router re-serialises /generate
-bodies and drops ``return_routed_experts``, so with it on the requests bypass the router: the healthy
-workers are read from the router's ``GET /workers`` and every worker pulls prompts from one shared
-queue (client-side least-loaded: a faster server simply takes more prompts). A server returns the
+bodies and drops ``return_routed_experts``, so with it on the requests bypass the router and go to
+its healthy workers directly, least busy first, with failover (:mod:`driver.worker_pool`). A server returns the
 experts of every position it fed forward, ``prompt + response - 1`` rows of ``[layers, topk]``
 (SGLang's layout: the last sampled token is never fed). The rows that produced the response tokens'
 log-probs are positions ``P - 1 .. P + R - 2``, i.e. exactly ``R`` rows aligned with
@@ -27,10 +26,9 @@ import torch
 from megatron_vespo.advantages import grpo_advantages
 from megatron_vespo.config.schema import AdvantageConfig, RewardConfig, RolloutConfig
 from megatron_vespo.data.dataset import PromptRow
+from megatron_vespo.driver.worker_pool import WorkerPool
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, score_all
 from rollout_sglang.client import SGLangClient
-from rollout_sglang.errors import RolloutError
-from rollout_sglang.net import http_json
 from rollout_sglang.types import Sample as RolloutSample
 
 
@@ -65,65 +63,22 @@ async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid
     return [RolloutGroup(row, responses) for row, responses in zip(rows, outputs)]
 
 
-def healthy_worker_urls(url: str) -> list[str]:
-    """The healthy workers behind the sglang-router at ``url``; ``[url]`` when ``url`` is a server
-    itself (no ``/workers`` endpoint)."""
-    try:
-        status, data = http_json("GET", url.rstrip("/") + "/workers", timeout_s=10)
-    except OSError as exc:
-        raise RolloutError(f"{url}/workers: {type(exc).__name__}: {exc}") from None
-    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("workers"), list):
-        return [url]  # not a router: a server URL
-    urls = [str(w["url"]) for w in data["workers"] if isinstance(w, dict) and w.get("url")
-            and w.get("is_healthy", True)]
-    if not urls:
-        raise RolloutError(f"the router at {url} lists no healthy worker")
-    return urls
-
-
-async def routed_experts_shape(client: SGLangClient) -> Optional[tuple[int, int]]:
-    """(layers, topk) when the server says (the CPU server's /get_model_info does; SGLang may not)."""
-    try:
-        shape = (await client.model_info()).get("routed_experts_shape")
-    except RolloutError:
-        return None
-    return (int(shape[0]), int(shape[1])) if isinstance(shape, list) and len(shape) == 2 else None
-
-
-async def _generate_direct(servers: Sequence[str], rows: Sequence[PromptRow], cfg: RolloutConfig,
+async def _generate_direct(router_url: str, rows: Sequence[PromptRow], cfg: RolloutConfig,
                            rid_prefix: str) -> list[RolloutGroup]:
-    """Like :func:`_generate` with routed experts, sent to the servers directly (least-loaded pull).
+    """Like :func:`_generate` with routed experts, sent to the workers directly (see :mod:`worker_pool`).
 
     Request ids (hence sampling seeds) depend only on the prompt index, never on which server ran it."""
-    clients = [SGLangClient(u, request_timeout_s=cfg.request_timeout_s) for u in servers]
-    try:
-        shapes = await asyncio.gather(*(routed_experts_shape(c) for c in clients))
-        for c, shape in zip(clients, shapes):
-            c.routed_experts_shape = shape
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(rows)):
-            queue.put_nowait(i)
-        outputs: list[Optional[list[RolloutSample]]] = [None] * len(rows)
-        per_server = max(1, cfg.max_concurrency // len(clients))
+    slots = asyncio.Semaphore(cfg.max_concurrency)
 
-        async def worker(client: SGLangClient) -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                outputs[i] = await client.generate(rows[i].prompt_ids, sampling_params(cfg), n=cfg.n_samples,
-                                                   return_logprob=True, return_routed_experts=True,
-                                                   rid=f"{rid_prefix}-{i}")
+    async def one(pool: WorkerPool, i: int) -> list[RolloutSample]:
+        async with slots:
+            return await pool.generate(rows[i].prompt_ids, sampling_params(cfg), n=cfg.n_samples,
+                                       return_logprob=True, return_routed_experts=True, rid=f"{rid_prefix}-{i}")
 
-        tasks = [asyncio.ensure_future(worker(c)) for c in clients for _ in range(per_server)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
-    return [RolloutGroup(row, responses) for row, responses in zip(rows, outputs)]
+    async with WorkerPool(router_url, request_timeout_s=cfg.request_timeout_s) as pool:
+        async with asyncio.TaskGroup() as tasks:  # one failure cancels the rest
+            futures = [tasks.create_task(one(pool, i)) for i in range(len(rows))]
+    return [RolloutGroup(row, f.result()) for row, f in zip(rows, futures)]
 
 
 def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str) -> list[RolloutGroup]:
@@ -131,7 +86,7 @@ def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid
     router, or a server). With ``cfg.return_routed_experts`` the router's healthy workers are called
     directly and every response also carries its routed experts."""
     if cfg.return_routed_experts:
-        return asyncio.run(_generate_direct(healthy_worker_urls(url), rows, cfg, rid_prefix))
+        return asyncio.run(_generate_direct(url, rows, cfg, rid_prefix))
     return asyncio.run(_generate(url, rows, cfg, rid_prefix))
 
 

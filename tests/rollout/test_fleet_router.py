@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -162,6 +163,53 @@ def test_kill_one_server_mid_rollout(fleet, reference, current_state, tmp_path):
     direct = run(rollout(victim.url, prompts(4, seed=5), {"max_new_tokens": 4}, n=2))
     assert_parity(reference, direct, temperature=1.0, version="3")
     assert any(w["url"].rstrip("/") == victim.url for w in fleet.router.workers())
+
+
+def test_routed_experts_requests_fail_over_when_a_server_dies(fleet, reference, caplog):
+    """With routed experts the requests bypass the router (it drops the field) and go to the workers
+    directly. A server killed while it holds some of them: those go to another worker (same request
+    ids, so the same sampling seeds); every response is complete, carries its routed experts and has
+    the current weights' log-probs; the killed server is restarted and rejoins."""
+    from megatron_vespo.config.schema import RolloutConfig
+    from megatron_vespo.data.dataset import PromptRow
+    from megatron_vespo.driver.rollout import generate_groups
+
+    victim = fleet.servers[2]
+    restarts = victim.restarts
+    rows = [PromptRow(i, p, None) for i, p in enumerate(prompts(32, seed=6))]
+    cfg = RolloutConfig(n_samples=4, max_response_len=24, max_concurrency=12, request_timeout_s=60,
+                        return_routed_experts=True)
+    killed_busy = threading.Event()
+
+    def kill_when_busy() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _, load = http_json("GET", victim.url + "/get_load")
+            if load and load[0]["num_reqs"] > 0:
+                os.kill(victim.proc.pid, signal.SIGKILL)
+                killed_busy.set()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    with caplog.at_level("WARNING", logger="megatron_vespo.driver.worker_pool"):
+        groups = generate_groups(fleet.router_url, rows, cfg, rid_prefix="failover")
+    killer.join()
+    assert killed_busy.is_set(), "the server never had requests in flight"
+    moved = [r for r in caplog.records if "sending it to another worker" in r.getMessage()]
+    assert moved and all(victim.url in r.getMessage() for r in moved)
+    assert [g.row.index for g in groups] == list(range(32))
+    for g in groups:
+        assert len(g.responses) == 4
+        for s in g.responses:
+            assert not s.aborted and s.routed_experts.shape == (len(s.prompt_ids) + len(s.output_ids) - 1, 4, 2)
+    assert_parity(reference, [g.responses for g in groups], temperature=1.0, version="3")
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (victim.restarts > restarts and victim.state == "healthy"):
+        time.sleep(0.2)
+    assert victim.restarts > restarts and victim.state == "healthy", victim.events
 
 
 def test_failed_distributed_update_restarts_half_updated_servers(fleet, reference, current_state):
