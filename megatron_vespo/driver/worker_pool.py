@@ -69,6 +69,7 @@ class WorkerPool:
         self._retired: list[SGLangClient] = []  # left the pool; closed at the end (requests may still use them)
         self._load: dict[str, tuple[int, int]] = {}  # url -> (requests in flight, requests sent)
         self._refreshed_at = float("-inf")
+        self._refresh_lock = asyncio.Lock()  # concurrent requests must not build two clients for one URL
         self.failovers = 0
 
     async def __aenter__(self) -> "WorkerPool":
@@ -79,17 +80,21 @@ class WorkerPool:
         await asyncio.gather(*(c.close() for c in [*self.clients.values(), *self._retired]))
         self.clients, self._retired = {}, []
 
-    async def refresh(self) -> None:
-        """Membership from the router's healthy workers; new members are asked for their expert shape."""
-        urls = [u.rstrip("/") for u in await asyncio.to_thread(healthy_worker_urls, self.router_url)]
-        self._refreshed_at = time.monotonic()
-        for url in [u for u in self.clients if u not in urls]:
-            self._retired.append(self.clients.pop(url))
-        new = [SGLangClient(u, request_timeout_s=self.request_timeout_s, retry=self.retry)
-               for u in urls if u not in self.clients]
-        for client, shape in zip(new, await asyncio.gather(*(routed_experts_shape(c) for c in new))):
-            client.routed_experts_shape = shape
-            self.clients[client.base_url] = client
+    async def refresh(self, force: bool = True) -> None:
+        """Membership from the router's healthy workers (unless ``force`` is off and it was read less than
+        ``refresh_s`` ago); new members are asked for their expert shape."""
+        async with self._refresh_lock:
+            if not force and time.monotonic() - self._refreshed_at <= self.refresh_s:
+                return
+            urls = [u.rstrip("/") for u in await asyncio.to_thread(healthy_worker_urls, self.router_url)]
+            self._refreshed_at = time.monotonic()
+            for url in [u for u in self.clients if u not in urls]:
+                self._retired.append(self.clients.pop(url))
+            new = [SGLangClient(u, request_timeout_s=self.request_timeout_s, retry=self.retry)
+                   for u in urls if u not in self.clients]
+            for client, shape in zip(new, await asyncio.gather(*(routed_experts_shape(c) for c in new))):
+                client.routed_experts_shape = shape
+                self.clients[client.base_url] = client
 
     def _pick(self, avoid: set[str]) -> SGLangClient:
         candidates = [u for u in self.clients if u not in avoid] or list(self.clients)
@@ -105,7 +110,7 @@ class WorkerPool:
         avoid: set[str] = set()
         for attempt in range(self.max_failovers + 1):
             if time.monotonic() - self._refreshed_at > self.refresh_s:
-                await self.refresh()
+                await self.refresh(force=False)
             client = self._pick(avoid)
             url = client.base_url
             busy, sent = self._load.get(url, (0, 0))
