@@ -29,7 +29,7 @@ from typing import Any, Optional
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.distributed import DistributedContext
-from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, gather_hf_weights
+from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
@@ -99,7 +99,7 @@ class AsyncRLDriver(RLDriver):
     def _abort_all(self) -> None:
         self.fleet.call_all("POST", "/abort_request", {"abort_all": True}, timeout_s=30)
 
-    def start_generator(self) -> None:
+    def start_generation(self) -> None:
         cfg = self.cfg
         self.buffer = RolloutBuffer(cfg.train.mini_batch_prompts, cfg.asynchronous.max_staleness,
                                     cfg.asynchronous.over_staleness, buffer_capacity(cfg))
@@ -170,56 +170,36 @@ class AsyncRLDriver(RLDriver):
         super().shutdown(quiet)
 
     # ------------------------------------------------------------------------------ the loop
-    def run(self) -> Optional[RunSummary]:
+    progress_keys = ASYNC_PROGRESS_KEYS
+
+    def total_steps(self) -> int:
+        return self.cfg.run.rollout_steps * self.cfg.train.staleness  # in this mode a step is one mini-batch
+
+    def run_step(self, step: int) -> bool:
         cfg = self.cfg
-        total = cfg.run.rollout_steps * cfg.train.staleness
-        window = cfg.train.staleness  # the stop rule averages as many mini-batches as a sync rollout batch has
-        first_step = self.maybe_resume() or 0  # in this mode a checkpoint step is one mini-batch
-        initial = gather_hf_weights(self.exporter)
-        error: Optional[BaseException] = None
-        writer = progress = None
-        step = first_step - 1
-        try:
-            self.from_driver(lambda: self.setup_driver(initial))
-            del initial
-            if self.is_driver:
-                writer, progress = self.open_metrics(first_step, total, ASYNC_PROGRESS_KEYS)
-                self.start_generator()
-            for step in range(first_step, total):
-                payload = self.from_driver(self._mini_batch)
-                recompute_s = 0.0
-                if cfg.train.recompute_old_logprobs:
-                    recompute_s = self.recompute_old_logprobs(payload["samples"])
-                record = self.train_step(payload["samples"], {**payload["metrics"], "time/recompute_s": recompute_s})
-                sync_s = 0.0
-                last = step == total - 1
-                if (step + 1) % cfg.asynchronous.push_every_steps == 0 or last:
-                    steps_before_push = self._steps_at_last_eval_check
-                    sync_s = self.export_and_push()
-                    # Evaluated right after a push, so the fleet serves exactly the trained weights.
-                    record.update(self.maybe_evaluate(steps_before_push, final=last))
-                    self._steps_at_last_eval_check = self.optimizer_steps
+        payload = self.from_driver(self._mini_batch)
+        recompute_s = 0.0
+        if cfg.train.recompute_old_logprobs:
+            recompute_s = self.recompute_old_logprobs(payload["samples"])
+        record = self.train_step(payload["samples"], {**payload["metrics"], "time/recompute_s": recompute_s})
+        sync_s = 0.0
+        last = step == self.total_steps() - 1
+        if (step + 1) % cfg.asynchronous.push_every_steps == 0 or last:
+            steps_before_push = self._steps_at_last_eval_check
+            sync_s = self.export_and_push()
+            # Evaluated right after a push, so the fleet serves exactly the trained weights.
+            record.update(self.maybe_evaluate(steps_before_push, final=last))
+            self._steps_at_last_eval_check = self.optimizer_steps
 
-                def log_and_decide() -> bool:
-                    record["time/weight_sync_s"] = sync_s
-                    record["time/elapsed_s"] = self.elapsed_s()
-                    record["weight_version_after"] = self.version
-                    writer.write(step, record)
-                    progress.report(step, record)
-                    self.rewards.append(payload["metrics"]["rollout/reward_mean"])
-                    recent = self.rewards[-window:]
-                    if self.seconds_to_target is None and cfg.run.stop_at_reward is not None \
-                            and len(recent) == window and sum(recent) / window >= cfg.run.stop_at_reward:
-                        self.seconds_to_target = self.elapsed_s()
-                    return self.seconds_to_target is not None
+        def log_and_decide() -> bool:
+            record["time/weight_sync_s"] = sync_s
+            record["time/elapsed_s"] = self.elapsed_s()
+            record["weight_version_after"] = self.version
+            self.metrics_writer.write(step, record)
+            self.progress.report(step, record)
+            # The stop rule averages as many mini-batches as a sync rollout batch has.
+            return self.reached_target(payload["metrics"]["rollout/reward_mean"], window=cfg.train.staleness)
 
-                stop = self.from_driver(log_and_decide)
-                self.maybe_save(step, final=stop or step == total - 1)
-                if stop:
-                    break
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.shutdown(quiet=error is not None)
-        return self.summary(step + 1, first_step) if self.is_driver else None
+        stop = self.from_driver(log_and_decide)
+        self.maybe_save(step, final=stop or last)
+        return stop

@@ -131,6 +131,7 @@ class RLDriver:
         self._pending_sampler_state: Optional[dict] = None  # restored once setup_driver made the sampler
         self.evaluator = None  # rank 0, when eval.sets and eval.every_steps are set
         self.metrics_writer = None  # rank 0, from open_metrics; closed by shutdown
+        self.progress = None  # rank 0, from open_metrics: the progress line printer
         self._last_eval_step: Optional[int] = None
 
     def _init_checkpoint(self) -> Optional[Path]:
@@ -293,13 +294,24 @@ class RLDriver:
 
         return self.from_driver(run)
 
-    def open_metrics(self, first_step: int, total_steps: int, keys: dict[str, str]):
+    def open_metrics(self, first_step: int) -> None:
         """Rank 0: the metrics logger (JSONL + configured sinks; continues the file after a resume) and
         the progress line printer."""
         from megatron_vespo.logging_utils import MetricsLogger, ProgressReporter
 
         self.metrics_writer = MetricsLogger.from_config(self.cfg, resume_step=first_step or None)
-        return self.metrics_writer, ProgressReporter(total_steps, keys, first_step=first_step)
+        self.progress = ProgressReporter(self.total_steps(), self.progress_keys, first_step=first_step)
+
+    def reached_target(self, reward: float, window: int) -> bool:
+        """Rank 0: record a rollout batch's mean reward; true once the mean of the last ``window`` of
+        them has reached ``run.stop_at_reward`` (the time it first did is kept for the summary)."""
+        self.rewards.append(reward)
+        recent = self.rewards[-window:]
+        target = self.cfg.run.stop_at_reward
+        if self.seconds_to_target is None and target is not None and len(recent) == window \
+                and sum(recent) / window >= target:
+            self.seconds_to_target = self.elapsed_s()
+        return self.seconds_to_target is not None
 
     def summary(self, steps_done: int, first_step: int) -> RunSummary:
         """Rank 0, after the loop: the plot (``run.plot``) and the run summary."""
@@ -397,6 +409,42 @@ class RLDriver:
                 print(f"[shutdown] {type(exc).__name__}: {exc}", flush=True)
 
 
+    # ------------------------------------------------------------------------------ the loop
+    progress_keys: dict[str, str] = PROGRESS_KEYS  # metrics shown on the progress line
+
+    def total_steps(self) -> int:
+        """Loop steps of the whole run (a subclass's unit: rollout steps or mini-batches)."""
+        raise NotImplementedError
+
+    def start_generation(self) -> None:
+        """Rank 0, once the fleet has the initial weights and the metrics are open (async: the generator)."""
+
+    def run_step(self, step: int) -> bool:
+        """One loop step on every rank (checkpoint included); true when the run should stop."""
+        raise NotImplementedError
+
+    def run(self) -> Optional[RunSummary]:
+        """Resume, boot the fleet with the trained weights, loop, shut down; the summary on rank 0."""
+        first_step = self.maybe_resume() or 0
+        initial = gather_hf_weights(self.exporter)
+        error: Optional[BaseException] = None
+        step = first_step - 1
+        try:
+            self.from_driver(lambda: self.setup_driver(initial))
+            del initial
+            if self.is_driver:
+                self.open_metrics(first_step)
+                self.start_generation()
+            for step in range(first_step, self.total_steps()):
+                if self.run_step(step):
+                    break
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.shutdown(quiet=error is not None)
+        return self.summary(step + 1, first_step) if self.is_driver else None
+
     # ---------------------------------------------------------------------------------- launch
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -405,7 +453,7 @@ class RLDriver:
 
     @classmethod
     def launch(cls, cfg: RunConfig) -> Optional[RunSummary]:
-        """Check, initialise (torchrun or single process), run the loop (a subclass's ``run``), tear down.
+        """Check, initialise (torchrun or single process), run the loop (:meth:`run`), tear down.
         The summary on rank 0."""
         cls.check_config(cfg)
         ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)

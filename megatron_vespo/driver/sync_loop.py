@@ -23,9 +23,9 @@ the steps before the resumed one and continues after them.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
-from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver, RunSummary, gather_hf_weights
+from megatron_vespo.driver.base import RLDriver
 from megatron_vespo.driver.rollout import build_rollout_batch, generate_groups, score_groups, split_mini_batches
 
 
@@ -57,49 +57,29 @@ class SyncRLDriver(RLDriver):
                                           "time/recompute_s": recompute_s})
                 for lag, samples in enumerate(mini_batches)]
 
-    def run(self) -> Optional[RunSummary]:
-        cfg = self.cfg
-        first_step = self.maybe_resume() or 0
-        initial = gather_hf_weights(self.exporter)
-        error: Optional[BaseException] = None
-        writer = progress = None
-        step = first_step - 1
-        try:
-            self.from_driver(lambda: self.setup_driver(initial))
-            del initial
-            if self.is_driver:
-                writer, progress = self.open_metrics(first_step, cfg.run.rollout_steps, PROGRESS_KEYS)
-            for step in range(first_step, cfg.run.rollout_steps):
-                payload = self.from_driver(lambda: self._rollout(step))
-                steps_before = self.optimizer_steps
-                records = self._train(payload["mini_batches"], payload["metrics"])
-                sync_s = self.export_and_push()
-                last = step == cfg.run.rollout_steps - 1
-                records[-1].update(self.maybe_evaluate(steps_before, final=last))
+    def total_steps(self) -> int:
+        return self.cfg.run.rollout_steps
 
-                def log_and_decide() -> bool:
-                    for record in records:
-                        record["time/weight_sync_s"] = sync_s
-                        record["time/elapsed_s"] = self.elapsed_s()
-                        writer.write(step, record)
-                    progress.report(step, records[-1])
-                    self.rewards.append(payload["metrics"]["rollout/reward_mean"])
-                    if self.seconds_to_target is None and cfg.run.stop_at_reward is not None \
-                            and self.rewards[-1] >= cfg.run.stop_at_reward:
-                        self.seconds_to_target = self.elapsed_s()
-                    return self.seconds_to_target is not None
+    def run_step(self, step: int) -> bool:
+        payload = self.from_driver(lambda: self._rollout(step))
+        steps_before = self.optimizer_steps
+        records = self._train(payload["mini_batches"], payload["metrics"])
+        sync_s = self.export_and_push()
+        last = step == self.total_steps() - 1
+        records[-1].update(self.maybe_evaluate(steps_before, final=last))
 
-                stop = self.from_driver(log_and_decide)
-                if stop and not last:  # stopped early: the final evaluation still happens
-                    final_eval = self.maybe_evaluate(self.optimizer_steps, final=True)
-                    if final_eval and self.is_driver:
-                        writer.write(step, {**final_eval, "train_step": self.optimizer_steps})
-                self.maybe_save(step, final=stop or last)
-                if stop:
-                    break
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.shutdown(quiet=error is not None)
-        return self.summary(step + 1, first_step) if self.is_driver else None
+        def log_and_decide() -> bool:
+            for record in records:
+                record["time/weight_sync_s"] = sync_s
+                record["time/elapsed_s"] = self.elapsed_s()
+                self.metrics_writer.write(step, record)
+            self.progress.report(step, records[-1])
+            return self.reached_target(payload["metrics"]["rollout/reward_mean"], window=1)
+
+        stop = self.from_driver(log_and_decide)
+        if stop and not last:  # stopped early: the final evaluation still happens
+            final_eval = self.maybe_evaluate(self.optimizer_steps, final=True)
+            if final_eval and self.is_driver:
+                self.metrics_writer.write(step, {**final_eval, "train_step": self.optimizer_steps})
+        self.maybe_save(step, final=stop or last)
+        return stop
