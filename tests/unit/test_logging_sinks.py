@@ -71,17 +71,22 @@ def test_all_sinks_get_the_same_metrics(cfg_for, tmp_path):
     assert set(wb) == set(tb)  # one naming for every sink
 
 
-def test_jsonl_only_by_default_and_resume_keeps_earlier_steps(cfg_for, tmp_path):
-    cfg = cfg_for()
+def write_then_resume_at_step_1(cfg) -> MetricsLogger:
+    """Write RECORDS, then resume from a checkpoint taken after rollout step 0 (step-1 lines are dropped)
+    and write one new step-1 record; the first logger is returned."""
     logger = MetricsLogger.from_config(cfg)
-    assert logger.sinks == []
     for step, rec in RECORDS:
         logger.write(step, rec)
     logger.close()
-    # Resume from a checkpoint taken after rollout step 0: step-1 lines are dropped, new ones appended.
-    logger = MetricsLogger.from_config(cfg, resume_step=1)
-    logger.write(1, {"train_step": 3, "rollout/reward_mean": 0.75})
-    logger.close()
+    resumed = MetricsLogger.from_config(cfg, resume_step=1)
+    resumed.write(1, {"train_step": 3, "rollout/reward_mean": 0.75})
+    resumed.close()
+    return logger
+
+
+def test_jsonl_only_by_default_and_resume_keeps_earlier_steps(cfg_for, tmp_path):
+    logger = write_then_resume_at_step_1(cfg_for())
+    assert logger.sinks == []
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["train_step"]) for r in records] == [(0, 1), (0, 2), (1, 3)]
     assert records[-1]["rollout/reward_mean"] == 0.75
@@ -89,14 +94,7 @@ def test_jsonl_only_by_default_and_resume_keeps_earlier_steps(cfg_for, tmp_path)
 
 
 def test_resumed_tensorboard_supersedes_later_events(cfg_for, tmp_path):
-    cfg = cfg_for(tensorboard="true")
-    logger = MetricsLogger.from_config(cfg)
-    for step, rec in RECORDS:
-        logger.write(step, rec)
-    logger.close()
-    logger = MetricsLogger.from_config(cfg, resume_step=1)
-    logger.write(1, {"train_step": 3, "rollout/reward_mean": 0.75})
-    logger.close()
+    write_then_resume_at_step_1(cfg_for(tensorboard="true"))
     tb = read_tensorboard_scalars(tmp_path / "tensorboard")
     assert tb["rollout/reward_mean"] == [(1, 0.25), (2, 0.25), (3, 0.75)]
 
