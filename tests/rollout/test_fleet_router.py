@@ -22,7 +22,7 @@ from rollout_sglang.errors import ServerUnavailableError, WeightSyncError
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.net import http_json
 from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync
-from .helpers import hf_state, load_hf, load_state_into, perturbed, teacher_forced_logprobs
+from .helpers import assert_logprob_parity, hf_state, load_hf, load_state_into, perturbed, teacher_forced_logprobs
 
 NUM_PROMPTS, N_SAMPLES = 64, 8
 
@@ -65,17 +65,8 @@ async def rollout(url: str, batch, params, n=N_SAMPLES, **client_kw):
         return await client.generate_batch(batch, params, n=n)
 
 
-def assert_parity(model, groups, temperature: float, version: str | None = None, tol: float = 1e-4) -> float:
-    worst = 0.0
-    for group in groups:
-        for s in group:
-            assert not s.aborted, s.finish_reason
-            ref = teacher_forced_logprobs(model, s.prompt_ids, s.output_ids, temperature)
-            worst = max(worst, max(abs(a - b) for a, b in zip(ref, s.output_logprobs)))
-            if version is not None:
-                assert s.weight_version == version
-    assert worst < tol, f"max |log-prob difference| {worst:.2e}"
-    return worst
+def assert_parity(model, groups, temperature: float, version: str | None = None) -> None:
+    assert_logprob_parity(model, [s for g in groups for s in g], temperature, version)
 
 
 def test_router_rollout_64x8_logprob_parity(fleet, reference):

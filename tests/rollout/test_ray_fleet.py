@@ -19,7 +19,7 @@ from rollout_sglang.config import FleetConfig, WeightSyncConfig
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.net import http_json
 from rollout_sglang.weight_sync import DiskWeightSync
-from .helpers import hf_state, load_hf, load_state_into, perturbed, teacher_forced_logprobs
+from .helpers import assert_logprob_parity, hf_state, load_hf, load_state_into, perturbed
 
 ray = pytest.importorskip("ray")
 
@@ -58,11 +58,7 @@ def rollout(url: str, batch, n: int = 2):
 
 
 def assert_parity(model, groups, version: str) -> None:
-    for group in groups:
-        for s in group:
-            assert not s.aborted and s.weight_version == version, (s.finish_reason, s.weight_version)
-            ref = teacher_forced_logprobs(model, s.prompt_ids, s.output_ids)
-            assert max(abs(a - b) for a, b in zip(ref, s.output_logprobs)) < 1e-4
+    assert_logprob_parity(model, [s for g in groups for s in g], version=version)
 
 
 def wait_restarted(server, restarts_before: int, timeout_s: float = 60.0) -> None:
