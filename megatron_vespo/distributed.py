@@ -45,13 +45,14 @@ def init_distributed(
     *,
     model: ModelConfig | None = None,
     precision: PrecisionConfig | None = None,
-    timeout_minutes: int = 30,
 ) -> DistributedContext:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's parallel state.
 
     Reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` as set by
     torchrun; without them it runs as a single process (rank 0 of 1, a free local port). When
-    ``model`` is given the layout is checked against the real world size first.
+    ``model`` is given the layout is checked against the real world size first. Every group (the
+    default one and Megatron's) gives up on a stuck or dead peer after
+    ``parallel.collective_timeout_minutes``.
     """
     patches = tuple(platform.apply())
     rank = _env_int("RANK", 0)
@@ -74,14 +75,14 @@ def init_distributed(
             os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=parallel.collective_timeout_minutes),
         )
 
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
         **megatron_parallel_sizes(parallel),
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=parallel.collective_timeout_minutes,
     )
     seed_everything(seed)
     return DistributedContext(

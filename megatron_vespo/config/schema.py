@@ -85,6 +85,8 @@ class ParallelConfig:
     expert: int = field(1, ge=1, help="expert-parallel size (EP)")
     expert_tensor: int = field(1, ge=1, help="expert tensor-parallel size (ETP)")
     sequence_parallel: bool = field(False, help="sequence parallelism (required when MoE meets TP > 1)")
+    collective_timeout_minutes: int = field(
+        30, ge=1, help="how long a rank waits in a collective for a stuck or dead peer before the run fails")
 
 
 @dataclass(kw_only=True)

@@ -82,9 +82,22 @@ def test_layout_is_validated_by_the_provider():
 def single_process():
     from megatron_vespo.distributed import destroy_distributed, init_distributed
 
-    ctx = init_distributed(ParallelConfig(), seed=1234)
+    ctx = init_distributed(ParallelConfig(collective_timeout_minutes=7), seed=1234)
     yield ctx
     destroy_distributed()
+
+
+def test_collective_timeout_reaches_every_group(single_process):
+    import datetime
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    groups = {"world": dist.group.WORLD, "tensor": parallel_state.get_tensor_model_parallel_group(),
+              "expert": parallel_state.get_expert_model_parallel_group(),
+              "data": parallel_state.get_data_parallel_group()}
+    for name, group in groups.items():
+        assert group._get_backend(torch.device("cpu")).options._timeout == datetime.timedelta(minutes=7), name
 
 
 def _count(model: torch.nn.Module) -> int:
