@@ -24,6 +24,19 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/quickstart_async.yaml")
 
 
+def versions_along(logprobs: list[float], tracks: list[tuple[int, list[float]]], tol: float = 1e-4) -> list[int] | None:
+    """Each token's version when the log-probs can be matched walking forward only through ``tracks``
+    ((version, expected log-probs), in version order); None when they cannot."""
+    i, versions = 0, []
+    for t, lp in enumerate(logprobs):
+        while abs(lp - tracks[i][1][t]) > tol:
+            i += 1
+            if i == len(tracks):
+                return None
+        versions.append(tracks[i][0])
+    return versions
+
+
 def check_common(records: list[dict], bound: int, push_every: int) -> None:
     assert [r["train_step"] for r in records] == list(range(1, len(records) + 1))
     for r in records:
@@ -149,7 +162,7 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
     from rollout_sglang.config import FleetConfig, ServerConfig, WeightSyncConfig
     from rollout_sglang.fleet import Fleet
     from rollout_sglang.weight_sync import DiskWeightSync
-    from tests.rollout.helpers import hf_state, load_hf, load_state_into, perturbed, save_tiny_moe, \
+    from tests.rollout.helpers import flipped_logprobs, hf_state, load_hf, load_state_into, perturbed, save_tiny_moe, \
         teacher_forced_logprobs, teacher_forced_routing
 
     model_dir = save_tiny_moe(tmp_path / "model")
@@ -191,7 +204,7 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
     for v, state in states.items():
         models[v] = load_hf(model_dir)
         load_state_into(models[v], state)
-    mixed = routed_checked = 0
+    mixed = routed_checked = flips = 0
     for g in groups:
         for sample, oldest in zip(g.payload.group.responses, g.response_oldest_versions):
             newest = int(sample.weight_version)
@@ -204,19 +217,18 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
             if not partial_rollouts:  # a request still queued at the pause is prefilled with the new weights
                 assert any(abs(sample.output_logprobs[0] - expected[v][0]) < 1e-4 for v in expected)
                 continue
-            v = oldest
-            for t, lp in enumerate(sample.output_logprobs):  # versions can only move forward along a response
-                while abs(lp - expected[v][t]) > 1e-4:
-                    v += 1
-                    assert v <= newest, f"token {t} of {sample.rid}: log-prob {lp} matches no version in " \
-                                        f"[{oldest}, {newest}]"
-            assert v == newest, f"{sample.rid}: tagged up to version {newest}, tokens only up to {v}"
-            token_versions = []
-            v = oldest
-            for t, lp in enumerate(sample.output_logprobs):
-                while abs(lp - expected[v][t]) > 1e-4:
-                    v += 1
-                token_versions.append(v)
+            token_versions = versions_along(sample.output_logprobs, [(v, expected[v]) for v in expected])
+            if token_versions is None:  # maybe an MoE router near-tie that the server's batch resolved the other way
+                tracks = []
+                for v in expected:
+                    tracks.append((v, expected[v]))
+                    tracks += [(v, f) for _, _, f in flipped_logprobs(models[v], sample.prompt_ids, sample.output_ids)]
+                token_versions = versions_along(sample.output_logprobs, tracks)
+                flips += token_versions is not None
+            assert token_versions is not None, f"{sample.rid}: log-probs match no sequence of versions in " \
+                                               f"[{oldest}, {newest}] (moving forward only)"
+            assert token_versions[-1] == newest, f"{sample.rid}: tagged up to version {newest}, tokens only up to " \
+                                                 f"{token_versions[-1]}"
             p = len(sample.prompt_ids)
             assert sample.routed_experts.shape == (p - 1 + cfg.max_response_len, 4, 2)
             routing = {v: teacher_forced_routing(models[v], sample.prompt_ids, sample.output_ids)
@@ -226,6 +238,7 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
             assert (rows == want).mean() > 0.98, (sample.rid, token_versions)
             routed_checked += newest > oldest
     assert mixed > 0, "no response spans a weight push"
+    assert flips <= 1, f"{flips} responses needed a routing flip to match"
     assert routed_checked > 0 or not partial_rollouts
     if partial_rollouts:
         assert counters["async/partial_resumed_responses_total"] > 0

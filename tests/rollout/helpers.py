@@ -128,6 +128,16 @@ def routing_near_ties(model, ids: list[int], margin: float = 1e-4) -> list[tuple
     return ties
 
 
+def flipped_logprobs(model, prompt: list[int], output: list[int], temperature: float = 1.0,
+                     tie_margin: float = 1e-4, up_to: Optional[int] = None) -> Iterator[tuple[int, int, list[float]]]:
+    """(layer, position, teacher-forced log-probs) with one router near-tie decision flipped, for every
+    near-tie at a fed position <= ``up_to`` (all when None)."""
+    for layer, position in routing_near_ties(model, prompt + output[:-1], tie_margin):
+        if up_to is None or position <= up_to:
+            with _flipped_routing(model, layer, position):
+                yield layer, position, teacher_forced_logprobs(model, prompt, output, temperature)
+
+
 def logprob_mismatch(model, prompt: list[int], output: list[int], logprobs: list[float], temperature: float = 1.0,
                      tol: float = 1e-4, tie_margin: float = 1e-4) -> Optional[str]:
     """None when ``logprobs`` equal a teacher-forced recomputation within ``tol``, else why not.
@@ -144,12 +154,9 @@ def logprob_mismatch(model, prompt: list[int], output: list[int], logprobs: list
         return None
     worst = max(abs(a - b) for a, b in zip(ref, logprobs))
     if hasattr(model.model.layers[0].mlp, "gate"):
-        last_fed = len(prompt) + off[0] - 1  # a flip at or before the first token that differs
-        for layer, position in routing_near_ties(model, prompt + output[:-1], tie_margin):
-            if position > last_fed:
-                continue
-            with _flipped_routing(model, layer, position):
-                flipped = teacher_forced_logprobs(model, prompt, output, temperature)
+        # The flip sits at or before the position that fed the first token that differs.
+        for layer, position, flipped in flipped_logprobs(model, prompt, output, temperature, tie_margin,
+                                                         up_to=len(prompt) + off[0] - 1):
             if max(abs(a - b) for a, b in zip(flipped, logprobs)) < tol:
                 return f"routing flip at layer {layer}, position {position} (max difference {worst:.2e})"
     return f"unexplained: output tokens {off[:8]} differ, max {worst:.2e}"
