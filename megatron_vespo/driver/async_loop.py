@@ -106,7 +106,8 @@ class AsyncRLDriver(RLDriver):
         self.generator = BackgroundGenerator(
             self.fleet.router_url, self.sampler, cfg.rollout, self.buffer, self._score,
             partial_rollouts=cfg.asynchronous.partial_rollouts, abort_all=self._abort_all,
-            version=int(self.version), rid_prefix=f"s{cfg.train.seed}-async-{self.optimizer_steps}")
+            version=int(self.version), rid_prefix=f"s{cfg.train.seed}-async-{self.optimizer_steps}",
+            routed_experts_shape=self.rollout_experts_shape)
         if self._resumed_async_state is not None:
             resumed = self._resumed_async_state
             self.buffer.restore(resumed["finished_groups"])

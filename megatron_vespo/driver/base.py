@@ -27,6 +27,7 @@ from megatron_vespo.distributed import DistributedContext, destroy_distributed, 
 from megatron_vespo.logging_utils import format_duration
 from megatron_vespo.models.trainable import build_model_and_optimizer
 from megatron_vespo.train.lr_schedule import build_lr_scheduler
+from megatron_vespo.train.routing import rollout_experts_shape
 from megatron_vespo.train.step import PolicyTrainer
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -133,6 +134,11 @@ class RLDriver:
         self.metrics_writer = None  # rank 0, from open_metrics; closed by shutdown
         self.progress = None  # rank 0, from open_metrics: the progress line printer
         self._last_eval_step: Optional[int] = None
+
+    @property
+    def rollout_experts_shape(self) -> Optional[tuple[int, int]]:
+        """(MoE layers, top-k) of the routed experts the fleet returns; None for a dense model."""
+        return rollout_experts_shape(self.cfg.model) if self.cfg.model.num_experts else None
 
     def _init_checkpoint(self) -> Optional[Path]:
         """The dist checkpoint named by ``checkpoint.init_from`` (an HF directory is converted once)."""

@@ -125,8 +125,10 @@ class BackgroundGenerator:
     """Owns the generation thread; every public method is called from the trainer (main) thread."""
 
     def __init__(self, url: str, sampler: PromptSampler, cfg: RolloutConfig, buffer: RolloutBuffer, scorer: Scorer,
-                 *, partial_rollouts: bool, abort_all: Callable[[], None], version: int, rid_prefix: str):
+                 *, partial_rollouts: bool, abort_all: Callable[[], None], version: int, rid_prefix: str,
+                 routed_experts_shape: Optional[tuple[int, int]] = None):
         self.url = url
+        self.routed_experts_shape = routed_experts_shape  # the model's, for workers that do not report theirs
         self.sampler = sampler
         self.cfg = cfg
         self.buffer = buffer
@@ -249,7 +251,8 @@ class BackgroundGenerator:
     async def _main(self) -> None:
         groups: set[asyncio.Task] = set()
         # The router, or with routed experts its workers directly; both have the same generate().
-        target = (WorkerPool(self.url, request_timeout_s=self.cfg.request_timeout_s) if self.cfg.return_routed_experts
+        target = (WorkerPool(self.url, request_timeout_s=self.cfg.request_timeout_s,
+                             routed_experts_shape=self.routed_experts_shape) if self.cfg.return_routed_experts
                   else SGLangClient(self.url, request_timeout_s=self.cfg.request_timeout_s))
         async with target:
             try:

@@ -63,8 +63,8 @@ async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid
     return [RolloutGroup(row, responses) for row, responses in zip(rows, outputs)]
 
 
-async def _generate_direct(router_url: str, rows: Sequence[PromptRow], cfg: RolloutConfig,
-                           rid_prefix: str) -> list[RolloutGroup]:
+async def _generate_direct(router_url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
+                           routed_experts_shape: Optional[tuple[int, int]]) -> list[RolloutGroup]:
     """Like :func:`_generate` with routed experts, sent to the workers directly (see :mod:`worker_pool`).
 
     Request ids (hence sampling seeds) depend only on the prompt index, never on which server ran it."""
@@ -75,18 +75,21 @@ async def _generate_direct(router_url: str, rows: Sequence[PromptRow], cfg: Roll
             return await pool.generate(rows[i].prompt_ids, sampling_params(cfg), n=cfg.n_samples,
                                        return_logprob=True, return_routed_experts=True, rid=f"{rid_prefix}-{i}")
 
-    async with WorkerPool(router_url, request_timeout_s=cfg.request_timeout_s) as pool:
+    async with WorkerPool(router_url, request_timeout_s=cfg.request_timeout_s,
+                          routed_experts_shape=routed_experts_shape) as pool:
         async with asyncio.TaskGroup() as tasks:  # one failure cancels the rest
             futures = [tasks.create_task(one(pool, i)) for i in range(len(rows))]
     return [RolloutGroup(row, f.result()) for row, f in zip(rows, futures)]
 
 
-def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str) -> list[RolloutGroup]:
+def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
+                    routed_experts_shape: Optional[tuple[int, int]] = None) -> list[RolloutGroup]:
     """n responses (with μ log-probs and finish reasons) for every prompt row, through ``url`` (the
     router, or a server). With ``cfg.return_routed_experts`` the router's healthy workers are called
-    directly and every response also carries its routed experts."""
+    directly and every response also carries its routed experts (read as ``routed_experts_shape``,
+    the model's (MoE layers, top-k), where a server does not report its own)."""
     if cfg.return_routed_experts:
-        return asyncio.run(_generate_direct(url, rows, cfg, rid_prefix))
+        return asyncio.run(_generate_direct(url, rows, cfg, rid_prefix, routed_experts_shape))
     return asyncio.run(_generate(url, rows, cfg, rid_prefix))
 
 

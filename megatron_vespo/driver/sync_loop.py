@@ -36,7 +36,8 @@ class SyncRLDriver(RLDriver):
         cfg = self.cfg
         rows = self.sampler.next_batch(cfg.train.mini_batch_prompts * cfg.train.staleness)
         t0 = time.monotonic()
-        groups = generate_groups(self.fleet.router_url, rows, cfg.rollout, rid_prefix=f"s{cfg.train.seed}-step{step}")
+        groups = generate_groups(self.fleet.router_url, rows, cfg.rollout, rid_prefix=f"s{cfg.train.seed}-step{step}",
+                                 routed_experts_shape=self.rollout_experts_shape)
         t1 = time.monotonic()
         rewards, reward_stats = score_groups(groups, self.verifier, cfg.reward, self.tokenizer)
         batch = build_rollout_batch(groups, rewards, cfg.advantage)

@@ -59,8 +59,12 @@ class WorkerPool:
     """Use as ``async with WorkerPool(router_url) as pool: await pool.generate(...)`` (one event loop)."""
 
     def __init__(self, router_url: str, *, request_timeout_s: float, retry: RetryPolicy = DIRECT_RETRY,
-                 refresh_s: float = 1.0, max_failovers: int = 3):
+                 refresh_s: float = 1.0, max_failovers: int = 3,
+                 routed_experts_shape: Optional[tuple[int, int]] = None):
         self.router_url = router_url
+        # The trainer's (MoE layers, top-k): how a worker's routed experts are read when it does not say
+        # (SGLang's /get_model_info does not), and checked against what it says when it does.
+        self.routed_experts_shape = routed_experts_shape
         self.request_timeout_s = request_timeout_s
         self.retry = retry
         self.refresh_s = refresh_s
@@ -93,7 +97,11 @@ class WorkerPool:
             new = [SGLangClient(u, request_timeout_s=self.request_timeout_s, retry=self.retry)
                    for u in urls if u not in self.clients]
             for client, shape in zip(new, await asyncio.gather(*(routed_experts_shape(c) for c in new))):
-                client.routed_experts_shape = shape
+                if shape is not None and self.routed_experts_shape is not None and shape != self.routed_experts_shape:
+                    await asyncio.gather(*(c.close() for c in new))
+                    raise RolloutError(f"{client.base_url} routes {shape[0]} MoE layers x top-{shape[1]}; the trainer's "
+                                       f"model has {self.routed_experts_shape[0]} x top-{self.routed_experts_shape[1]}")
+                client.routed_experts_shape = shape or self.routed_experts_shape
                 self.clients[client.base_url] = client
 
     def _pick(self, avoid: set[str]) -> SGLangClient:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_vespo.config.schema import ModelConfig
+
 ROUTED_FIELD = "rollout_routed_experts"
 
 
@@ -41,6 +43,11 @@ def moe_layer_rows(num_hidden_layers: int, mlp_only_layers: Sequence[int]) -> di
     dense = set(mlp_only_layers)
     moe = [i for i in range(num_hidden_layers) if i not in dense]
     return {layer: row for row, layer in enumerate(moe)}
+
+
+def rollout_experts_shape(model: ModelConfig) -> tuple[int, int]:
+    """(MoE layers, top-k): each position's routed experts as the rollout engine reports them for ``model``."""
+    return len(moe_layer_rows(model.num_hidden_layers, model.mlp_only_layers)), model.num_experts_per_tok
 
 
 class RouterRecorder:

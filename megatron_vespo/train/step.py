@@ -44,7 +44,8 @@ from megatron_vespo.models.trainable import Trainable
 from megatron_vespo.train.logprobs import vocab_parallel_logprobs
 from megatron_vespo.train.packing import iter_rank_micro_batches, pack_sequences, sequence_length
 from megatron_vespo.train.routing import (
-    ROUTED_FIELD, RouterRecorder, count_flips, flip_metrics, reduce_flip_counts, routed_positions, routed_shape,
+    ROUTED_FIELD, RouterRecorder, count_flips, flip_metrics, reduce_flip_counts, rollout_experts_shape,
+    routed_positions, routed_shape,
 )
 
 Sample = Mapping[str, Any]
@@ -118,7 +119,7 @@ class PolicyTrainer:
         plan = pack_sequences(lengths, self.cfg.train.micro_batch_tokens, self.dp_size)
         token_fields = tuple(f for f in ("rollout_logp", "old_logp") if f in samples[0])
         # Routed experts are [R, layers, topk] per sample: laid out per micro-batch here, not by the packer.
-        shape = routed_shape(samples, self._num_moe_layers(), self.cfg.model.num_experts_per_tok) \
+        shape = routed_shape(samples, *rollout_experts_shape(self.cfg.model)) \
             if self.router_recorder is not None else None
         plain = [{k: v for k, v in s.items() if k != ROUTED_FIELD} for s in samples] \
             if any(ROUTED_FIELD in s for s in samples) else samples
@@ -128,9 +129,6 @@ class PolicyTrainer:
             for mb in micro_batches:
                 mb["routed_experts"] = routed_positions(samples, mb["sample_index"].tolist(), mb["num_tokens"], *shape)
         return micro_batches
-
-    def _num_moe_layers(self) -> int:
-        return self.cfg.model.num_hidden_layers - len(set(self.cfg.model.mlp_only_layers))
 
     def _model_inputs(self, mb: Mapping[str, Any]) -> dict[str, Any]:
         total = mb["num_tokens"]

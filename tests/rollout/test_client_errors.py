@@ -196,3 +196,41 @@ def test_control_calls(bad_server):
     assert sent["/pause_generation"] == {"mode": "in_place"}
     assert [b for p, b in bad_server.received if p == "/abort_request"] == [{"rid": "r1"}, {"abort_all": True}]
     assert json.dumps(sent["/update_weights_from_distributed"]["names"]) == '["a"]'
+
+
+# ---- a server that does not report its routed-experts shape (SGLang's /get_model_info) -------------
+
+
+def pool_generate(url: str, shape):
+    from megatron_vespo.driver.worker_pool import WorkerPool
+
+    async def go():
+        async with WorkerPool(url, request_timeout_s=5, retry=FAST_RETRY, routed_experts_shape=shape) as pool:
+            return await pool.generate([1, 2], {"max_new_tokens": 2}, return_routed_experts=True, rid="r")
+    return asyncio.run(go())
+
+
+def test_worker_pool_reads_partial_routed_experts_with_the_models_shape(bad_server):
+    """An aborted response carries fewer rows than prompt + output - 1 (here 2 of 3). Without a shape
+    they cannot be split into layers x top-k; with the trainer's (4 MoE layers, top-2) they can."""
+    import base64
+
+    import numpy as np
+
+    rows = (np.arange(2 * 4 * 2, dtype=np.int32) % 8).reshape(2, 4, 2)
+    item = good_item((5, 6), {"type": "abort", "message": "Abort requested"})
+    item["meta_info"]["routed_experts"] = base64.b64encode(rows.tobytes()).decode()
+    bad_server.script["/get_model_info"] = [(200, {"model_path": "m", "is_generation": True, "weight_version": "7"})]
+    bad_server.script["/generate"] = [(200, item)]
+    (sample,) = pool_generate(bad_server.url, (4, 2))
+    assert sample.aborted and np.array_equal(sample.routed_experts, rows)
+    with pytest.raises(ResponseFormatError, match="routed_experts"):
+        pool_generate(bad_server.url, None)
+
+
+def test_worker_pool_refuses_a_server_routing_another_model(bad_server):
+    from rollout_sglang.errors import RolloutError
+
+    bad_server.script["/get_model_info"] = [(200, {"model_path": "m", "routed_experts_shape": [3, 2]})]
+    with pytest.raises(RolloutError, match="routes 3 MoE layers x top-2; the trainer's model has 4 x top-2"):
+        pool_generate(bad_server.url, (4, 2))

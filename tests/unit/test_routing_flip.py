@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_vespo.train.routing import (
-    count_flips, flip_metrics, moe_layer_rows, routed_positions, routed_shape,
+    count_flips, flip_metrics, moe_layer_rows, rollout_experts_shape, routed_positions, routed_shape,
 )
 
 
@@ -35,6 +35,16 @@ def one_hot_sets(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 def test_moe_layer_rows_skip_dense_layers():
     assert moe_layer_rows(4, []) == {0: 0, 1: 1, 2: 2, 3: 3}
     assert moe_layer_rows(5, [0, 3]) == {1: 0, 2: 1, 4: 2}
+
+
+def test_rollout_experts_shape_is_moe_layers_by_top_k():
+    from pathlib import Path
+
+    from megatron_vespo.config.loader import load_model_config
+
+    models = Path(__file__).resolve().parents[2] / "configs" / "models"
+    assert rollout_experts_shape(load_model_config(models / "qwen3_30b_a3b.yaml")) == (48, 8)
+    assert rollout_experts_shape(load_model_config(models / "tiny_moe.yaml", ["mlp_only_layers=[0,2]"])) == (2, 2)
 
 
 def test_routed_positions_follow_the_packing_convention():
