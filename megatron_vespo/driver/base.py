@@ -137,8 +137,13 @@ class RLDriver:
 
     @property
     def rollout_experts_shape(self) -> Optional[tuple[int, int]]:
-        """(MoE layers, top-k) of the routed experts the fleet returns; None for a dense model."""
-        return rollout_experts_shape(self.cfg.model) if self.cfg.model.num_experts else None
+        """(MoE layers, top-k) of the routed experts the fleet returns, for servers that do not report it.
+
+        None for a dense model, and for an MoE model with dense layers: an engine may then give rows
+        for the MoE layers (the CPU server) or for every layer, and the train step tells them apart
+        from a complete response (``train.routing.routed_shape``)."""
+        m = self.cfg.model
+        return rollout_experts_shape(m) if m.num_experts and not m.mlp_only_layers else None
 
     def _init_checkpoint(self) -> Optional[Path]:
         """The dist checkpoint named by ``checkpoint.init_from`` (an HF directory is converted once)."""

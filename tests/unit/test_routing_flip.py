@@ -47,6 +47,25 @@ def test_rollout_experts_shape_is_moe_layers_by_top_k():
     assert rollout_experts_shape(load_model_config(models / "tiny_moe.yaml", ["mlp_only_layers=[0,2]"])) == (2, 2)
 
 
+def test_driver_reads_unreported_rows_as_the_models_shape_only_when_unambiguous():
+    """With dense layers an engine may give rows per MoE layer or per layer: no shape is imposed then."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from megatron_vespo.config.loader import load_model_config
+    from megatron_vespo.driver.base import RLDriver
+
+    models = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+    def fallback(path, *overrides):
+        return RLDriver.rollout_experts_shape.fget(SimpleNamespace(cfg=SimpleNamespace(
+            model=load_model_config(models / path, list(overrides)))))
+
+    assert fallback("tiny_moe.yaml") == (4, 2)
+    assert fallback("tiny_moe.yaml", "mlp_only_layers=[0,2]") is None
+    assert fallback("tiny_dense.yaml") is None
+
+
 def test_routed_positions_follow_the_packing_convention():
     # Sequence z = prompt ++ response; response token j is predicted at packed position offset + P - 1 + j.
     samples = [
