@@ -188,22 +188,9 @@ class SGLangClient:
         rid_prefix: Optional[str] = None,
     ) -> list[list[Sample]]:
         """Generate ``n`` samples for every prompt concurrently; result[i] belongs to prompts[i]."""
-        prefix = rid_prefix or uuid.uuid4().hex
-        gate = asyncio.Semaphore(max_concurrency)
-
-        async def one(i: int, prompt: Seq[int]) -> list[Sample]:
-            async with gate:
-                return await self.generate(prompt, sampling_params, n=n, return_logprob=return_logprob,
-                                           return_routed_experts=return_routed_experts, rid=f"{prefix}-{i}")
-
-        tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:  # one prompt failed for good: stop the rest instead of leaking them
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await generate_batch(self, prompts, sampling_params, n=n, return_logprob=return_logprob,
+                                    return_routed_experts=return_routed_experts, max_concurrency=max_concurrency,
+                                    rid_prefix=rid_prefix)
 
     # ---- control -------------------------------------------------------------------------------
     async def health(self, timeout_s: float = 5.0) -> bool:
@@ -291,3 +278,36 @@ class SGLangClient:
         if data.get("success") is False:
             raise ServerHTTPError(self.base_url, endpoint, 200, str(data.get("message", "")))
         return data
+
+
+async def generate_batch(
+    target: Any,
+    prompts: Seq[Seq[int]],
+    sampling_params: Optional[dict] = None,
+    *,
+    n: int = 1,
+    return_logprob: bool = True,
+    return_routed_experts: bool = False,
+    max_concurrency: int = 256,
+    rid_prefix: Optional[str] = None,
+) -> list[list[Sample]]:
+    """``n`` samples for every prompt through ``target.generate`` (an :class:`SGLangClient`, or anything
+    with its ``generate``), at most ``max_concurrency`` prompts at a time; result[i] belongs to
+    prompts[i]. Request ids are ``<rid_prefix>-<i>``: they (hence the sampling seeds) depend only on
+    the prompt's index, never on which server ran it."""
+    prefix = rid_prefix or uuid.uuid4().hex
+    gate = asyncio.Semaphore(max_concurrency)
+
+    async def one(i: int, prompt: Seq[int]) -> list[Sample]:
+        async with gate:
+            return await target.generate(prompt, sampling_params, n=n, return_logprob=return_logprob,
+                                         return_routed_experts=return_routed_experts, rid=f"{prefix}-{i}")
+
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:  # one prompt failed for good: stop the rest instead of leaking them
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -15,8 +15,9 @@ fleet busy and fills the :class:`RolloutBuffer` with scored prompt groups.
 - Fleet idle time: wall time with no generation request in flight.
 - Routed experts (``rollout.return_routed_experts``): the router drops the field, so requests go to
   the router's healthy workers directly (:mod:`driver.worker_pool`: least busy first, failover,
-  membership re-read from the router). A resumed response keeps, for each segment, the rows of the positions that produced that segment's tokens
-  (under the weights that sampled them), so the merged response carries one row per token.
+  membership re-read from the router). A resumed response keeps, for each segment, the rows of the
+  positions that produced that segment's tokens (under the weights that sampled them), so the merged
+  response carries one row per token.
 """
 from __future__ import annotations
 
@@ -27,20 +28,19 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from megatron_vespo.config.schema import RolloutConfig
 from megatron_vespo.data.dataset import PromptRow, PromptSampler
-from megatron_vespo.driver.rollout import RolloutGroup, response_routed_experts, sampling_params
+from megatron_vespo.driver.rollout import (
+    RolloutGroup, Target, generation_target, response_routed_experts, sampling_params,
+)
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer
-from megatron_vespo.driver.worker_pool import WorkerPool
-from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import Sample
 
 Scorer = Callable[[RolloutGroup], tuple[list[float], dict[str, float]]]
-Target = Union[SGLangClient, WorkerPool]  # where generation requests go
 MAX_RESUMES = 16  # a response aborted this often for other reasons than pushes is kept as it is
 
 
@@ -250,11 +250,7 @@ class BackgroundGenerator:
 
     async def _main(self) -> None:
         groups: set[asyncio.Task] = set()
-        # The router, or with routed experts its workers directly; both have the same generate().
-        target = (WorkerPool(self.url, request_timeout_s=self.cfg.request_timeout_s,
-                             routed_experts_shape=self.routed_experts_shape) if self.cfg.return_routed_experts
-                  else SGLangClient(self.url, request_timeout_s=self.cfg.request_timeout_s))
-        async with target:
+        async with generation_target(self.url, self.cfg, self.routed_experts_shape) as target:
             try:
                 while not self._stop.is_set():
                     failed = [t for t in groups if t.done() and not t.cancelled() and t.exception() is not None]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from megatron_vespo.config.schema import AdvantageConfig, RewardConfig, RolloutC
 from megatron_vespo.data.dataset import PromptRow
 from megatron_vespo.driver.worker_pool import WorkerPool
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, score_all
-from rollout_sglang.client import SGLangClient
+from rollout_sglang.client import SGLangClient, generate_batch
 from rollout_sglang.types import Sample as RolloutSample
 
 
@@ -55,31 +55,24 @@ def sampling_params(cfg: RolloutConfig) -> dict[str, Any]:
     return params
 
 
-async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str) -> list[RolloutGroup]:
-    async with SGLangClient(url, request_timeout_s=cfg.request_timeout_s) as client:
-        outputs = await client.generate_batch([r.prompt_ids for r in rows], sampling_params(cfg), n=cfg.n_samples,
-                                              return_logprob=True, max_concurrency=cfg.max_concurrency,
-                                              rid_prefix=rid_prefix)
+Target = Union[SGLangClient, WorkerPool]  # where generation requests go; both have the same generate()
+
+
+def generation_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tuple[int, int]] = None) -> Target:
+    """Where generation requests go: the router (or a server) at ``url``; with ``cfg.return_routed_experts``
+    its healthy workers directly (see :mod:`worker_pool`), reading unreported rows as ``routed_experts_shape``."""
+    if cfg.return_routed_experts:
+        return WorkerPool(url, request_timeout_s=cfg.request_timeout_s, routed_experts_shape=routed_experts_shape)
+    return SGLangClient(url, request_timeout_s=cfg.request_timeout_s)
+
+
+async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
+                    routed_experts_shape: Optional[tuple[int, int]]) -> list[RolloutGroup]:
+    async with generation_target(url, cfg, routed_experts_shape) as target:
+        outputs = await generate_batch(target, [r.prompt_ids for r in rows], sampling_params(cfg), n=cfg.n_samples,
+                                       return_logprob=True, return_routed_experts=cfg.return_routed_experts,
+                                       max_concurrency=cfg.max_concurrency, rid_prefix=rid_prefix)
     return [RolloutGroup(row, responses) for row, responses in zip(rows, outputs)]
-
-
-async def _generate_direct(router_url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
-                           routed_experts_shape: Optional[tuple[int, int]]) -> list[RolloutGroup]:
-    """Like :func:`_generate` with routed experts, sent to the workers directly (see :mod:`worker_pool`).
-
-    Request ids (hence sampling seeds) depend only on the prompt index, never on which server ran it."""
-    slots = asyncio.Semaphore(cfg.max_concurrency)
-
-    async def one(pool: WorkerPool, i: int) -> list[RolloutSample]:
-        async with slots:
-            return await pool.generate(rows[i].prompt_ids, sampling_params(cfg), n=cfg.n_samples,
-                                       return_logprob=True, return_routed_experts=True, rid=f"{rid_prefix}-{i}")
-
-    async with WorkerPool(router_url, request_timeout_s=cfg.request_timeout_s,
-                          routed_experts_shape=routed_experts_shape) as pool:
-        async with asyncio.TaskGroup() as tasks:  # one failure cancels the rest
-            futures = [tasks.create_task(one(pool, i)) for i in range(len(rows))]
-    return [RolloutGroup(row, f.result()) for row, f in zip(rows, futures)]
 
 
 def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
@@ -88,9 +81,7 @@ def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid
     router, or a server). With ``cfg.return_routed_experts`` the router's healthy workers are called
     directly and every response also carries its routed experts (read as ``routed_experts_shape``,
     the model's (MoE layers, top-k), where a server does not report its own)."""
-    if cfg.return_routed_experts:
-        return asyncio.run(_generate_direct(url, rows, cfg, rid_prefix, routed_experts_shape))
-    return asyncio.run(_generate(url, rows, cfg, rid_prefix))
+    return asyncio.run(_generate(url, rows, cfg, rid_prefix, routed_experts_shape))
 
 
 def response_routed_experts(response: RolloutSample, prompt_len: int) -> np.ndarray:
