@@ -176,21 +176,10 @@ class SGLangClient:
             for i, item in enumerate(items)
         ]
 
-    async def generate_batch(
-        self,
-        prompts: Seq[Seq[int]],
-        sampling_params: Optional[dict] = None,
-        *,
-        n: int = 1,
-        return_logprob: bool = True,
-        return_routed_experts: bool = False,
-        max_concurrency: int = 256,
-        rid_prefix: Optional[str] = None,
-    ) -> list[list[Sample]]:
-        """Generate ``n`` samples for every prompt concurrently; result[i] belongs to prompts[i]."""
-        return await generate_batch(self, prompts, sampling_params, n=n, return_logprob=return_logprob,
-                                    return_routed_experts=return_routed_experts, max_concurrency=max_concurrency,
-                                    rid_prefix=rid_prefix)
+    async def generate_batch(self, prompts: Seq[Seq[int]], sampling_params: Optional[dict] = None,
+                             **options: Any) -> list[list[Sample]]:
+        """:func:`generate_batch` through this client (``n``, ``max_concurrency``, ``rid_prefix``, ...)."""
+        return await generate_batch(self, prompts, sampling_params, **options)
 
     # ---- control -------------------------------------------------------------------------------
     async def health(self, timeout_s: float = 5.0) -> bool:
