@@ -70,11 +70,11 @@ def init_distributed(
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        # Without torchrun: a free local port, given directly rather than through the environment, so
+        # that processes this one starts (servers, a nested run) do not inherit a port it holds.
+        init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size,
+            backend=backend, init_method=init_method, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(minutes=parallel.collective_timeout_minutes),
         )
 
