@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 # torch is pinned to a range that the local CPU wheel (2.13.0) satisfies, so a CPU install never
 # pulls a multi-GB CUDA build. GPU containers bring their own torch; the `gpu` extra only adds
-# Transformer Engine and SGLang, which must never be installed on a CPU machine (see DESIGN §7).
+# Transformer Engine and SGLang, which must never be installed on a CPU machine (see docs/dependencies.md).
 install_requires = [
     "torch>=2.6,<2.15",
     "megatron-core>=0.16.1,<0.20",
@@ -40,7 +40,7 @@ setup(
     name="megatron-vespo",
     version="0.1.0",
     description="VESPO RL trainer for large MoE language models: Megatron-Core policy, SGLang rollouts",
-    packages=find_packages(include=["megatron_vespo*", "rollout_sglang*"]),
+    packages=find_packages(include=["megatron_vespo*", "rollout_sglang*", "typed_config*"]),
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,

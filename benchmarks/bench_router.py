@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megatron_vespo.config.typed import build  # noqa: E402
 from rollout_sglang.client import SGLangClient  # noqa: E402
 from rollout_sglang.config import FleetConfig, WeightSyncConfig  # noqa: E402
 from rollout_sglang.fleet import Fleet  # noqa: E402
 from rollout_sglang.net import find_free_port  # noqa: E402
 from rollout_sglang.process_group import destroy_custom_process_group, init_custom_process_group  # noqa: E402
 from rollout_sglang.weight_sync import DistributedWeightSync, iter_buckets  # noqa: E402
+from typed_config import build  # noqa: E402
 
 
 def make_model(path: Path, hidden: int, layers: int, experts: int) -> dict[str, torch.Tensor]:
@@ -136,7 +136,7 @@ def main() -> None:
             times = []
             for i in range(args.repeats):
                 start = time.perf_counter()
-                sync.push(state.items(), version=f"bench-{flattened}-{i}")
+                sync.push(iter_buckets(state.items(), sync_cfg.bucket_bytes), version=f"bench-{flattened}-{i}")
                 times.append(time.perf_counter() - start)
             sync.close()
             sync_s[flattened] = min(times)

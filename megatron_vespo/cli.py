@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--trainer-gpus", type=int, default=None,
                       help="trainer world size (torchrun NNODES x nproc_per_node); default: the smallest valid one")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    plan.add_argument("--recompute", choices=["none", "full"], default=None,
-                      help="activation recompute to assume (default: train.recompute if the config has it, else none)")
+    plan.add_argument("--recompute", choices=["none", "full"], default="none",
+                      help="activation recompute to assume (default: none)")
     plan.add_argument("--overhead-gib", type=float, default=2.0,
                       help="per-GPU allowance for CUDA context, NCCL buffers and fragmentation (default 2)")
     plan.set_defaults(func=_cmd_plan)

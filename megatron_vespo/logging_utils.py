@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import sys
 import time
 import uuid
@@ -149,7 +148,7 @@ class MetricsLogger:
     @classmethod
     def from_config(cls, cfg: "RunConfig", resume_step: Optional[int] = None) -> "MetricsLogger":
         """Sinks from ``cfg.logging`` under ``cfg.run.output_dir`` (call on the driver rank only)."""
-        from megatron_vespo.config.typed import to_dict
+        from typed_config import to_dict
 
         out = Path(cfg.run.output_dir)
         jsonl = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step)
@@ -180,68 +179,6 @@ class MetricsLogger:
 # ---------------------------------------------------------------------------------- reading back
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def read_tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} of every scalar in a TensorBoard log directory."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-_WANDB_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version
-_LOG_RECORD = struct.Struct("<IHB")  # crc32c, length, type (leveldb log format, 32 KiB blocks)
-_BLOCK = 32768
-
-
-def _wandb_log_payloads(data: bytes) -> Iterable[bytes]:
-    ident, magic, _ = _WANDB_HEADER.unpack_from(data, 0)
-    if ident != b":W&B" or magic != 0xBEE1:
-        raise ValueError("not a wandb transaction log (.wandb)")
-    pos, pending = _WANDB_HEADER.size, b""
-    while pos + _LOG_RECORD.size <= len(data):
-        if _BLOCK - pos % _BLOCK < _LOG_RECORD.size:  # block trailer too short for a header: padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        _, length, kind = _LOG_RECORD.unpack_from(data, pos)
-        pos += _LOG_RECORD.size
-        chunk, pos = data[pos:pos + length], pos + length
-        if kind == 0 and length == 0:  # zero padding at the end of a block
-            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
-            continue
-        if kind == 1:  # full
-            yield chunk
-        elif kind == 2:  # first
-            pending = chunk
-        elif kind == 3:  # middle
-            pending += chunk
-        elif kind == 4:  # last
-            yield pending + chunk
-            pending = b""
-
-
-def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The logged history rows of a wandb run directory (e.g. ``wandb/offline-run-*``), read from its
-    ``.wandb`` transaction log; each row has ``_step`` and the logged keys."""
-    from wandb.proto import wandb_internal_pb2
-
-    files = sorted(Path(run_dir).glob("*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"{run_dir}: no .wandb file")
-    rows = []
-    for payload in _wandb_log_payloads(files[0].read_bytes()):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(payload)
-        if rec.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in rec.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = json.loads(item.value_json)
-        rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------------- progress

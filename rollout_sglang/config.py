@@ -1,6 +1,6 @@
 """Typed configuration of the rollout fleet: servers, router, supervision, weight sync.
 
-Built from YAML mappings with ``megatron_vespo.config.typed.build`` (unknown keys and bad values fail
+Built from YAML mappings with ``typed_config.build`` (unknown keys and bad values fail
 with the dotted field path). Server kinds: ``cpu`` (the CPU rollout server, not SGLang), ``sglang``
 (``python -m sglang.launch_server``) and ``command`` (any command line, with ``{host}``, ``{port}``
 and ``{model_path}`` placeholders). Launchers (``placement.launcher``): ``local`` subprocesses of the
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megatron_vespo.config.typed import ConfigError, field
+from typed_config import ConfigError, field
 
 
 @dataclass(kw_only=True)

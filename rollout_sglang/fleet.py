@@ -229,9 +229,9 @@ class Fleet:
                     break
                 except NotImplementedError:
                     continue
-            status, data = http_json("GET", server.url + "/get_weight_version", timeout_s=10)
-            if status == 200 and isinstance(data, dict) and str(data.get("weight_version")) != self.weights.version:
-                raise RolloutError(f"server {server.index}: restored to version {data.get('weight_version')!r}, "
+            (reported,) = self.weight_versions([server], timeout_s=10)
+            if reported is not None and str(reported) != self.weights.version:
+                raise RolloutError(f"server {server.index}: restored to version {reported!r}, "
                                    f"expected {self.weights.version!r}")
             self.router.add_worker(server.url)
             server.state = "healthy"
@@ -255,6 +255,25 @@ class Fleet:
         with ThreadPoolExecutor(len(targets)) as pool:
             return list(pool.map(lambda s: http_json(method, s.url + endpoint, body, timeout_s=timeout_s), targets))
 
+    def weight_versions(self, servers: Optional[list[ManagedServer]] = None,
+                        timeout_s: float = 60.0) -> list[Optional[str]]:
+        """The weight version each healthy server (or each of ``servers``) reports; None where it gave none."""
+        return [data.get("weight_version") if isinstance(data, dict) else None
+                for _, data in self.call_all("GET", "/get_weight_version", servers=servers, timeout_s=timeout_s)]
+
+    def abort_all(self) -> None:
+        """Abort every request in flight on every healthy server (each returns its partial output)."""
+        self.call_all("POST", "/abort_request", {"abort_all": True}, timeout_s=30)
+
+    def pause_generation(self, mode: str = "in_place", servers: Optional[list[ManagedServer]] = None) -> None:
+        self.call_all("POST", "/pause_generation", {"mode": mode}, servers=servers)
+
+    def continue_generation(self, servers: Optional[list[ManagedServer]] = None) -> None:
+        self.call_all("POST", "/continue_generation", {}, servers=servers)
+
+    def flush_cache(self, servers: Optional[list[ManagedServer]] = None) -> None:
+        self.call_all("POST", "/flush_cache", servers=servers)
+
     @contextlib.contextmanager
     def updating(self, pause_mode: str = "in_place") -> Iterator[list[ManagedServer]]:
         """Pause generation on every healthy server, yield them, then flush the cache and continue.
@@ -263,13 +282,13 @@ class Fleet:
         """
         with self.update_lock:
             targets = self.healthy_servers()
-            self.call_all("POST", "/pause_generation", {"mode": pause_mode}, servers=targets)
+            self.pause_generation(pause_mode, servers=targets)
             try:
                 yield targets
                 # Flush is refused while requests are held in place; those keep their KV cache, as in SGLang.
-                self.call_all("POST", "/flush_cache", servers=targets)
+                self.flush_cache(servers=targets)
             finally:
-                self.call_all("POST", "/continue_generation", {}, servers=targets)
+                self.continue_generation(servers=targets)
 
     def record_weights(self, version: str, disk_path: Optional[str] = None) -> None:
         self.weights = WeightState(version=str(version), disk_path=disk_path)

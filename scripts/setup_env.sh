@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project virtualenv at .venv and install megatron-vespo with its CPU
 # dependencies. Idempotent: a second run only checks that everything is in place.
-# Never installs transformer-engine, apex or sglang (GPU-only; see DESIGN §7 and the `gpu` extra).
+# Never installs transformer-engine, apex or sglang (GPU-only; see docs/dependencies.md and the `gpu` extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

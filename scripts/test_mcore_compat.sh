@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the Megatron-dependent tests against the newest supported megatron-core (0.19.x) as well.
-# megatron-core 0.19 declares Python >= 3.12 but works on 3.11 (DESIGN §7): it is installed, with
+# megatron-core 0.19 declares Python >= 3.12 but works on 3.11 (docs/dependencies.md): it is installed, with
 # triton, into an overlay directory (.mcore019) that shadows the 0.16.1 of .venv via PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit, detect_stacked_layers
 from megatron_vespo.config.schema import ModelConfig
 from megatron_vespo.models.full_state import Shard, local_shards
-from rollout_sglang.weight_sync import iter_buckets
+from rollout_sglang.weight_sync.common import iter_buckets
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,6 @@ class _Piece:
     local_index: int  # position in the holder's shard list
     slices: tuple[tuple[int, int], ...]  # (start, length) per unit axis
     dtype: torch.dtype
-
-
-def _unit_slices(shard: Shard, prefix_len: int) -> tuple[tuple[int, int], ...]:
-    return tuple((shard.global_offset[prefix_len + axis], size) for axis, size in enumerate(shard.tensor.shape))
 
 
 class HFWeightExporter:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 
 from megatron_vespo.config.schema import ModelConfig
-from megatron_vespo.config.typed import ConfigError, build
+from typed_config import ConfigError, build
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -418,6 +418,21 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype,
 _STALE_KEYS = {"layer_types", "transformers_version"}
 
 
+def write_hf_model_dir(named: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, directory: Path) -> Path:
+    """An HF model directory (config.json + safetensors) holding exactly ``named`` (no token ids: the
+    model's, not a tokenizer's)."""
+    named = list(named)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf = hf_config_from_model(cfg, named[0][1].dtype, extra={"bos_token_id": None, "eos_token_id": None,
+                                                             "pad_token_id": None})
+    (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    writer = SafetensorsWriter(directory, {name: (t.dtype, tuple(t.shape)) for name, t in named})
+    for name, t in named:
+        writer.write(name, t)
+    writer.close()
+    return directory
+
+
 def copy_files(src: str | os.PathLike, dst: str | os.PathLike, patterns: Iterable[str]) -> list[str]:
     """Copy the files of ``src`` matching any glob pattern into ``dst``; returns their names."""
     src, dst = Path(src), Path(dst)
@@ -444,7 +459,7 @@ def save_model_config(cfg: ModelConfig, directory: str | os.PathLike) -> Path:
     """Write ``cfg`` as a model YAML (loadable with ``load_model_config``) into ``directory``."""
     import yaml
 
-    from megatron_vespo.config.typed import to_dict
+    from typed_config import to_dict
 
     path = Path(directory) / MODEL_CONFIG_FILE
     path.write_text("# Model of this checkpoint (megatron_vespo ModelConfig; Hugging Face field names).\n"
@@ -487,9 +502,18 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         os.replace(tmp, out)
 
 
+@dataclass
+class ConversionStats:
+    """What a checkpoint conversion (either direction) wrote: tensors, bytes and the time it took."""
+
+    tensors: int
+    bytes: int
+    seconds: float
+
+
 __all__ = [
-    "CONFIG_FILE", "CheckpointError", "INDEX_FILE", "MODEL_CONFIG_FILE", "SafetensorsReader", "SafetensorsWriter",
-    "TOKENIZER_PATTERNS", "TensorInfo", "atomic_output_dir", "copy_files", "dtype_name", "hf_config_from_model",
+    "CONFIG_FILE", "CheckpointError", "ConversionStats", "INDEX_FILE", "MODEL_CONFIG_FILE", "SafetensorsReader",
+    "SafetensorsWriter", "TOKENIZER_PATTERNS", "TensorInfo", "atomic_output_dir", "copy_files", "dtype_name", "hf_config_from_model",
     "hf_rope_theta", "load_checkpoint_model_config", "model_config_from_hf", "parse_dtype", "read_hf_config",
     "read_safetensors_header", "save_model_config",
 ]

@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from torch.distributed.checkpoint.storage import WriteResult
 
 from megatron_vespo.checkpoint.hf_io import (
-    CheckpointError, SafetensorsReader, atomic_output_dir, copy_files, model_config_from_hf, parse_dtype,
-    read_hf_config, save_model_config,
+    CheckpointError, ConversionStats, SafetensorsReader, atomic_output_dir, copy_files, model_config_from_hf,
+    parse_dtype, read_hf_config, save_model_config,
 )
 from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit
 from megatron_vespo.config.schema import ModelConfig
@@ -59,13 +59,6 @@ CHECKED_FIELDS = (
     "qk_layernorm", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers",
 )
-
-
-@dataclass
-class ConversionStats:
-    tensors: int
-    bytes: int
-    seconds: float
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_vespo.checkpoint.hf_io import CheckpointError, MODEL_CONFIG_FILE, load_checkpoint_model_config
-from megatron_vespo.config.schema import ModelConfig
+from megatron_vespo.config.schema import ModelConfig, RunConfig
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -58,6 +58,17 @@ def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path) 
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def run_init_checkpoint(cfg: RunConfig) -> Optional[Path]:
+    """The dist checkpoint a run starts from per ``checkpoint.init_from`` (an HF directory is converted
+    once, under the run's checkpoint root), or None: nothing named, or the run resumes a training
+    checkpoint, whose weights replace these anyway. Collective (see :func:`resolve_init_checkpoint`)."""
+    from megatron_vespo.checkpoint.training import checkpoint_root, find_resume_checkpoint
+
+    if not cfg.checkpoint.init_from or find_resume_checkpoint(cfg) is not None:
+        return None
+    return resolve_init_checkpoint(cfg.checkpoint.init_from, cfg.model, checkpoint_root(cfg) / "init")
 
 
 def load_model_weights(chunks: Sequence[torch.nn.Module], ckpt_dir: Path, model_cfg: ModelConfig) -> None:

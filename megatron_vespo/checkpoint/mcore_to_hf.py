@@ -24,7 +24,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,18 +35,11 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_vespo.checkpoint.hf_io import (
-    TOKENIZER_PATTERNS, CheckpointError, SafetensorsWriter, atomic_output_dir, copy_files, hf_config_from_model,
-    load_checkpoint_model_config, parse_dtype,
+    TOKENIZER_PATTERNS, CheckpointError, ConversionStats, SafetensorsWriter, atomic_output_dir, copy_files,
+    hf_config_from_model, load_checkpoint_model_config, parse_dtype,
 )
 from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit, detect_stacked_layers
 from megatron_vespo.config.schema import ModelConfig
-
-
-@dataclass
-class ConversionStats:
-    tensors: int
-    bytes: int
-    seconds: float
 
 
 # ------------------------------------------------------------------------------------------------

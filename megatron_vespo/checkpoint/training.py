@@ -22,10 +22,6 @@ directory) move, through a temporary file and ``os.replace``. Older step directo
 ``keep_last`` are deleted after that. A process killed at any moment therefore leaves ``latest``
 naming a complete checkpoint; temporary directories left by a crash are ignored and removed by the
 next save or load.
-
-Test hook (for the crash-during-save test only): with ``MEGATRON_VESPO_TEST_KILL_DURING_SAVE=<k>``
-in the environment, rank 0 SIGKILLs its own process during the save of ``step_<k>``, after the
-model/optimizer files are in the temporary directory and before the manifest and the rename.
 """
 from __future__ import annotations
 
@@ -34,7 +30,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -55,7 +50,6 @@ STATE_FILE = "state.pt"
 MODEL_CONFIG_FILE = "model_config.yaml"
 DIST_DIR = "dist"
 RNG_DIR = "rng"
-KILL_HOOK_ENV = "MEGATRON_VESPO_TEST_KILL_DURING_SAVE"
 
 # Model fields that decide the weights' shapes or the function: a checkpoint must agree on all of them.
 MODEL_FIELDS_CHECKED = (
@@ -479,8 +473,6 @@ class TrainingCheckpointer:
                       f"writing the RNG states to {tmp / RNG_DIR}")
 
         def finish() -> Path:
-            if os.environ.get(KILL_HOOK_ENV) == str(step):  # test hook: a crash in the middle of a save
-                os.kill(os.getpid(), signal.SIGKILL)
             torch.save({"scheduler": self.scheduler.state_dict(), "driver": driver_state}, tmp / STATE_FILE)
             save_model_config(self.cfg.model, tmp)
             write_manifest(tmp, {"step": step, "layout": layout_of(self.cfg.parallel, self.world_size),

@@ -1,10 +1,18 @@
 """Typed configuration: dataclasses built strictly from YAML (see schema.py for every field)."""
 from megatron_vespo.config.loader import apply_overrides, load_model_config, load_run_config
 from megatron_vespo.config.schema import (
-    AdvantageConfig, CorrectionConfig, LossConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-    PrecisionConfig, RunConfig, TrainConfig, VespoConfig,
+    AdvantageConfig,
+    CorrectionConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+    VespoConfig,
 )
-from megatron_vespo.config.typed import ConfigError, build, describe_fields, to_dict
+from typed_config import ConfigError, build, describe_fields, to_dict
 
 __all__ = [
     "AdvantageConfig", "ConfigError", "CorrectionConfig", "LossConfig", "ModelConfig", "OptimizerConfig",

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from megatron_vespo.config.schema import ModelConfig, RunConfig
-from megatron_vespo.config.typed import ConfigError, build
+from typed_config import ConfigError, build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

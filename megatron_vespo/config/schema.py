@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megatron_vespo.config.typed import ConfigError, field
+from rollout_sglang.config import FleetConfig, WeightSyncConfig
+from typed_config import ConfigError, field
 
 LossName = Literal[
     "vespo", "vespo_length_norm", "vespo_sqrt_length_norm", "ppo_clip", "gspo", "sapo", "cispo",
@@ -259,7 +260,7 @@ class RolloutConfig:
     stop_token_ids: list[int] = field(default_factory=list, help="token ids that end a response")
     max_concurrency: int = field(256, gt=0, help="prompts in flight at once")
     request_timeout_s: float = field(600.0, gt=0, help="per-attempt HTTP timeout of a /generate call")
-    fleet: Optional[_rollout_config.FleetConfig] = field(
+    fleet: Optional[FleetConfig] = field(
         None, help="servers + router to start; null: cpu_servers CPU servers booted from the initial weights")
     cpu_servers: int = field(1, ge=1, help="number of local CPU rollout servers when fleet is null")
     cpu_server_dtype: Literal["float32", "bfloat16"] = field(
@@ -269,8 +270,8 @@ class RolloutConfig:
         "(bitwise-reproducible runs and resumes; slower)")
     return_routed_experts: bool = field(False, help="MoE: ask the servers for the experts each token was routed to "
                                         "(requests then go to the servers directly: the router drops the field)")
-    weight_sync: _rollout_config.WeightSyncConfig = field(
-        default_factory=lambda: _rollout_config.WeightSyncConfig(transport="disk"),
+    weight_sync: WeightSyncConfig = field(
+        default_factory=lambda: WeightSyncConfig(transport="disk"),
         help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
 
 
@@ -301,6 +302,10 @@ class AsyncConfig:
     partial_rollouts: bool = field(True, help="on a push, abort in-flight requests, keep the generated prefix "
                                    "and its log-probs, continue with the new weights")
     buffer_groups: int = field(0, ge=0, help="max finished prompt groups waiting in the buffer; 0: two mini-batches")
+
+    def capacity(self, mini_batch_prompts: int) -> int:
+        """Finished groups the buffer holds at most (``buffer_groups``, or two mini-batches)."""
+        return self.buffer_groups or 2 * mini_batch_prompts
 
     def validate(self, path: str) -> None:
         # Steps between pushes train on weights pushed up to push_every_steps - 1 steps earlier.
@@ -388,7 +393,19 @@ class RunConfig:
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:
             raise ConfigError("loss.norm_constant", "is required for aggregation 'seq-mean-token-sum-norm'")
 
+    def check_trainable(self) -> None:
+        """Rules that only a training run needs (``megatron-vespo check`` accepts partial configs, e.g. for
+        evaluation); run by the launch before any process group exists."""
+        longest = self.rollout.max_prompt_len + self.rollout.max_response_len
+        if longest > self.model.max_position_embeddings:
+            raise ConfigError("rollout.max_response_len",
+                              f"max_prompt_len + max_response_len = {longest} exceeds the model's "
+                              f"max_position_embeddings={self.model.max_position_embeddings}")
+        if self.rollout.n_samples < 2:
+            raise ConfigError("rollout.n_samples", "GRPO needs at least 2 responses per prompt")
+        if self.train.mode == "async" and \
+                self.asynchronous.capacity(self.train.mini_batch_prompts) < self.train.mini_batch_prompts:
+            raise ConfigError("asynchronous.buffer_groups",
+                              f"must hold at least one mini-batch (train.mini_batch_prompts="
+                              f"{self.train.mini_batch_prompts}); got {self.asynchronous.buffer_groups}")
 
-# The fleet sections are rollout_sglang's own types. Imported as a module object at the end (and
-# resolved lazily from the string annotations) so either package can be imported first.
-import rollout_sglang.config as _rollout_config  # noqa: E402

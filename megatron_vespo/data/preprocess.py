@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 from megatron_vespo.data.dataset import DataError, read_rows
 
 # DAPO-Math-17k wraps each problem in its own answer-format instruction; we keep only the problem,
-# since our runs ask for a boxed answer instead (DESIGN §3 prompt suffix).
+# since our runs ask for a boxed answer instead (data.prompt_suffix; docs/scale_out.md §3).
 _DAPO_PREFIX = re.compile(r"^Solve the following math problem step by step\. The last line of your response should "
                           r"be of the form Answer: \$Answer \(without quotes\) where \$Answer is the answer to the "
                           r"problem\.\s*")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_vespo.config.schema import RunConfig
-from megatron_vespo.driver.base import RLDriver, RunSummary
+from megatron_vespo.driver.base import RLDriver
+from megatron_vespo.driver.run_state import RunSummary
 from megatron_vespo.driver.sync_loop import SyncRLDriver
 
 

@@ -23,31 +23,20 @@ regenerates those prompts first (their partial outputs are not kept).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from megatron_vespo.config.schema import RunConfig
-from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.distributed import DistributedContext
 from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
-from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups
+from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups, trainable
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
+from megatron_vespo.train.routing import unreported_experts_shape
 
 ASYNC_PROGRESS_KEYS = {**PROGRESS_KEYS, "async/lag_mean": "lag", "async/buffer_groups": "buf",
                        "time/trainer_idle_s": "t_idle", "time/fleet_idle_s": "f_idle"}
-
-
-def buffer_capacity(cfg: RunConfig) -> int:
-    return cfg.asynchronous.buffer_groups or 2 * cfg.train.mini_batch_prompts
-
-
-def check_async_config(cfg: RunConfig) -> None:
-    """Cross-section rules of the asynchronous mode (AsyncConfig checks its own fields)."""
-    if buffer_capacity(cfg) < cfg.train.mini_batch_prompts:
-        raise ConfigError("asynchronous.buffer_groups",
-                          f"must hold at least one mini-batch (train.mini_batch_prompts="
-                          f"{cfg.train.mini_batch_prompts}); got {cfg.asynchronous.buffer_groups}")
 
 
 def lag_metrics(lags: list[int]) -> dict[str, Any]:
@@ -64,6 +53,8 @@ def lag_metrics(lags: list[int]) -> dict[str, Any]:
 class AsyncRLDriver(RLDriver):
     """Continuous generation into a version-tagged buffer; one mini-batch per optimizer step."""
 
+    progress_keys = ASYNC_PROGRESS_KEYS
+
     def __init__(self, cfg: RunConfig, ctx: DistributedContext):
         super().__init__(cfg, ctx)
         self.buffer: Optional[RolloutBuffer] = None
@@ -72,6 +63,107 @@ class AsyncRLDriver(RLDriver):
         self._fleet_idle_mark = 0.0
         self._resumed_async_state: Optional[dict[str, Any]] = None
         self._steps_at_last_eval_check = 0  # optimizer steps at the previous push (the eval window's start)
+
+    def total_steps(self) -> int:
+        return self.cfg.run.rollout_steps * self.cfg.train.staleness  # in this mode a step is one mini-batch
+
+    def run_step(self, step: int) -> bool:
+        cfg = self.cfg
+        batch = self.from_driver(self._mini_batch)
+        recompute_s = 0.0
+        if cfg.train.recompute_old_logprobs:
+            recompute_s = self.recompute_old_logprobs(batch["samples"])
+        record = self.train_step(batch["samples"], {**batch["metrics"], "time/recompute_s": recompute_s})
+        sync_s = 0.0
+        last = step == self.total_steps() - 1
+        if (step + 1) % cfg.asynchronous.push_every_steps == 0 or last:
+            steps_before_push = self._steps_at_last_eval_check
+            sync_s = self.publish_weights()  # generation is held around it (_generation_held)
+            # Evaluated right after a push, so the fleet serves exactly the trained weights.
+            record.update(self.maybe_evaluate(steps_before_push, final=last))
+            self._steps_at_last_eval_check = self.state.optimizer_steps
+
+        def log_and_decide() -> bool:
+            record["time/weight_sync_s"] = sync_s
+            record["time/elapsed_s"] = self.state.elapsed_s()
+            record["weight_version_after"] = self.publisher.version
+            self.metrics_writer.write(step, record)
+            self.progress.report(step, record)
+            # The stop rule averages as many mini-batches as a sync rollout batch has.
+            return self.state.reached_target(batch["metrics"]["rollout/reward_mean"], window=cfg.train.staleness,
+                                             target=cfg.run.stop_at_reward)
+
+        stop = self.from_driver(log_and_decide)
+        self.maybe_save(step, final=stop or last)
+        return stop
+
+    # ------------------------------------------------------------------------------ rank 0
+    def start_generation(self) -> None:
+        cfg = self.cfg
+        self.buffer = RolloutBuffer(cfg.train.mini_batch_prompts, cfg.asynchronous.max_staleness,
+                                    cfg.asynchronous.over_staleness, cfg.asynchronous.capacity(cfg.train.mini_batch_prompts))
+        self.generator = BackgroundGenerator(
+            self.rollout.fleet.router_url, self.rollout.sampler, cfg.rollout, self.buffer, self._score,
+            partial_rollouts=cfg.asynchronous.partial_rollouts, abort_all=self.rollout.fleet.abort_all,
+            version=int(self.publisher.version), rid_prefix=f"s{cfg.train.seed}-async-{self.state.optimizer_steps}",
+            routed_experts_shape=unreported_experts_shape(cfg.model))
+        if self._resumed_async_state is not None:
+            resumed = self._resumed_async_state
+            self.buffer.restore(resumed["finished_groups"])
+            self.buffer.dropped_total = int(resumed["dropped_total"])
+            self.generator.replay(resumed["in_flight_rows"])
+            print(f"[async] resumed {len(resumed['finished_groups'])} finished group(s); regenerating "
+                  f"{len(resumed['in_flight_rows'])} prompt(s) that were in flight", flush=True)
+            self._resumed_async_state = None
+        self.publisher.around_push = self._generation_held
+        self.generator.start()
+        self._fleet_idle_mark = self.generator.fleet_idle_seconds()
+
+    def stop_generation(self) -> None:
+        if self.generator is not None:
+            self.generator.stop()
+
+    @contextlib.contextmanager
+    def _generation_held(self) -> Iterator[None]:
+        """Around every push: generation held (and, with partial rollouts, in-flight requests aborted);
+        afterwards it continues at the version the fleet then holds."""
+        self._push_drain_s += self.generator.hold_for_push(timeout_s=self.cfg.rollout.request_timeout_s)
+        try:
+            yield
+        finally:
+            self.generator.release_after_push(int(self.publisher.version))
+
+    def _score(self, group: RolloutGroup) -> tuple[list[float], dict[str, float]]:
+        return score_groups([group], self.rollout.verifier, self.cfg.reward, self.rollout.tokenizer)
+
+    def _mini_batch(self) -> dict[str, Any]:
+        """Rank 0: the next mini-batch from the buffer as training samples, and its metrics."""
+        cfg = self.cfg
+        taken: TakeResult = self.buffer.take(self.state.optimizer_steps, should_stop=lambda: self.generator.error)
+        payloads: list[GroupPayload] = [g.payload for g in taken.groups]
+        batch = build_rollout_batch([p.group for p in payloads], [r for p in payloads for r in p.rewards],
+                                    cfg.advantage)
+        fleet_idle = self.generator.fleet_idle_seconds()
+        metrics: dict[str, Any] = {
+            **batch.metrics, **self.rollout.dataset_stats, **self.buffer.snapshot(), **self.generator.counters(),
+            **lag_metrics(taken.sample_lags()),
+            "reward/verifier_errors": sum(p.reward_stats.get("reward/verifier_errors", 0.0) for p in payloads),
+            "reward/verifier_timeouts": sum(p.reward_stats.get("reward/verifier_timeouts", 0.0) for p in payloads),
+            "rollout/epoch": float(self.rollout.sampler.epoch),
+            "rollout_weight_version": self.publisher.version,
+            "async/max_staleness": float(cfg.asynchronous.max_staleness),
+            "async/oldest_version": float(min(g.oldest_version for g in taken.groups)),
+            "async/newest_version": float(max(g.newest_version for g in taken.groups)),
+            "async/dropped_stale_groups": float(len(taken.dropped)),
+            "async/partial_resumed_responses": float(sum(p.resumed_responses for p in payloads)),
+            "time/trainer_idle_s": taken.waited_s,
+            "time/fleet_idle_s": fleet_idle - self._fleet_idle_mark,
+            "time/push_drain_s": self._push_drain_s,
+        }
+        metrics["lag"] = metrics["async/lag_max"]
+        self._fleet_idle_mark = fleet_idle
+        self._push_drain_s = 0.0
+        return {"samples": trainable(batch.groups), "metrics": metrics}
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -90,117 +182,4 @@ class AsyncRLDriver(RLDriver):
     def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
         super().restore_checkpoint_state(state)
         self._resumed_async_state = state.get("async")
-        self._steps_at_last_eval_check = self.optimizer_steps
-
-    # ------------------------------------------------------------------------------ rank 0
-    def _score(self, group: RolloutGroup) -> tuple[list[float], dict[str, float]]:
-        return score_groups([group], self.verifier, self.cfg.reward, self.tokenizer)
-
-    def _abort_all(self) -> None:
-        self.fleet.call_all("POST", "/abort_request", {"abort_all": True}, timeout_s=30)
-
-    def start_generation(self) -> None:
-        cfg = self.cfg
-        self.buffer = RolloutBuffer(cfg.train.mini_batch_prompts, cfg.asynchronous.max_staleness,
-                                    cfg.asynchronous.over_staleness, buffer_capacity(cfg))
-        self.generator = BackgroundGenerator(
-            self.fleet.router_url, self.sampler, cfg.rollout, self.buffer, self._score,
-            partial_rollouts=cfg.asynchronous.partial_rollouts, abort_all=self._abort_all,
-            version=int(self.version), rid_prefix=f"s{cfg.train.seed}-async-{self.optimizer_steps}",
-            routed_experts_shape=self.rollout_experts_shape)
-        if self._resumed_async_state is not None:
-            resumed = self._resumed_async_state
-            self.buffer.restore(resumed["finished_groups"])
-            self.buffer.dropped_total = int(resumed["dropped_total"])
-            self.generator.replay(resumed["in_flight_rows"])
-            print(f"[async] resumed {len(resumed['finished_groups'])} finished group(s); regenerating "
-                  f"{len(resumed['in_flight_rows'])} prompt(s) that were in flight", flush=True)
-            self._resumed_async_state = None
-        self.generator.start()
-        self._fleet_idle_mark = self.generator.fleet_idle_seconds()
-
-    def push_weights(self, named, version: str) -> None:
-        """Rank 0: the base push, with generation held (and in-flight requests aborted) around it."""
-        if self.generator is None:  # the initial push to a given fleet, before generation starts
-            return super().push_weights(named, version)
-        self._push_drain_s += self.generator.hold_for_push(timeout_s=self.cfg.rollout.request_timeout_s)
-        try:
-            super().push_weights(named, version)
-        finally:
-            self.generator.release_after_push(int(self.version))
-
-    def _mini_batch(self) -> dict[str, Any]:
-        """Rank 0: the next mini-batch from the buffer as training samples, and its metrics."""
-        cfg = self.cfg
-        taken: TakeResult = self.buffer.take(self.optimizer_steps, should_stop=lambda: self.generator.error)
-        payloads: list[GroupPayload] = [g.payload for g in taken.groups]
-        batch = build_rollout_batch([p.group for p in payloads], [r for p in payloads for r in p.rewards],
-                                    cfg.advantage)
-        samples = [s for group in batch.groups for s in group if s["response_ids"]]
-        fleet_idle = self.generator.fleet_idle_seconds()
-        metrics: dict[str, Any] = {
-            **batch.metrics, **self.dataset_stats, **self.buffer.snapshot(), **self.generator.counters(),
-            **lag_metrics(taken.sample_lags()),
-            "reward/verifier_errors": sum(p.reward_stats.get("reward/verifier_errors", 0.0) for p in payloads),
-            "reward/verifier_timeouts": sum(p.reward_stats.get("reward/verifier_timeouts", 0.0) for p in payloads),
-            "rollout/epoch": float(self.sampler.epoch),
-            "rollout_weight_version": self.version,
-            "async/max_staleness": float(cfg.asynchronous.max_staleness),
-            "async/oldest_version": float(min(g.oldest_version for g in taken.groups)),
-            "async/newest_version": float(max(g.newest_version for g in taken.groups)),
-            "async/dropped_stale_groups": float(len(taken.dropped)),
-            "async/partial_resumed_responses": float(sum(p.resumed_responses for p in payloads)),
-            "time/trainer_idle_s": taken.waited_s,
-            "time/fleet_idle_s": fleet_idle - self._fleet_idle_mark,
-            "time/push_drain_s": self._push_drain_s,
-        }
-        metrics["lag"] = metrics["async/lag_max"]
-        self._fleet_idle_mark = fleet_idle
-        self._push_drain_s = 0.0
-        return {"samples": samples, "metrics": metrics}
-
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        super().check_config(cfg)
-        check_async_config(cfg)
-
-    def shutdown(self, quiet: bool) -> None:
-        """Stop generating before the sinks close and the fleet goes away."""
-        if self.generator is not None:
-            self.generator.stop()
-        super().shutdown(quiet)
-
-    # ------------------------------------------------------------------------------ the loop
-    progress_keys = ASYNC_PROGRESS_KEYS
-
-    def total_steps(self) -> int:
-        return self.cfg.run.rollout_steps * self.cfg.train.staleness  # in this mode a step is one mini-batch
-
-    def run_step(self, step: int) -> bool:
-        cfg = self.cfg
-        payload = self.from_driver(self._mini_batch)
-        recompute_s = 0.0
-        if cfg.train.recompute_old_logprobs:
-            recompute_s = self.recompute_old_logprobs(payload["samples"])
-        record = self.train_step(payload["samples"], {**payload["metrics"], "time/recompute_s": recompute_s})
-        sync_s = 0.0
-        last = step == self.total_steps() - 1
-        if (step + 1) % cfg.asynchronous.push_every_steps == 0 or last:
-            steps_before_push = self._steps_at_last_eval_check
-            sync_s = self.export_and_push()
-            # Evaluated right after a push, so the fleet serves exactly the trained weights.
-            record.update(self.maybe_evaluate(steps_before_push, final=last))
-            self._steps_at_last_eval_check = self.optimizer_steps
-
-        def log_and_decide() -> bool:
-            record["time/weight_sync_s"] = sync_s
-            record["time/elapsed_s"] = self.elapsed_s()
-            record["weight_version_after"] = self.version
-            self.metrics_writer.write(step, record)
-            self.progress.report(step, record)
-            # The stop rule averages as many mini-batches as a sync rollout batch has.
-            return self.reached_target(payload["metrics"]["rollout/reward_mean"], window=cfg.train.staleness)
-
-        stop = self.from_driver(log_and_decide)
-        self.maybe_save(step, final=stop or last)
-        return stop
+        self._steps_at_last_eval_check = self.state.optimizer_steps

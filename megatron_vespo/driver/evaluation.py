@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from megatron_vespo.config.schema import EvalConfig, EvalSetConfig, RunConfig
-from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.data.dataset import PromptRow, build_rows, load_prompt_dataset
 from megatron_vespo.data.synthetic import synthetic_rows
 from megatron_vespo.driver.rollout import response_text
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, get_verifier, score_all
 from rollout_sglang.client import SGLangClient
+from typed_config import ConfigError
 
 HELD_OUT_SEED_OFFSET = 7919  # synthetic eval prompts: a seed other than the training sampler's
 CORRECT = 1.0  # a sample counts for pass@k when its score reaches this
@@ -120,6 +120,7 @@ class Evaluator:
                 raise ConfigError(f"eval.sets[{i}].name", f"duplicate eval set name {name!r}")
         self.sets = [load_eval_set(s, i, cfg, self.seed, tokenizer) for i, s in enumerate(self.eval_cfg.sets)]
         self.params = eval_sampling_params(self.eval_cfg, cfg)
+        self.last_step: Optional[int] = None  # the optimizer step evaluated last (never twice)
 
     def due(self, optimizer_step: int, previous: Optional[int] = None) -> bool:
         """True when a multiple of ``eval.every_steps`` lies in ``(previous, optimizer_step]`` (previous
@@ -130,6 +131,20 @@ class Evaluator:
             return False
         previous = optimizer_step - 1 if previous is None else previous
         return optimizer_step // k > max(previous, 0) // k
+
+    def maybe_run(self, url: str, step: int, previous: int, final: bool = False) -> dict[str, float]:
+        """During training: evaluate when :meth:`due` (a multiple of ``eval.every_steps`` in
+        ``(previous, step]``) or at the end of the run (``final``), unless ``step`` was evaluated
+        already. The ``eval/*`` metrics with ``time/eval_s``; empty when nothing ran."""
+        if step == self.last_step or not (self.due(step, previous=previous) or final):
+            return {}
+        t0 = time.monotonic()
+        metrics = self.run(url, step)
+        self.last_step = step
+        metrics["time/eval_s"] = time.monotonic() - t0
+        print("[eval] step " + str(step) + ": " + ", ".join(
+            f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy")), flush=True)
+        return metrics
 
     def run(self, url: str, step: int = 0) -> dict[str, float]:
         """Evaluate every set through ``url``; the metrics of all sets (``eval/step`` included)."""

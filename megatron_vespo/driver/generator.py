@@ -14,7 +14,7 @@ fleet busy and fills the :class:`RolloutBuffer` with scored prompt groups.
   when it ends (equal unless a push happened mid-request, as without partial rollouts).
 - Fleet idle time: wall time with no generation request in flight.
 - Routed experts (``rollout.return_routed_experts``): the router drops the field, so requests go to
-  the router's healthy workers directly (:mod:`driver.worker_pool`: least busy first, failover,
+  the router's healthy workers directly (:mod:`rollout_sglang.worker_pool`: least busy first, failover,
   membership re-read from the router). A resumed response keeps, for each segment, the rows of the
   positions that produced that segment's tokens (under the weights that sampled them), so the merged
   response carries one row per token.
@@ -34,10 +34,9 @@ import numpy as np
 
 from megatron_vespo.config.schema import RolloutConfig
 from megatron_vespo.data.dataset import PromptRow, PromptSampler
-from megatron_vespo.driver.rollout import (
-    RolloutGroup, Target, generation_target, response_routed_experts, sampling_params,
-)
+from megatron_vespo.driver.rollout import RolloutGroup, open_target, response_routed_experts, sampling_params
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer
+from rollout_sglang.contracts import GenerationTarget
 from rollout_sglang.types import Sample
 
 Scorer = Callable[[RolloutGroup], tuple[list[float], dict[str, float]]]
@@ -250,7 +249,7 @@ class BackgroundGenerator:
 
     async def _main(self) -> None:
         groups: set[asyncio.Task] = set()
-        async with generation_target(self.url, self.cfg, self.routed_experts_shape) as target:
+        async with open_target(self.url, self.cfg, self.routed_experts_shape) as target:
             try:
                 while not self._stop.is_set():
                     failed = [t for t in groups if t.done() and not t.cancelled() and t.exception() is not None]
@@ -274,7 +273,7 @@ class BackgroundGenerator:
                     task.cancel()
                 await asyncio.gather(*groups, return_exceptions=True)
 
-    async def _request(self, target: Target, prompt_ids: list[int], params: dict[str, Any], n: int,
+    async def _request(self, target: GenerationTarget, prompt_ids: list[int], params: dict[str, Any], n: int,
                        rid: str) -> tuple[list[Sample], int]:
         """One /generate call; returns its samples and the fleet version when it was sent."""
         await self._wait_until_sendable()
@@ -295,7 +294,7 @@ class BackgroundGenerator:
                     self._idle_since = time.monotonic()
         return samples, version
 
-    async def _run_group(self, target: Target, ticket: int, row: PromptRow, admitted: int) -> None:
+    async def _run_group(self, target: GenerationTarget, ticket: int, row: PromptRow, admitted: int) -> None:
         try:
             payload, oldest, newest, per_response = await self._generate_group(target, ticket, row, admitted)
         except BaseException:
@@ -308,7 +307,7 @@ class BackgroundGenerator:
         with self._lock:  # after complete(): a checkpoint reads these rows first, then the buffer
             self._rows.pop(ticket, None)
 
-    async def _generate_group(self, target: Target, ticket: int, row: PromptRow, admitted: int):
+    async def _generate_group(self, target: GenerationTarget, ticket: int, row: PromptRow, admitted: int):
         params = sampling_params(self.cfg)
         rid = f"{self.rid_prefix}-g{ticket}"
         samples, sent_version = await self._request(target, list(row.prompt_ids), params, self.cfg.n_samples, rid)
@@ -330,7 +329,7 @@ class BackgroundGenerator:
         return (payload, min(r.oldest_version for r in responses), max(r.newest_version for r in responses),
                 [r.oldest_version for r in responses])
 
-    async def _continue_aborted(self, target: Target, responses: list[_Response], rid: str) -> None:
+    async def _continue_aborted(self, target: GenerationTarget, responses: list[_Response], rid: str) -> None:
         """Resume every aborted response from its prefix (after the push that aborted it) until it ends."""
         base = sampling_params(self.cfg)
         while True:

@@ -1,11 +1,12 @@
 """One rollout batch: prompts -> fleet (through the router) -> scored, GRPO-weighted training samples.
 
 μ (the behaviour policy) is the per-token log-probs the rollout engine returned with each response;
-they become each training sample's ``rollout_logp``. Nothing is recomputed here.
+they become each :class:`~megatron_vespo.train.sample.TrainSample`'s ``rollout_logp``. Nothing is
+recomputed here.
 
 Routed experts (``rollout.return_routed_experts``, MoE only). sglang-router re-serialises /generate
 bodies and drops ``return_routed_experts``, so with it on the requests bypass the router and go to
-its healthy workers directly, least busy first, with failover (:mod:`driver.worker_pool`). A server returns the
+its healthy workers directly, least busy first, with failover (:mod:`rollout_sglang.worker_pool`). A server returns the
 experts of every position it fed forward, ``prompt + response - 1`` rows of ``[layers, topk]``
 (SGLang's layout: the last sampled token is never fed). The rows that produced the response tokens'
 log-probs are positions ``P - 1 .. P + R - 2``, i.e. exactly ``R`` rows aligned with
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +27,12 @@ import torch
 from megatron_vespo.advantages import grpo_advantages
 from megatron_vespo.config.schema import AdvantageConfig, RewardConfig, RolloutConfig
 from megatron_vespo.data.dataset import PromptRow
-from megatron_vespo.driver.worker_pool import WorkerPool
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, score_all
-from rollout_sglang.client import SGLangClient, generate_batch
+from megatron_vespo.train.sample import TrainSample
+from rollout_sglang.client import generate_batch
+from rollout_sglang.contracts import GenerationTarget
 from rollout_sglang.types import Sample as RolloutSample
+from rollout_sglang.worker_pool import generation_target
 
 
 @dataclass
@@ -42,7 +45,7 @@ class RolloutGroup:
 
 @dataclass
 class RolloutBatch:
-    groups: list[list[dict[str, Any]]]  # training samples per prompt, in prompt order
+    groups: list[list[TrainSample]]  # training samples per prompt, in prompt order
     metrics: dict[str, float]
     weight_versions: list[str]  # distinct versions that produced the batch
 
@@ -55,20 +58,16 @@ def sampling_params(cfg: RolloutConfig) -> dict[str, Any]:
     return params
 
 
-Target = Union[SGLangClient, WorkerPool]  # where generation requests go; both have the same generate()
-
-
-def generation_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tuple[int, int]] = None) -> Target:
-    """Where generation requests go: the router (or a server) at ``url``; with ``cfg.return_routed_experts``
-    its healthy workers directly (see :mod:`worker_pool`), reading unreported rows as ``routed_experts_shape``."""
-    if cfg.return_routed_experts:
-        return WorkerPool(url, request_timeout_s=cfg.request_timeout_s, routed_experts_shape=routed_experts_shape)
-    return SGLangClient(url, request_timeout_s=cfg.request_timeout_s)
+def open_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tuple[int, int]] = None) -> GenerationTarget:
+    """Where generation requests go: the router at ``url``, or with ``cfg.return_routed_experts`` its healthy
+    workers directly (reading unreported expert rows as ``routed_experts_shape``)."""
+    return generation_target(url, return_routed_experts=cfg.return_routed_experts,
+                             request_timeout_s=cfg.request_timeout_s, routed_experts_shape=routed_experts_shape)
 
 
 async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
                     routed_experts_shape: Optional[tuple[int, int]]) -> list[RolloutGroup]:
-    async with generation_target(url, cfg, routed_experts_shape) as target:
+    async with open_target(url, cfg, routed_experts_shape) as target:
         outputs = await generate_batch(target, [r.prompt_ids for r in rows], sampling_params(cfg), n=cfg.n_samples,
                                        return_logprob=True, return_routed_experts=cfg.return_routed_experts,
                                        max_concurrency=cfg.max_concurrency, rid_prefix=rid_prefix)
@@ -128,7 +127,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
         raise ValueError("every prompt must have the same number of responses")
     reward_t = torch.tensor(rewards, dtype=torch.float32)
     advantages, adv_stats = grpo_advantages(reward_t, group_size, advantage_cfg)
-    sample_groups: list[list[dict[str, Any]]] = []
+    sample_groups: list[list[TrainSample]] = []
     lengths, finishes, versions = [], Counter(), Counter()
     k = 0
     for g in groups:
@@ -137,11 +136,10 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
             if r.output_logprobs is None or len(r.output_logprobs) != len(r.output_ids):
                 raise ValueError(f"response {r.rid} has {len(r.output_ids)} tokens but "
                                  f"{0 if r.output_logprobs is None else len(r.output_logprobs)} log-probs")
-            sample = {"prompt_ids": list(g.row.prompt_ids), "response_ids": list(r.output_ids),
-                      "rollout_logp": list(r.output_logprobs), "advantage": float(advantages[k])}
-            if r.routed_experts is not None:
-                sample["rollout_routed_experts"] = response_routed_experts(r, len(g.row.prompt_ids))
-            sample_groups[-1].append(sample)
+            routed = response_routed_experts(r, len(g.row.prompt_ids)) if r.routed_experts is not None else None
+            sample_groups[-1].append(TrainSample(
+                prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
+                rollout_logp=list(r.output_logprobs), advantage=float(advantages[k]), rollout_routed_experts=routed))
             lengths.append(len(r.output_ids))
             finishes[r.finish_reason.type] += 1
             versions[r.weight_version] += 1
@@ -164,11 +162,17 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
     return RolloutBatch(groups=sample_groups, metrics=metrics, weight_versions=sorted(versions))
 
 
-def split_mini_batches(groups: Sequence[list[dict[str, Any]]], num: int) -> list[list[dict[str, Any]]]:
+def split_mini_batches(groups: Sequence[list[TrainSample]], num: int) -> list[list[TrainSample]]:
     """``num`` consecutive mini-batches of whole prompt groups, in order, no shuffling (mini-batch j
     is trained at policy lag j). Empty responses have no token to train on and are left out (they
     still counted in their group's advantage)."""
     if len(groups) % num:
         raise ValueError(f"{len(groups)} prompts do not split into {num} equal mini-batches")
     per = len(groups) // num
-    return [[s for g in groups[j * per:(j + 1) * per] for s in g if s["response_ids"]] for j in range(num)]
+    return [trainable(groups[j * per:(j + 1) * per]) for j in range(num)]
+
+
+def trainable(groups: Sequence[list[TrainSample]]) -> list[TrainSample]:
+    """The samples of ``groups`` that have a token to train on (empty responses still counted in their
+    group's advantage)."""
+    return [s for g in groups for s in g if s.response_ids]

@@ -90,10 +90,6 @@ class RolloutBuffer:
         """Groups the trainer can still take at steps ``step`` .. ``deadline``."""
         return self.mini_batch_groups * max(0, deadline - step + 1)
 
-    def can_admit(self, version: int) -> bool:
-        with self._cond:
-            return self._can_admit_locked(version)
-
     def _can_admit_locked(self, version: int) -> bool:
         if self._closed is not None or len(self._finished) >= self.capacity:
             return False

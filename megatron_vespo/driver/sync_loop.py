@@ -27,60 +27,64 @@ from typing import Any
 
 from megatron_vespo.driver.base import RLDriver
 from megatron_vespo.driver.rollout import build_rollout_batch, generate_groups, score_groups, split_mini_batches
+from megatron_vespo.train.routing import unreported_experts_shape
+from megatron_vespo.train.sample import TrainSample
 
 
 class SyncRLDriver(RLDriver):
     """Generate a batch, train N mini-batches on it, push, repeat."""
 
-    def _rollout(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
-        rows = self.sampler.next_batch(cfg.train.mini_batch_prompts * cfg.train.staleness)
-        t0 = time.monotonic()
-        groups = generate_groups(self.fleet.router_url, rows, cfg.rollout, rid_prefix=f"s{cfg.train.seed}-step{step}",
-                                 routed_experts_shape=self.rollout_experts_shape)
-        t1 = time.monotonic()
-        rewards, reward_stats = score_groups(groups, self.verifier, cfg.reward, self.tokenizer)
-        batch = build_rollout_batch(groups, rewards, cfg.advantage)
-        metrics = {**batch.metrics, **reward_stats, **self.dataset_stats,
-                   "rollout/epoch": float(self.sampler.epoch),
-                   "rollout/stale_version_responses": float(sum(
-                       1 for g in groups for r in g.responses if r.weight_version != self.version)),
-                   "time/generate_s": t1 - t0, "time/score_s": time.monotonic() - t1}
-        return {"mini_batches": split_mini_batches(batch.groups, cfg.train.staleness), "metrics": metrics}
-
-    def _train(self, mini_batches: list[list[dict]], rollout_metrics: dict[str, float]) -> list[dict]:
-        """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""
-        version_used = self.version
-        recompute_s = 0.0
-        if self.cfg.train.recompute_old_logprobs:
-            recompute_s = self.recompute_old_logprobs([s for mb in mini_batches for s in mb])
-        return [self.train_step(samples, {**rollout_metrics, "lag": lag, "rollout_weight_version": version_used,
-                                          "time/recompute_s": recompute_s})
-                for lag, samples in enumerate(mini_batches)]
-
     def total_steps(self) -> int:
         return self.cfg.run.rollout_steps
 
     def run_step(self, step: int) -> bool:
-        payload = self.from_driver(lambda: self._rollout(step))
-        steps_before = self.optimizer_steps
-        records = self._train(payload["mini_batches"], payload["metrics"])
-        sync_s = self.export_and_push()
+        batch = self.from_driver(lambda: self._rollout(step))
+        steps_before = self.state.optimizer_steps
+        records = self._train(batch["mini_batches"], batch["metrics"])
+        sync_s = self.publish_weights()
         last = step == self.total_steps() - 1
         records[-1].update(self.maybe_evaluate(steps_before, final=last))
 
         def log_and_decide() -> bool:
             for record in records:
                 record["time/weight_sync_s"] = sync_s
-                record["time/elapsed_s"] = self.elapsed_s()
+                record["time/elapsed_s"] = self.state.elapsed_s()
                 self.metrics_writer.write(step, record)
             self.progress.report(step, records[-1])
-            return self.reached_target(payload["metrics"]["rollout/reward_mean"], window=1)
+            return self.state.reached_target(batch["metrics"]["rollout/reward_mean"], window=1,
+                                             target=self.cfg.run.stop_at_reward)
 
         stop = self.from_driver(log_and_decide)
         if stop and not last:  # stopped early: the final evaluation still happens
-            final_eval = self.maybe_evaluate(self.optimizer_steps, final=True)
+            final_eval = self.maybe_evaluate(self.state.optimizer_steps, final=True)
             if final_eval and self.is_driver:
-                self.metrics_writer.write(step, {**final_eval, "train_step": self.optimizer_steps})
+                self.metrics_writer.write(step, {**final_eval, "train_step": self.state.optimizer_steps})
         self.maybe_save(step, final=stop or last)
         return stop
+
+    def _rollout(self, step: int) -> dict[str, Any]:
+        """Rank 0: one rollout batch, scored, as N in-order mini-batches of training samples, and its metrics."""
+        cfg, side = self.cfg, self.rollout
+        rows = side.sampler.next_batch(cfg.train.mini_batch_prompts * cfg.train.staleness)
+        t0 = time.monotonic()
+        groups = generate_groups(side.fleet.router_url, rows, cfg.rollout, rid_prefix=f"s{cfg.train.seed}-step{step}",
+                                 routed_experts_shape=unreported_experts_shape(cfg.model))
+        t1 = time.monotonic()
+        rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
+        batch = build_rollout_batch(groups, rewards, cfg.advantage)
+        metrics = {**batch.metrics, **reward_stats, **side.dataset_stats,
+                   "rollout/epoch": float(side.sampler.epoch),
+                   "rollout/stale_version_responses": float(sum(
+                       1 for g in groups for r in g.responses if r.weight_version != self.publisher.version)),
+                   "time/generate_s": t1 - t0, "time/score_s": time.monotonic() - t1}
+        return {"mini_batches": split_mini_batches(batch.groups, cfg.train.staleness), "metrics": metrics}
+
+    def _train(self, mini_batches: list[list[TrainSample]], rollout_metrics: dict[str, float]) -> list[dict]:
+        """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""
+        version_used = self.publisher.version
+        recompute_s = 0.0
+        if self.cfg.train.recompute_old_logprobs:
+            recompute_s = self.recompute_old_logprobs([s for mb in mini_batches for s in mb])
+        return [self.train_step(samples, {**rollout_metrics, "lag": lag, "rollout_weight_version": version_used,
+                                          "time/recompute_s": recompute_s})
+                for lag, samples in enumerate(mini_batches)]

@@ -28,22 +28,13 @@ from megatron_vespo.metrics import MetricBag
 
 @dataclass
 class Correction:
+    """Ratio losses multiply in :meth:`token_log_weight`; VESPO adds the log weights to log W itself
+    (:func:`~megatron_vespo.losses.vespo.sequence_log_weight`: token weights before the length
+    normalisation of the ablations, sequence weights after it)."""
+
     token_log_rho: Optional[Tensor] = None  # [N] (0 at inactive tokens)
     seq_log_rho: Optional[Tensor] = None  # [num_seqs]
     keep: Optional[Tensor] = None  # [N] bool: false for tokens masked out by MIS
-
-    @property
-    def is_empty(self) -> bool:
-        return self.token_log_rho is None and self.seq_log_rho is None and self.keep is None
-
-    def seq_log_weight(self, inputs: ScreenedBatch) -> Optional[Tensor]:
-        """Σ_t log ρ_t + log ρ_i per sequence (what VESPO adds to log W), or None."""
-        out = None
-        if self.token_log_rho is not None:
-            out = inputs.seq_sum(self.token_log_rho)
-        if self.seq_log_rho is not None:
-            out = self.seq_log_rho if out is None else out + self.seq_log_rho
-        return out
 
     def token_log_weight(self, inputs: ScreenedBatch) -> Optional[Tensor]:
         """log ρ_t + log ρ_i per token (what ratio losses multiply in as exp), or None."""

@@ -1,4 +1,4 @@
-"""VESPO: a closed-form kernel φ(W) on the sequence-level importance weight (DESIGN.md §4).
+"""VESPO: a closed-form kernel φ(W) on the sequence-level importance weight (README.md, "The VESPO objective").
 
 Per sequence i (valid tokens t, current log-probs ℓ_t, behaviour log-probs b_t, advantage A_i):
 

@@ -1,4 +1,4 @@
-"""Full (unsharded) model weights from and into a Megatron model in any parallel layout.
+"""Megatron model weights in any parallel layout: canonical shards, and full (unsharded) weights loaded in.
 
 Every Megatron module describes its parameters for distributed checkpointing: a
 ``sharded_state_dict()`` maps each local tensor to a *global* tensor (key, global shape, offset of
@@ -6,20 +6,20 @@ this shard, how many prepended axes such as the expert index are stacked). Those
 layout-independent — the same keys and global shapes in TP, PP, EP or DP layouts, and between
 the local and Transformer Engine layer specs — so they define a canonical full state dict:
 
-- :func:`gather_full_state_dict` assembles the global tensors from the shards of all ranks;
+- :func:`local_shards` lists this rank's shards of the global tensors (the HF export reads them);
 - :func:`load_full_state_dict` writes the matching slice of each global tensor into every rank's
   parameters (replicas included, e.g. tied embeddings on two pipeline stages).
 
-This is for tests, weight comparison and small models: everything passes through one process.
+Loading a full state dict is for initial weights and small models: every rank holds all of it.
 Checkpoints of real models use Megatron's distributed checkpointing, which reads these same keys.
+(The tests assemble the full weights back from the shards with ``tests/model_state.py``.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -73,49 +73,6 @@ def local_shards(model_chunks: Sequence[torch.nn.Module] | torch.nn.Module) -> l
                 main_replica=bool(is_main_replica(value.replica_id)),
             ))
     return shards
-
-
-def gather_full_state_dict(
-    model_chunks: Sequence[torch.nn.Module] | torch.nn.Module, dst: int | None = 0
-) -> dict[str, torch.Tensor] | None:
-    """Assemble the full weights (fp32, CPU) from every rank's main-replica shards.
-
-    Collective: every rank must call it. Returns the dict on rank ``dst`` (on every rank when
-    ``dst`` is None) and ``None`` elsewhere. Raises if some element of a global tensor is not
-    covered by any shard.
-    """
-    mine = [
-        (s.key, s.global_shape, s.index(), s.tensor.detach().to("cpu", torch.float32).clone())
-        for s in local_shards(model_chunks) if s.main_replica
-    ]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        if dst is None:
-            parts: list = [None] * world
-            dist.all_gather_object(parts, mine)
-        else:
-            parts = [None] * world if dist.get_rank() == dst else None
-            dist.gather_object(mine, parts, dst=dst)
-            if dist.get_rank() != dst:
-                return None
-    else:
-        parts = [mine]
-    return _assemble(item for part in parts for item in part)
-
-
-def _assemble(items: Iterable[tuple]) -> dict[str, torch.Tensor]:
-    full: dict[str, torch.Tensor] = {}
-    covered: dict[str, torch.Tensor] = {}
-    for key, global_shape, index, tensor in items:
-        if key not in full:
-            full[key] = torch.zeros(global_shape, dtype=torch.float32)
-            covered[key] = torch.zeros(global_shape, dtype=torch.bool)
-        full[key][index] = tensor
-        covered[key][index] = True
-    missing = [k for k, c in covered.items() if not bool(c.all())]
-    if missing:
-        raise RuntimeError(f"shards do not cover the full tensors of: {missing[:5]}")
-    return dict(sorted(full.items()))
 
 
 @torch.no_grad()

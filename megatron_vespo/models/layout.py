@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_vespo.config.typed import ConfigError
+from typed_config import ConfigError
 
 # Transformer Engine runs an FP8 GEMM only when both dimensions of each weight shard divide these
 # (tensorwise/delayed/blockwise scaling: multiples of 16; MXFP8's 1x32 blocks: multiples of 32).

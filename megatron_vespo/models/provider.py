@@ -5,7 +5,7 @@ Megatron's ``TransformerConfig``; :func:`build_layer_spec` picks the Transformer
 when TE can run (CUDA + TE importable) and Megatron's local spec otherwise; :func:`build_gpt_model`
 builds one pipeline stage (or one virtual-pipeline chunk).
 
-Qwen3 / Qwen3-MoE mapping (DESIGN §3, §7):
+Qwen3 / Qwen3-MoE mapping (README.md, "The Megatron-Core engine"; docs/dependencies.md, "Qwen3 in transformers 5"):
 - RMSNorm (eps ``rms_norm_eps``), per-head QK RMSNorm, SwiGLU (``gated_linear_unit`` + SiLU), no
   linear biases, QKV bias from ``attention_bias``, RoPE with base ``rope_theta``, untied or tied
   embeddings, no dropout (RL trains without it);
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
-from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.models.layout import megatron_parallel_sizes, moe_layer_pattern, validate_layout
+from typed_config import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

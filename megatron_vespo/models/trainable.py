@@ -83,7 +83,7 @@ def build_model_and_optimizer(
     """Model chunks wrapped for training and their optimizer, in the layout of ``cfg.parallel``.
 
     ``initial_state`` (a full state dict in the canonical naming of
-    :func:`~megatron_vespo.models.full_state.gather_full_state_dict`) replaces the random
+    :mod:`~megatron_vespo.models.full_state`: dist-checkpoint keys, global shapes) replaces the random
     initialisation on every rank; so does ``init_checkpoint`` (a Megatron dist checkpoint, each rank
     loading its own shards). Needs ``init_distributed`` first.
     """

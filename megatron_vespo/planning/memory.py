@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_vespo.config.schema import RunConfig
-from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.models.layout import moe_layer_pattern, validate_layout
 from megatron_vespo.planning.params import ParamCount, count_params
+from typed_config import ConfigError
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "": 2}
@@ -216,14 +216,15 @@ def estimate_fleet(cfg: RunConfig, gpu_memory_bytes: float) -> FleetEstimate:
 
 
 def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib: float = 80.0,
-             recompute: Optional[str] = None, overhead_gib: float = 2.0) -> RunPlan:
-    """Estimate the run; raise ConfigError for an impossible layout, PlanError when memory does not fit."""
+             recompute: str = "none", overhead_gib: float = 2.0) -> RunPlan:
+    """Estimate the run; raise ConfigError for an impossible layout, PlanError when memory does not fit.
+
+    ``recompute``: the activation recompute to assume, ``none`` or ``full`` (``plan --recompute``)."""
     world = trainer_gpus or minimal_world_size(cfg)
     if world < 1:
         raise ConfigError("trainer_gpus", f"must be >= 1; got {world}")
-    recompute = recompute or getattr(cfg.train, "recompute", None) or "none"
     if recompute not in ("none", "full"):
-        raise ConfigError("train.recompute", f"the planner knows 'none' and 'full'; got {recompute!r}")
+        raise ConfigError("recompute", f"the planner knows 'none' and 'full'; got {recompute!r}")
     gpu_memory = gpu_memory_gib * GIB
     trainer = estimate_trainer(cfg, world, recompute, overhead_gib)
     fleet = estimate_fleet(cfg, gpu_memory)

@@ -1,7 +1,7 @@
 """Reward of the synthetic digit task: the fraction of answer positions that are correct.
 
 Partial credit matters: from a random policy an exact-match reward is almost never 1, so it gives
-GRPO no signal (DESIGN §7); per-position credit does.
+GRPO no signal (docs/dependencies.md, "The CPU quickstart"); per-position credit does.
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ Two steps:
    sequences than the count; only then does it get empty micro-batches, which
    :func:`build_thd_micro_batch` turns into a masked padding-only micro-batch. Deterministic.
 
-2. :func:`build_thd_micro_batch` lays the sequences of one micro-batch end to end (THD layout,
-   batch size 1) with the tensors the model and the loss need.
+2. :func:`build_thd_micro_batch` lays the samples (:class:`~megatron_vespo.train.sample.TrainSample`)
+   of one micro-batch end to end (THD layout, batch size 1) with the tensors the model and the loss need.
 
 Off-by-one convention (next-token prediction). A sequence is ``z = prompt ++ response`` of length
 ``L = P + R``. At packed position ``o + k`` (``o`` is the sequence's offset):
@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["PackingPlan", "pack_sequences", "build_thd_micro_batch", "sequence_length", "iter_rank_micro_batches"]
+from megatron_vespo.train.sample import TrainSample
 
-TOKEN_KEYS = ("prompt_ids", "response_ids", "response_mask")
+__all__ = ["PackingPlan", "pack_sequences", "build_thd_micro_batch", "iter_rank_micro_batches"]
 
 
 @dataclass(frozen=True)
@@ -183,63 +183,59 @@ def _as_long(value: Any, name: str, index: int) -> torch.Tensor:
     return tensor.long()
 
 
-def sequence_length(sequence: Mapping[str, Any]) -> int:
-    """Tokens a sequence occupies when packed: prompt plus response."""
-    return len(sequence["prompt_ids"]) + len(sequence["response_ids"])
+def _per_token(values: Any, name: str, index: int, n_resp: int) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.float32)
+    if tensor.shape != (n_resp,):
+        raise ValueError(f"sequence {index}: {name} has shape {tuple(tensor.shape)}, response_ids has {n_resp} tokens")
+    return tensor
+
+
+def _advantage(value: Any, index: int) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"sequence {index}: advantage must be a scalar, got shape {tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"sequence {index}: advantage must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 def build_thd_micro_batch(
-    sequences: Sequence[Mapping[str, Any]],
+    samples: Sequence[TrainSample],
     pad_to_multiple: int = 1,
     pad_token_id: int = 0,
-    response_token_fields: Sequence[str] = ("rollout_logp",),
-    per_sequence_fields: Sequence[str] | None = None,
+    with_old_logp: Optional[bool] = None,
 ) -> dict[str, Any]:
-    """Pack sequences end to end into one THD micro-batch (see the module docstring for the layout).
+    """Pack samples end to end into one THD micro-batch (see the module docstring for the layout).
 
-    Each sequence is a mapping with ``prompt_ids [P]`` (P >= 1), ``response_ids [R]``, optionally
-    ``response_mask [R]`` (1 = train on this token; default all ones), one ``[R]`` float tensor/list per
-    name in ``response_token_fields`` (aligned with ``response_ids``, e.g. the rollout log-probs), and
-    any number of scalar per-sequence fields (``advantage``, ``reward``, ...). Every sequence must have
-    the same keys; ``per_sequence_fields`` names the scalar ones explicitly (required to get them, as
-    empty tensors, in a micro-batch with no sequences), by default they are taken from sequence 0.
+    ``with_old_logp``: whether the micro-batch carries π_old (``old_logp``); by default, whether the
+    samples have it (then every one must). Give it explicitly for a micro-batch with no samples.
 
-    Returns ``input_ids``, ``position_ids``, ``labels``, ``seq_index`` (int64 ``[T]``), ``loss_mask``
-    and each response token field (float32 ``[T]``, aligned with ``labels``), ``cu_seqlens`` (int32),
-    ``max_seqlen``, ``num_sequences`` (S), ``num_tokens`` (T, padding included), ``num_padding``, and
-    each per-sequence field as a ``[S]`` tensor. With no sequences, the micro-batch is
+    Returns ``input_ids``, ``position_ids``, ``labels``, ``seq_index`` (int64 ``[T]``), ``loss_mask``,
+    ``rollout_logp`` and (with π_old) ``old_logp`` (float32 ``[T]``, aligned with ``labels``),
+    ``advantage`` (``[S]``), ``cu_seqlens`` (int32), ``max_seqlen``, ``num_sequences`` (S),
+    ``num_tokens`` (T, padding included) and ``num_padding``. With no samples, the micro-batch is
     ``max(pad_to_multiple, 1)`` padding tokens, all masked.
     """
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
-    token_fields = tuple(response_token_fields)
-    if per_sequence_fields is None:
-        first = set(sequences[0]) if sequences else set()
-        scalar_keys = sorted(first - set(TOKEN_KEYS) - set(token_fields))
-    else:
-        scalar_keys = sorted(per_sequence_fields)
-    required = {"prompt_ids", "response_ids", *token_fields, *scalar_keys}
+    if with_old_logp is None:
+        with_old_logp = any(s.old_logp is not None for s in samples)
+    token_fields = ("rollout_logp", "old_logp") if with_old_logp else ("rollout_logp",)
 
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "position_ids", "labels", "loss_mask",
                                                              "seq_index", *token_fields)}
-    scalars: dict[str, list[Any]] = {k: [] for k in scalar_keys}
+    advantages: list[float] = []
     seq_lengths: list[int] = []
-    for s, seq in enumerate(sequences):
-        missing, unknown = required - set(seq), set(seq) - required - {"response_mask"}
-        if missing or unknown:
-            raise ValueError(f"sequence {s}: missing keys {sorted(missing)}, unexpected keys {sorted(unknown)} "
-                             f"(per-sequence fields: {scalar_keys}; per-token fields: {list(token_fields)})")
-        prompt = _as_long(seq["prompt_ids"], "prompt_ids", s)
-        response = _as_long(seq["response_ids"], "response_ids", s)
+    for s, sample in enumerate(samples):
+        prompt = _as_long(sample.prompt_ids, "prompt_ids", s)
+        response = _as_long(sample.response_ids, "response_ids", s)
         n_prompt, n_resp = len(prompt), len(response)
         if n_prompt < 1:
             raise ValueError(f"sequence {s}: empty prompt_ids; the first response token is predicted from the "
                              f"last prompt token, so at least one is needed")
-        resp_mask = torch.ones(n_resp) if "response_mask" not in seq else torch.as_tensor(
-            seq["response_mask"], dtype=torch.float32)
-        if resp_mask.shape != (n_resp,):
-            raise ValueError(f"sequence {s}: response_mask has shape {tuple(resp_mask.shape)}, "
-                             f"response_ids has {n_resp} tokens")
+        resp_mask = torch.ones(n_resp) if sample.response_mask is None else _per_token(
+            sample.response_mask, "response_mask", s, n_resp)
         tokens = torch.cat([prompt, response])
         length = n_prompt + n_resp
 
@@ -254,36 +250,25 @@ def build_thd_micro_batch(
         pieces["loss_mask"].append(loss_mask)
         pieces["seq_index"].append(torch.full((length,), s, dtype=torch.long))
         for name in token_fields:
-            values = torch.as_tensor(seq[name], dtype=torch.float32)
-            if values.shape != (n_resp,):
-                raise ValueError(f"sequence {s}: {name} has shape {tuple(values.shape)}, "
-                                 f"response_ids has {n_resp} tokens")
+            values = getattr(sample, name)
+            if values is None:
+                raise ValueError(f"sequence {s}: {name} is missing (the other samples of the micro-batch have it)")
             aligned = torch.zeros(length)
-            aligned[n_prompt - 1:length - 1] = values
+            aligned[n_prompt - 1:length - 1] = _per_token(values, name, s, n_resp)
             pieces[name].append(aligned)
-        for name in scalar_keys:
-            value = seq[name]
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"sequence {s}: per-sequence field {name!r} must be a scalar, got shape "
-                                     f"{tuple(value.shape)} (list it in response_token_fields if it is per token)")
-                value = value.item()
-            elif not isinstance(value, (int, float, bool)):
-                raise ValueError(f"sequence {s}: per-sequence field {name!r} must be a number, got "
-                                 f"{type(value).__name__} (list it in response_token_fields if it is per token)")
-            scalars[name].append(value)
+        advantages.append(_advantage(sample.advantage, s))
         seq_lengths.append(length)
 
     real_tokens = sum(seq_lengths)
     multiple_of = max(pad_to_multiple, 1)
-    total = max(-(-real_tokens // multiple_of) * multiple_of, multiple_of if not sequences else 0)
+    total = max(-(-real_tokens // multiple_of) * multiple_of, multiple_of if not samples else 0)
     n_pad = total - real_tokens
     if n_pad:
         pieces["input_ids"].append(torch.full((n_pad,), pad_token_id, dtype=torch.long))
         pieces["position_ids"].append(torch.arange(n_pad))
         pieces["labels"].append(torch.zeros(n_pad, dtype=torch.long))
         pieces["loss_mask"].append(torch.zeros(n_pad))
-        pieces["seq_index"].append(torch.full((n_pad,), len(sequences), dtype=torch.long))
+        pieces["seq_index"].append(torch.full((n_pad,), len(samples), dtype=torch.long))
         for name in token_fields:
             pieces[name].append(torch.zeros(n_pad))
 
@@ -291,33 +276,31 @@ def build_thd_micro_batch(
     batch: dict[str, Any] = {name: torch.cat(parts) for name, parts in pieces.items()}
     batch["cu_seqlens"] = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     batch["max_seqlen"] = max(segments)
-    batch["num_sequences"] = len(sequences)
+    batch["num_sequences"] = len(samples)
     batch["num_tokens"] = total
     batch["num_padding"] = n_pad
-    for name, values in scalars.items():
-        batch[name] = torch.tensor(values) if values else torch.zeros(0)
+    batch["advantage"] = torch.tensor(advantages) if advantages else torch.zeros(0)
     return batch
 
 
 def iter_rank_micro_batches(
     plan: PackingPlan,
-    sequences: Sequence[Mapping[str, Any]],
+    samples: Sequence[TrainSample],
     dp_rank: int,
     **build_kwargs: Any,
 ) -> Iterator[dict[str, Any]]:
-    """The THD micro-batches of one DP rank, each with ``sample_index [S]`` (indices into ``sequences``)."""
-    if len(sequences) != len(plan.lengths):
-        raise ValueError(f"plan was made for {len(plan.lengths)} sequences, got {len(sequences)}")
+    """The THD micro-batches of one DP rank, each with ``sample_index [S]`` (indices into ``samples``)."""
+    if len(samples) != len(plan.lengths):
+        raise ValueError(f"plan was made for {len(plan.lengths)} sequences, got {len(samples)}")
     if not 0 <= dp_rank < plan.dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside the plan's {plan.dp_size} data-parallel ranks")
-    if sequences:
-        build_kwargs.setdefault("per_sequence_fields", sorted(
-            set(sequences[0]) - set(TOKEN_KEYS) - set(build_kwargs.get("response_token_fields", ("rollout_logp",)))))
+    # Every micro-batch (an empty one too) carries the same fields.
+    build_kwargs.setdefault("with_old_logp", any(s.old_logp is not None for s in samples))
     for indices in plan.micro_batches[dp_rank]:
-        chosen = [sequences[i] for i in indices]
-        for i, seq in zip(indices, chosen):
-            if sequence_length(seq) != plan.lengths[i]:
-                raise ValueError(f"sequence {i} has {sequence_length(seq)} tokens, the plan says {plan.lengths[i]}")
+        chosen = [samples[i] for i in indices]
+        for i, sample in zip(indices, chosen):
+            if sample.num_tokens != plan.lengths[i]:
+                raise ValueError(f"sequence {i} has {sample.num_tokens} tokens, the plan says {plan.lengths[i]}")
         batch = build_thd_micro_batch(chosen, **build_kwargs)
         batch["sample_index"] = torch.tensor(indices, dtype=torch.long)
         yield batch

@@ -8,8 +8,8 @@ CPU server in another precision) may have routed it differently. This module mea
   offset included). While :meth:`RouterRecorder.capture` is open it keeps each router's
   ``routing_map`` (``[local tokens, experts]`` bool: the top-k set per token). Outside it (forward-only
   passes, activation recompute during backward) nothing is kept.
-- :func:`routed_positions` lays the samples' rollout experts (``rollout_routed_experts``: ``[R,
-  layers, topk]`` per sample, aligned with the response tokens, see ``driver/rollout.py``) onto the
+- :func:`routed_positions` lays the samples' rollout experts (``TrainSample.rollout_routed_experts``:
+  ``[R, layers, topk]`` per sample, aligned with the response tokens, see ``driver/rollout.py``) onto the
   packed THD positions of a micro-batch: the position that predicts response token ``j`` of a
   sequence with ``P`` prompt tokens is ``offset + P - 1 + j`` (the packing convention), every other
   position gets ``-1`` (not compared).
@@ -27,15 +27,14 @@ always over PP (different layers) and DP (different sequences): :func:`reduce_fl
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_vespo.config.schema import ModelConfig
-
-ROUTED_FIELD = "rollout_routed_experts"
+from megatron_vespo.train.sample import TrainSample
 
 
 def moe_layer_rows(num_hidden_layers: int, mlp_only_layers: Sequence[int]) -> dict[int, int]:
@@ -48,6 +47,16 @@ def moe_layer_rows(num_hidden_layers: int, mlp_only_layers: Sequence[int]) -> di
 def rollout_experts_shape(model: ModelConfig) -> tuple[int, int]:
     """(MoE layers, top-k): each position's routed experts as the rollout engine reports them for ``model``."""
     return len(moe_layer_rows(model.num_hidden_layers, model.mlp_only_layers)), model.num_experts_per_tok
+
+
+def unreported_experts_shape(model: ModelConfig) -> Optional[tuple[int, int]]:
+    """How to read the routed experts of a server that does not report their shape (SGLang's
+    /get_model_info does not): the model's (MoE layers, top-k).
+
+    None for a dense model, and for an MoE model with dense layers: an engine may then give rows for
+    the MoE layers (the CPU server) or for every layer, and the train step tells them apart from a
+    complete response (:func:`routed_shape`)."""
+    return rollout_experts_shape(model) if model.num_experts and not model.mlp_only_layers else None
 
 
 class RouterRecorder:
@@ -66,10 +75,6 @@ class RouterRecorder:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):
                     self._handles.append(module.register_forward_hook(self._hook))
-
-    @property
-    def num_routers(self) -> int:
-        return len(self._handles)
 
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if not self._active:
@@ -101,7 +106,7 @@ class RouterRecorder:
         return self.rows.get(layer)
 
 
-def routed_positions(samples: Sequence[Mapping[str, Any]], sample_index: Sequence[int], num_tokens: int,
+def routed_positions(samples: Sequence[TrainSample], sample_index: Sequence[int], num_tokens: int,
                      layers: int, topk: int) -> torch.Tensor:
     """``[num_tokens, layers, topk]`` int64 rollout experts at the packed positions of one micro-batch
     holding ``samples[i] for i in sample_index`` in order (``-1``: nothing to compare)."""
@@ -109,8 +114,8 @@ def routed_positions(samples: Sequence[Mapping[str, Any]], sample_index: Sequenc
     offset = 0
     for i in sample_index:
         s = samples[i]
-        prompt, response = len(s["prompt_ids"]), len(s["response_ids"])
-        routed = s.get(ROUTED_FIELD)
+        prompt, response = len(s.prompt_ids), len(s.response_ids)
+        routed = s.rollout_routed_experts
         if routed is not None and response:
             routed = torch.as_tensor(np.asarray(routed), dtype=torch.long).reshape(response, layers, topk)
             out[offset + prompt - 1:offset + prompt - 1 + response] = routed
@@ -118,19 +123,19 @@ def routed_positions(samples: Sequence[Mapping[str, Any]], sample_index: Sequenc
     return out
 
 
-def routed_shape(samples: Sequence[Mapping[str, Any]], num_moe_layers: int, topk: int) -> Optional[tuple[int, int]]:
+def routed_shape(samples: Sequence[TrainSample], num_moe_layers: int, topk: int) -> Optional[tuple[int, int]]:
     """(layers, topk) of the samples' rollout experts, or None when no sample carries them.
 
     An engine that did not say its shape gives ``[R, 1, layers * topk]``; it is read as
     ``num_moe_layers`` (or all decoder layers) of ``topk``."""
     for s in samples:
-        routed = s.get(ROUTED_FIELD)
+        routed = s.rollout_routed_experts
         if routed is None:
             continue
         arr = np.asarray(routed)
         per_token = int(np.prod(arr.shape[1:])) if arr.ndim >= 2 else 0
         if per_token % topk:
-            raise ValueError(f"{ROUTED_FIELD}: {per_token} expert ids per token is not a multiple of top-k {topk}")
+            raise ValueError(f"rollout_routed_experts: {per_token} expert ids per token is not a multiple of top-k {topk}")
         return per_token // topk, topk
     return None
 

@@ -42,13 +42,12 @@ from megatron_vespo.metrics import MetricBag
 from megatron_vespo.models.provider import te_available
 from megatron_vespo.models.trainable import Trainable
 from megatron_vespo.train.logprobs import vocab_parallel_logprobs
-from megatron_vespo.train.packing import iter_rank_micro_batches, pack_sequences, sequence_length
+from megatron_vespo.train.packing import iter_rank_micro_batches, pack_sequences
 from megatron_vespo.train.routing import (
-    ROUTED_FIELD, RouterRecorder, count_flips, flip_metrics, reduce_flip_counts, rollout_experts_shape,
-    routed_positions, routed_shape,
+    RouterRecorder, count_flips, flip_metrics, reduce_flip_counts, rollout_experts_shape, routed_positions,
+    routed_shape,
 )
-
-Sample = Mapping[str, Any]
+from megatron_vespo.train.sample import TrainSample
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -72,9 +71,8 @@ class StepResult:
 class PolicyTrainer:
     """Runs policy-loss updates and forward-only log-prob passes for one parallel Megatron model.
 
-    Every rank of the job constructs it and calls the same methods with the same samples. A sample
-    is a mapping with ``prompt_ids``, ``response_ids``, ``rollout_logp`` (μ, one per response token),
-    ``advantage`` and, when π_old was recomputed, ``old_logp``; ``response_mask`` is optional.
+    Every rank of the job constructs it and calls the same methods with the same samples
+    (:class:`~megatron_vespo.train.sample.TrainSample`).
     """
 
     def __init__(self, cfg: RunConfig, trainable: Trainable, scheduler: Any = None, temperature: float = 1.0):
@@ -114,17 +112,12 @@ class PolicyTrainer:
         self._flip_counts = torch.zeros(2, dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------- data
-    def _plan(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-        lengths = [sequence_length(s) for s in samples]
-        plan = pack_sequences(lengths, self.cfg.train.micro_batch_tokens, self.dp_size)
-        token_fields = tuple(f for f in ("rollout_logp", "old_logp") if f in samples[0])
+    def _plan(self, samples: Sequence[TrainSample]) -> list[dict[str, Any]]:
+        plan = pack_sequences([s.num_tokens for s in samples], self.cfg.train.micro_batch_tokens, self.dp_size)
         # Routed experts are [R, layers, topk] per sample: laid out per micro-batch here, not by the packer.
         shape = routed_shape(samples, *rollout_experts_shape(self.cfg.model)) \
             if self.router_recorder is not None else None
-        plain = [{k: v for k, v in s.items() if k != ROUTED_FIELD} for s in samples] \
-            if any(ROUTED_FIELD in s for s in samples) else samples
-        micro_batches = list(iter_rank_micro_batches(plan, plain, self.dp_rank, pad_to_multiple=self.pad_to_multiple,
-                                                     response_token_fields=token_fields))
+        micro_batches = list(iter_rank_micro_batches(plan, samples, self.dp_rank, pad_to_multiple=self.pad_to_multiple))
         if shape is not None:
             for mb in micro_batches:
                 mb["routed_experts"] = routed_positions(samples, mb["sample_index"].tolist(), mb["num_tokens"], *shape)
@@ -217,7 +210,7 @@ class PolicyTrainer:
         )
 
     # -------------------------------------------------------------------------------------- update
-    def train_mini_batch(self, samples: Sequence[Sample]) -> StepResult:
+    def train_mini_batch(self, samples: Sequence[TrainSample]) -> StepResult:
         """One optimizer step on ``samples`` (the whole mini-batch; identical on every rank)."""
         if not samples:
             raise ValueError("train_mini_batch got an empty mini-batch")
@@ -292,7 +285,7 @@ class PolicyTrainer:
         return torch.zeros((), device=logp.device), torch.tensor(1, dtype=torch.int), {}
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: Sequence[Sample]) -> list[torch.Tensor]:
+    def compute_logprobs(self, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
         """Per-response-token log-probs of every sample under the current weights (forward only).
 
         Returns one ``[R]`` CPU tensor per sample, in input order, on every rank: each DP rank's

@@ -31,11 +31,10 @@ def _drop_http2_probes(record: logging.LogRecord) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads is not None:
-        os.environ["CPU_ROLLOUT_THREADS"] = str(args.threads)
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     import torch
 
-    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(threads)
     from rollout_sglang.cpu_server.app import SERVER_NAME, CpuRolloutApp
     from rollout_sglang.cpu_server.engine import CpuEngine
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("aiohttp.server").addFilter(_drop_http2_probes)
     log.info("%s starting: model %s, dtype %s, %s:%d", SERVER_NAME, args.model_path, args.dtype, args.host, args.port)
     engine = CpuEngine(args.model_path, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                       weight_version=args.weight_version)
+                       weight_version=args.weight_version, threads=threads)
     app = CpuRolloutApp(engine)
     log.info("%s ready on http://%s:%d", SERVER_NAME, args.host, args.port)
     web.run_app(app.app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=2)

@@ -54,16 +54,18 @@ class Sequence:
 
 
 class CpuEngine:
-    """Owns the model, the waiting queue and the generation thread."""
+    """Owns the model, the waiting queue and the generation thread (``threads`` torch threads;
+    default: ``OMP_NUM_THREADS`` or 1)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", max_batch_size: int = 256,
-                 weight_version: str = "default"):
+                 weight_version: str = "default", threads: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}; got {dtype!r}")
         self.model_path = model_path
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.weight_version = weight_version
+        self.threads = threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
         self.config = self.model.config
         self._params = dict(self.model.named_parameters())
@@ -203,7 +205,7 @@ class CpuEngine:
             seq.on_done(seq)
 
     def _loop(self) -> None:
-        torch.set_num_threads(int(os.environ.get("CPU_ROLLOUT_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(self.threads)
         batch: Optional[_Batch] = None
         while True:
             with self._cond:

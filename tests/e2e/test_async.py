@@ -181,7 +181,7 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
                               config_dir=str(model_dir))
         gen = BackgroundGenerator(fleet.router_url, PromptSampler(PromptDataset(rows, "test"), seed=0), cfg, buffer,
                                   lambda group: ([0.0] * len(group.responses), {}), partial_rollouts=partial_rollouts,
-                                  abort_all=lambda: fleet.call_all("POST", "/abort_request", {"abort_all": True}),
+                                  abort_all=fleet.abort_all,
                                   version=0, rid_prefix="t").start()
         for version in (1, 2, 3):
             deadline = time.monotonic() + 30
@@ -189,7 +189,7 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
                 time.sleep(0.01)
             time.sleep(0.05)  # let the requests in flight produce a few tokens
             gen.hold_for_push(timeout_s=30)
-            sync.push(list(states[version].items()), str(version))
+            sync.push([list(states[version].items())], str(version))
             gen.release_after_push(version)
         while len(buffer.finished_groups()) < 12 and gen.error is None:
             time.sleep(0.05)

@@ -9,7 +9,8 @@ rollout batch is 64 mini-batches of one prompt (staleness 64: mini-batch j train
   routing flip rate is reported and nonzero, no step is skipped for non-finite gradients, every
   gradient norm is finite, the weights pushed to the server are finite, and the reward improves.
 - Plain sequence-level IS (φ(W) ≈ W) with the same seed and data: the largest coefficient on
-  ∇ log π is at least 100 times VESPO's (printed side by side).
+  ∇ log π is the largest W, at least 10 times VESPO's, which stays below 1.25 although its own run
+  saw W >= 5 (printed side by side).
 - Control: the same pipeline with an fp32 server gives zero routing flips and no log-prob gap at lag
   0 (the diagnostics measure the mismatch, not an alignment error).
 
@@ -89,14 +90,21 @@ def test_vespo_reward_improves(runs):
     assert rewards[-1] > rewards[0] + 0.02, rewards
 
 
-def test_plain_sequence_is_has_a_100x_heavier_w_tail(runs):
+def test_plain_sequence_is_has_an_unbounded_w_tail_that_vespo_bounds(runs):
+    """The same raw weights W reach both losses; plain IS multiplies ∇ log π by W itself, VESPO by φ(W) <= 1.24.
+
+    How heavy the tail gets is one extreme draw of a chaotic bf16-vs-fp32 run (the largest W was 200 with
+    the dependency versions of 2026-11-22 and 62 with those of 2026-11-30, same code and seed), so the
+    thresholds keep a wide margin below what is seen: both runs must have met large weights, and plain
+    IS's largest coefficient must be an order of magnitude above VESPO's."""
     _, vespo, plain, _ = runs
     v, p = bench.w_tail(vespo), bench.w_tail(plain)
     print(f"\nW tail, same seed/data, staleness {STALENESS}, bf16 server vs fp32 trainer:\n"
           + bench.side_by_side(v, p))
     assert p["coefficient_max"] == pytest.approx(p["W_max"], rel=0.03)  # plain IS: φ(W) ≈ W
     assert v["coefficient_max"] <= 1.25  # VESPO's φ peaks at (c1/c2)^c1 e^(c2-c1) ≈ 1.24
-    assert p["coefficient_max"] >= 100 * v["coefficient_max"]
+    assert v["W_max"] >= 5  # ...although VESPO's own run saw large raw weights too
+    assert p["coefficient_max"] >= 10 * v["coefficient_max"]
     assert all(r["train/skipped_nonfinite_step"] == 0 for r in plain)
 
 

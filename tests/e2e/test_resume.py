@@ -7,8 +7,9 @@ server behind the real sglang-router, disk weight sync), ``ROLLOUT_STEPS`` rollo
 1. uninterrupted (the reference);
 2. killed with SIGKILL (the whole process group: trainer, server, router) as soon as ``latest``
    names ``step_1``, then started again with the same command: it resumes and finishes;
-3. killed by the checkpointer's test hook in the middle of the save of ``step_2`` (model and
-   optimizer files written into the temporary directory, no manifest, no rename), then resumed.
+3. killed in the middle of the save of ``step_2`` (model and optimizer files written into the
+   temporary directory, no manifest, no rename) by ``kill_during_save.py``, a launcher of the same
+   CLI that SIGKILLs itself at that point, then resumed with the plain command.
 
 The resumed runs must equal the reference bitwise: every metric (timings aside) of every optimizer
 step, the weights of the final checkpoint and of every weight push, and the optimizer state.
@@ -55,10 +56,12 @@ def _bootstrap_hf_dir(path: Path) -> Path:
     return path
 
 
-def _command(out: Path, hf_dir: Path) -> list[str]:
+def _command(out: Path, hf_dir: Path, launcher: list[str] | None = None) -> list[str]:
+    """The train command; ``launcher`` replaces ``python -m megatron_vespo.cli`` (same CLI arguments)."""
     fleet = ("{servers: [{kind: cpu, model_path: '%s', extra_args: ['--max-batch-size', '1']}], log_dir: '%s'}"
              % (hf_dir, out / "fleet_logs"))
-    return [sys.executable, "-m", "megatron_vespo.cli", "train", str(REPO / "configs/quickstart.yaml"),
+    launcher = launcher or [sys.executable, "-m", "megatron_vespo.cli"]
+    return [*launcher, "train", str(REPO / "configs/quickstart.yaml"),
             f"run.rollout_steps={ROLLOUT_STEPS}", f"run.output_dir={out}", "run.stop_at_reward=null",
             "run.plot=false", f"train.staleness={STALENESS}", "train.mini_batch_prompts=2", "rollout.n_samples=8",
             f"rollout.fleet={fleet}", "checkpoint.save_every_steps=1", "checkpoint.keep_last=2"]
@@ -192,7 +195,8 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_bitwise
     root, hf_dir, reference = setup
     out, log = root / "killed_in_save", root / "killed_in_save.log"
     cmd = _command(out, hf_dir)
-    code = Run(cmd, log, env={"MEGATRON_VESPO_TEST_KILL_DURING_SAVE": "2"}).wait()
+    killer = _command(out, hf_dir, launcher=[sys.executable, "-m", "tests.e2e.kill_during_save", "2"])
+    code = Run(killer, log).wait()
     assert code == -signal.SIGKILL, log.read_text()[-4000:]
     ckpt = out / "checkpoints"
     # The save of step 2 died after writing part of its temporary directory: step 1 is still the latest,

@@ -1,6 +1,6 @@
 """GPU-only tests: real SGLang engines. Everything here skips, with the reason, where CUDA or SGLang is absent.
 
-SGLang may live in another Python environment than the trainer (DESIGN section 7: it pins its own
+SGLang may live in another Python environment than the trainer (docs/dependencies.md: it pins its own
 torch). Point ``VESPO_SGLANG_PYTHON`` at that interpreter; otherwise the current one must import it.
 """
 from __future__ import annotations

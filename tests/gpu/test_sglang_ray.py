@@ -8,12 +8,19 @@ import time
 import pytest
 import torch
 
-from megatron_vespo.config.typed import build
 from rollout_sglang.config import FleetConfig
 from rollout_sglang.fleet import Fleet
+from typed_config import build
+
 from .conftest import sglang_python
 from .sglang_helpers import (
-    SGLANG_TEST_ARGS, BF16_MEAN_LOGPROB_TOL, hf_state, mean_logprob_error, prompts, reference_model, rollout,
+    BF16_MEAN_LOGPROB_TOL,
+    SGLANG_TEST_ARGS,
+    hf_state,
+    mean_logprob_error,
+    prompts,
+    reference_model,
+    rollout,
     write_tiny_qwen3_moe,
 )
 

@@ -12,15 +12,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vespo.config.typed import build
 from rollout_sglang.config import FleetConfig, WeightSyncConfig
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.net import http_json
-from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync, IPCWeightSync
+from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync, iter_buckets
+from rollout_sglang.weight_sync.ipc import IPCWeightSync
+from typed_config import build
+
 from .conftest import sglang_python
 from .sglang_helpers import (
-    SGLANG_TEST_ARGS, assert_follows_weights, hf_state, mean_logprob_error, perturbed, physical_gpu, prompts,
-    reference_model, rollout, write_tiny_qwen3_moe, BF16_MEAN_LOGPROB_TOL,
+    BF16_MEAN_LOGPROB_TOL,
+    SGLANG_TEST_ARGS,
+    assert_follows_weights,
+    hf_state,
+    mean_logprob_error,
+    perturbed,
+    physical_gpu,
+    prompts,
+    reference_model,
+    rollout,
+    write_tiny_qwen3_moe,
 )
 
 pytestmark = pytest.mark.gpu
@@ -83,7 +94,7 @@ def test_disk_weight_sync(fleet, weights, model_dir, tmp_path):
     new_state, old_model = advance(weights, model_dir, seed=11)
     sync = DiskWeightSync(fleet, build(WeightSyncConfig, {"transport": "disk", "disk_dir": str(tmp_path)}),
                           config_dir=str(model_dir))
-    sync.push(new_state.items(), version="1")
+    sync.push([list(new_state.items())], version="1")
     assert server_version(fleet) == "1"
     assert_follows_weights(rollout(fleet.router_url, prompts(8, seed=2)), "1", weights["model"], old_model)
 
@@ -96,7 +107,7 @@ def test_cuda_ipc_weight_sync(fleet, weights, model_dir, flattened):
     on_gpu = [(name, t.cuda()) for name, t in new_state.items()]
     cfg = build(WeightSyncConfig, {"transport": "ipc", "ipc_flattened_bucket": flattened,
                                    "bucket_bytes": 256 << 10})  # several buckets for this model
-    shared = IPCWeightSync(fleet, cfg).push(on_gpu, version=version)
+    shared = IPCWeightSync(fleet, cfg).push(iter_buckets(on_gpu, cfg.bucket_bytes), version=version)
     assert shared == sum(t.numel() * t.element_size() for _, t in on_gpu)
     assert server_version(fleet) == version
     assert_follows_weights(rollout(fleet.router_url, prompts(8, seed=3)), version, weights["model"], old_model)
@@ -114,7 +125,7 @@ def test_nccl_weight_sync(fleet, weights, model_dir, flattened):
                                    "bucket_bytes": 256 << 10})
     sync = DistributedWeightSync(fleet, cfg)
     try:
-        sent = sync.push(on_gpu, version=version)
+        sent = sync.push(iter_buckets(on_gpu, cfg.bucket_bytes), version=version)
     finally:
         sync.close()
     assert sent == sum(t.numel() * t.element_size() for _, t in on_gpu)

@@ -14,6 +14,7 @@ rounding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,10 +30,11 @@ from megatron_vespo.config.schema import (  # noqa: E402
     CheckpointConfig, OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig, TrainConfig,
 )
 from megatron_vespo.distributed import destroy_distributed, init_distributed  # noqa: E402
-from megatron_vespo.models.full_state import gather_full_state_dict  # noqa: E402
 from megatron_vespo.models.trainable import build_model_and_optimizer  # noqa: E402
 from megatron_vespo.train.lr_schedule import build_lr_scheduler  # noqa: E402
+from megatron_vespo.train.sample import TrainSample  # noqa: E402
 from megatron_vespo.train.step import PolicyTrainer  # noqa: E402
+from tests.model_state import gather_full_state_dict  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,14 +72,14 @@ def main() -> None:
         samples = make_samples(cfg.model.vocab_size, seed=5)
         noise = torch.Generator().manual_seed(6)
         for s, lp in zip(samples, trainer.compute_logprobs(samples)):
-            s["rollout_logp"] = (lp + 0.05 * torch.randn(lp.shape, generator=noise)).tolist()
-        if ctx.rank == 0:
-            torch.save(samples, args.samples)
+            s.rollout_logp = (lp + 0.05 * torch.randn(lp.shape, generator=noise)).tolist()
+        if ctx.rank == 0:  # plain data (the load phase reads it with weights_only)
+            torch.save([dataclasses.asdict(s) for s in samples], args.samples)
         trainer.train_mini_batch(samples)
         checkpointer.save(1, {"note": "after one step"})
         report = {"layout": {"world": ctx.world_size, "tp": args.tp, "ep": args.ep}}
     else:
-        samples = torch.load(args.samples)
+        samples = [TrainSample(**fields) for fields in torch.load(args.samples)]
         loaded = checkpointer.load(Path(args.ckpt))
         report = {"driver_state": loaded.driver_state, "rng_restored": loaded.rng_restored}
     report["weights_at_checkpoint"] = gather_full_state_dict(trainable.model, dst=0)

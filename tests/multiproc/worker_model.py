@@ -25,9 +25,10 @@ import torch.distributed as dist
 from megatron_vespo.config import load_model_config
 from megatron_vespo.config.schema import OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig, TrainConfig
 from megatron_vespo.distributed import destroy_distributed, init_distributed
-from megatron_vespo.models.full_state import gather_full_state_dict
 from megatron_vespo.models.trainable import build_model_and_optimizer, build_model_chunks
+from megatron_vespo.train.sample import TrainSample
 from megatron_vespo.train.step import PolicyTrainer
+from tests.model_state import gather_full_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_PROMPTS, SAMPLES_PER_PROMPT = 6, 4
@@ -52,8 +53,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_samples(vocab_size: int, seed: int) -> list[dict]:
-    """Prompts of 3-8 tokens, responses of 2-12, advantages of both signs."""
+def make_samples(vocab_size: int, seed: int) -> list[TrainSample]:
+    """Prompts of 3-8 tokens, responses of 2-12, advantages of both signs; μ log-probs 0 (callers set them
+    from the model's own log-probs)."""
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(NUM_PROMPTS):
@@ -64,23 +66,21 @@ def make_samples(vocab_size: int, seed: int) -> list[dict]:
         adv = rewards - 0.25
         for k in range(SAMPLES_PER_PROMPT):
             n = int(torch.randint(2, 13, (1,), generator=gen))
-            samples.append({
-                "prompt_ids": prompt.tolist(),
-                "response_ids": torch.randint(0, vocab_size, (n,), generator=gen).tolist(),
-                "advantage": float(adv[k]),
-            })
+            samples.append(TrainSample(prompt_ids=prompt.tolist(),
+                                       response_ids=torch.randint(0, vocab_size, (n,), generator=gen).tolist(),
+                                       rollout_logp=[0.0] * n, advantage=float(adv[k])))
     return samples
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, samples: list[dict]) -> list[torch.Tensor]:
+def reference_logprobs(model: torch.nn.Module, samples: list[TrainSample]) -> list[torch.Tensor]:
     """One sequence at a time, default causal mask, full log_softmax: no packing, no chunking."""
     out = []
     for s in samples:
-        tokens = torch.tensor(s["prompt_ids"] + s["response_ids"])[None]
+        tokens = torch.tensor(s.prompt_ids + s.response_ids)[None]
         logits = model(input_ids=tokens, position_ids=torch.arange(tokens.shape[1])[None], attention_mask=None)
         logp = torch.log_softmax(logits[0].float(), dim=-1)
-        p = len(s["prompt_ids"])
+        p = len(s.prompt_ids)
         out.append(logp[p - 1:-1].gather(-1, tokens[0, p:, None])[:, 0])
     return out
 
@@ -130,7 +130,7 @@ def main() -> None:
     assert all(lp is not None for lp in logprobs), "compute_logprobs must return every sample on every rank"
     noise = torch.Generator().manual_seed(args.seed + 2)
     for s, lp in zip(samples, logprobs):
-        s["rollout_logp"] = (lp + 0.05 * torch.randn(lp.shape, generator=noise)).tolist()
+        s.rollout_logp = (lp + 0.05 * torch.randn(lp.shape, generator=noise)).tolist()
 
     steps, grads = [], None
     for step in range(args.steps):

@@ -22,15 +22,17 @@ from worker_model import make_samples  # noqa: E402
 
 from megatron_vespo.config import load_run_config  # noqa: E402
 from megatron_vespo.distributed import destroy_distributed, init_distributed  # noqa: E402
-from megatron_vespo.models.full_state import gather_full_state_dict, load_full_state_dict  # noqa: E402
+from megatron_vespo.models.full_state import load_full_state_dict  # noqa: E402
 from megatron_vespo.models.trainable import build_model_and_optimizer  # noqa: E402
+from megatron_vespo.train.sample import TrainSample  # noqa: E402
 from megatron_vespo.train.step import PolicyTrainer  # noqa: E402
+from tests.model_state import gather_full_state_dict  # noqa: E402
 
 FLIPPED = [(0, 1, 0), (0, 1, 1), (5, 3, 0)]  # (sample, layer, response position) given another expert set
 REORDERED = (1, 0, 0)  # same set, other order: not a flip
 
 
-def own_routing(trainer: PolicyTrainer, samples: list[dict]) -> list[np.ndarray]:
+def own_routing(trainer: PolicyTrainer, samples: list[TrainSample]) -> list[np.ndarray]:
     """[R, layers, topk] expert ids the trainer itself picks at each response position (1 process)."""
     micro_batches = trainer._plan(samples)
     with trainer.router_recorder.capture() as records:
@@ -43,7 +45,7 @@ def own_routing(trainer: PolicyTrainer, samples: list[dict]) -> list[np.ndarray]
         ids = torch.stack([rm.float().topk(topk, dim=-1).indices for _, rm in maps], dim=1)  # [T, layers, topk]
         offset = 0
         for i in mb["sample_index"].tolist():
-            p, r = len(samples[i]["prompt_ids"]), len(samples[i]["response_ids"])
+            p, r = len(samples[i].prompt_ids), len(samples[i].response_ids)
             out[i] = ids[offset + p - 1:offset + p - 1 + r].numpy().astype(np.int64)
             offset += p + r
     assert all(o is not None and o.shape[1:] == (layers, topk) for o in out)
@@ -72,25 +74,25 @@ def main() -> None:
     trainer = PolicyTrainer(cfg, trainable)
     samples = make_samples(cfg.model.vocab_size, seed=5)
     for s, lp in zip(samples, trainer.compute_logprobs(samples)):
-        s["rollout_logp"] = lp.tolist()
+        s.rollout_logp = lp.tolist()
     if args.make_reference:
         routed = own_routing(trainer, samples)
         Path(args.reference).write_text(json.dumps([r.tolist() for r in routed]))
     routed = [np.asarray(r, dtype=np.uint8) for r in json.loads(Path(args.reference).read_text())]
     for i, r in enumerate(routed):
-        samples[i]["rollout_routed_experts"] = r.copy()
+        samples[i].rollout_routed_experts = r.copy()
     baseline = trainer.train_mini_batch(samples).metrics
     num_experts = cfg.model.num_experts
     for s, layer, pos in FLIPPED:
-        chosen = set(samples[s]["rollout_routed_experts"][pos, layer].tolist())
+        chosen = set(samples[s].rollout_routed_experts[pos, layer].tolist())
         other = [e for e in range(num_experts) if e not in chosen][:len(chosen)]
-        samples[s]["rollout_routed_experts"][pos, layer] = other
+        samples[s].rollout_routed_experts[pos, layer] = other
     s, layer, pos = REORDERED
-    samples[s]["rollout_routed_experts"][pos, layer] = samples[s]["rollout_routed_experts"][pos, layer][::-1]
+    samples[s].rollout_routed_experts[pos, layer] = samples[s].rollout_routed_experts[pos, layer][::-1]
     edited = trainer.train_mini_batch(samples).metrics
     keys = ("mismatch/routing_flipped_pairs", "mismatch/routing_compared_pairs", "mismatch/routing_flip_rate")
     report = {"baseline": {k: baseline.get(k) for k in keys}, "edited": {k: edited.get(k) for k in keys},
-              "response_tokens": sum(len(x["response_ids"]) for x in samples), "layers": cfg.model.num_hidden_layers}
+              "response_tokens": sum(len(x.response_ids) for x in samples), "layers": cfg.model.num_hidden_layers}
     if torch.distributed.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report))
     destroy_distributed()

@@ -22,10 +22,10 @@ from worker_model import make_samples  # noqa: E402
 
 from megatron_vespo.config import load_run_config  # noqa: E402
 from megatron_vespo.distributed import destroy_distributed, init_distributed  # noqa: E402
-from megatron_vespo.models.full_state import gather_full_state_dict  # noqa: E402
 from megatron_vespo.models.trainable import build_model_and_optimizer  # noqa: E402
 from megatron_vespo.train.lr_schedule import build_lr_scheduler  # noqa: E402
 from megatron_vespo.train.step import PolicyTrainer  # noqa: E402
+from tests.model_state import gather_full_state_dict  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,10 +43,10 @@ def main() -> None:
     trainer = PolicyTrainer(cfg, trainable, scheduler=build_lr_scheduler(trainable.optimizer, cfg.optimizer))
     samples = make_samples(cfg.model.vocab_size, seed=5)
     for s, lp in zip(samples, trainer.compute_logprobs(samples)):
-        s["rollout_logp"] = lp.tolist()
+        s.rollout_logp = lp.tolist()
     report: dict = {"lr": []}
 
-    samples[3]["rollout_logp"][1] = float("nan")
+    samples[3].rollout_logp[1] = float("nan")
     before = gather_full_state_dict(trainable.model)
     result = trainer.train_mini_batch(samples)
     after = gather_full_state_dict(trainable.model)
@@ -58,7 +58,7 @@ def main() -> None:
         "weights_changed": sum(int(not torch.equal(before[k], after[k])) for k in after), "num_weights": len(after),
     }
     report["entropy"] = result.metrics.get("train/entropy_mean")
-    samples[3]["rollout_logp"][1] = -1.0
+    samples[3].rollout_logp[1] = -1.0
 
     # A NaN gradient on one parameter (through a tensor hook, before DDP accumulates it).
     param = next(p for name, p in trainable.model[0].named_parameters() if "linear_qkv" in name)

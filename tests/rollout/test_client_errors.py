@@ -202,7 +202,7 @@ def test_control_calls(bad_server):
 
 
 def pool_generate(url: str, shape):
-    from megatron_vespo.driver.worker_pool import WorkerPool
+    from rollout_sglang.worker_pool import WorkerPool
 
     async def go():
         async with WorkerPool(url, request_timeout_s=5, retry=FAST_RETRY, routed_experts_shape=shape) as pool:

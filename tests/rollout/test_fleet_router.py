@@ -15,13 +15,14 @@ import time
 import pytest
 import torch
 
-from megatron_vespo.config.typed import build
 from rollout_sglang.client import RetryPolicy, SGLangClient
 from rollout_sglang.config import FleetConfig, WeightSyncConfig
 from rollout_sglang.errors import ServerUnavailableError, WeightSyncError
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.net import http_json
-from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync
+from rollout_sglang.weight_sync import DiskWeightSync, DistributedWeightSync, iter_buckets
+from typed_config import build
+
 from .helpers import assert_logprob_parity, hf_state, load_hf, load_state_into, perturbed, teacher_forced_logprobs
 
 NUM_PROMPTS, N_SAMPLES = 64, 8
@@ -87,7 +88,7 @@ def test_router_rollout_64x8_logprob_parity(fleet, reference):
 def test_disk_weight_sync_changes_logprobs(fleet, reference, current_state, tmp_path):
     new_state = perturbed(current_state["state"], seed=11)
     sync = DiskWeightSync(fleet, build(WeightSyncConfig, {"transport": "disk", "disk_dir": str(tmp_path)}))
-    sync.push(new_state.items(), version="1")
+    sync.push(iter_buckets(new_state.items(), sync.cfg.bucket_bytes), version="1")
     old = load_hf(fleet.servers[0].cfg.model_path)
     load_state_into(reference, new_state)
     current_state["state"] = new_state
@@ -108,7 +109,7 @@ def test_distributed_gloo_weight_sync(fleet, reference, current_state, flattened
                                    "bucket_bytes": 64 << 10})  # several buckets for this model
     sync = DistributedWeightSync(fleet, cfg)
     try:
-        sent = sync.push(new_state.items(), version=version)
+        sent = sync.push(iter_buckets(new_state.items(), cfg.bucket_bytes), version=version)
     finally:
         sync.close()
     assert sent == sum(t.numel() * t.element_size() for t in new_state.values())
@@ -121,7 +122,7 @@ def test_distributed_gloo_weight_sync(fleet, reference, current_state, flattened
 def test_kill_one_server_mid_rollout(fleet, reference, current_state, tmp_path):
     # Recoverable weights for the restart: a disk version.
     DiskWeightSync(fleet, build(WeightSyncConfig, {"transport": "disk", "disk_dir": str(tmp_path)})).push(
-        current_state["state"].items(), version="3")
+        [list(current_state["state"].items())], version="3")
     victim = fleet.servers[1]
     batch = prompts(NUM_PROMPTS, seed=4)
 
@@ -184,7 +185,7 @@ def test_routed_experts_requests_fail_over_when_a_server_dies(fleet, reference, 
 
     killer = threading.Thread(target=kill_when_busy)
     killer.start()
-    with caplog.at_level("WARNING", logger="megatron_vespo.driver.worker_pool"):
+    with caplog.at_level("WARNING", logger="rollout_sglang.worker_pool"):
         groups = generate_groups(fleet.router_url, rows, cfg, rid_prefix="failover")
     killer.join()
     assert killed_busy.is_set(), "the server never had requests in flight"
@@ -210,7 +211,7 @@ def test_failed_distributed_update_restarts_half_updated_servers(fleet, referenc
     sync = DistributedWeightSync(fleet, build(WeightSyncConfig, {"transport": "distributed"}))
     try:
         with pytest.raises(WeightSyncError, match="bogus"):
-            sync.push(bad, version="bad")
+            sync.push([bad], version="bad")
     finally:
         sync.close()
     assert [s.restarts for s in fleet.servers] == [r + 1 for r in restarts]
@@ -223,9 +224,9 @@ def test_failed_distributed_update_restarts_half_updated_servers(fleet, referenc
 def test_restart_restores_distributed_weights(fleet, reference, current_state):
     new_state = perturbed(current_state["state"], seed=41)
     sync = DistributedWeightSync(fleet, build(WeightSyncConfig, {"transport": "distributed"}),
-                                 state_provider=lambda: new_state.items())
+                                 state_provider=lambda: [list(new_state.items())])
     try:
-        sync.push(new_state.items(), version="4")
+        sync.push([list(new_state.items())], version="4")
         load_state_into(reference, new_state)
         current_state["state"] = new_state
         victim = fleet.servers[2]
@@ -238,7 +239,7 @@ def test_restart_restores_distributed_weights(fleet, reference, current_state):
         direct = run(rollout(victim.url, prompts(4, seed=7), {"max_new_tokens": 4}, n=2))
         assert_parity(reference, direct, temperature=1.0, version="4")
         # The group is re-formed over the new membership on the next push.
-        sync.push(new_state.items(), version="5")
+        sync.push([list(new_state.items())], version="5")
         assert {http_json("GET", s.url + "/get_weight_version")[1]["weight_version"] for s in fleet.servers} == {"5"}
     finally:
         sync.close()

@@ -15,13 +15,13 @@ import pickle
 import pytest
 import torch
 
-from megatron_vespo.config.typed import build
 from rollout_sglang.config import FleetConfig, WeightSyncConfig
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet
-from rollout_sglang.weight_sync import (
-    IPCWeightSync, _with_last, ipc_buckets, ipc_update_payload, make_weight_sync, serialize_for_sglang,
-)
+from rollout_sglang.weight_sync import make_weight_sync
+from rollout_sglang.weight_sync.common import with_last
+from rollout_sglang.weight_sync.ipc import IPCWeightSync, ipc_buckets, ipc_update_payload, serialize_for_sglang
+from typed_config import build
 
 # What SGLang's SafeUnpickler (sglang.srt.utils.common) lets a weight payload reference.
 SGLANG_ALLOWED_PREFIXES = ("builtins.", "collections.", "copyreg.", "functools.", "itertools.", "operator.", "types.",
@@ -109,8 +109,8 @@ def test_flattened_payload_rejects_mixed_dtypes():
 
 
 def test_with_last_marks_only_the_final_bucket():
-    assert list(_with_last([])) == []
-    assert list(_with_last("abc")) == [("a", False), ("b", False), ("c", True)]
+    assert list(with_last([])) == []
+    assert list(with_last("abc")) == [("a", False), ("b", False), ("c", True)]
 
 
 def test_ipc_config():

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from megatron_vespo.config.typed import ConfigError, build
 from rollout_sglang.config import FleetConfig, RouterConfig, ServerConfig, WeightSyncConfig
 from rollout_sglang.launch import build_router_command, build_server_command
+from typed_config import ConfigError, build
 
 
 def test_sglang_command_from_yaml_fields():

@@ -13,12 +13,13 @@ import time
 
 import pytest
 
-from megatron_vespo.config.typed import build
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.config import FleetConfig, WeightSyncConfig
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.net import http_json
 from rollout_sglang.weight_sync import DiskWeightSync
+from typed_config import build
+
 from .helpers import assert_logprob_parity, hf_state, load_hf, load_state_into, perturbed
 
 ray = pytest.importorskip("ray")
@@ -85,7 +86,7 @@ def test_ray_fleet_generate_sync_and_supervise(fleet, tiny_moe_dir, tmp_path):
     # Disk weight sync reaches both Ray-launched servers.
     new_state = perturbed(hf_state(tiny_moe_dir), seed=5)
     DiskWeightSync(fleet, build(WeightSyncConfig, {"transport": "disk", "disk_dir": str(tmp_path)})).push(
-        new_state.items(), version="1")
+        [list(new_state.items())], version="1")
     load_state_into(reference, new_state)
     assert_parity(reference, rollout(fleet.router_url, prompts(8, seed=2)), version="1")
 

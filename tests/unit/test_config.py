@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from megatron_vespo.config import ConfigError, RunConfig, build, load_model_config, load_run_config, to_dict
-from megatron_vespo.config.typed import describe_fields
+from typed_config import describe_fields
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = REPO / "configs" / "tiny_vespo.yaml"

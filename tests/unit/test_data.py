@@ -9,6 +9,7 @@ from megatron_vespo.config.schema import DataConfig
 from megatron_vespo.data import DataError, PromptSampler, load_prompt_dataset, synthetic_rows
 from megatron_vespo.data.synthetic import VOCAB
 from megatron_vespo.driver.rollout import split_mini_batches
+from megatron_vespo.train.sample import TrainSample
 
 
 def write_jsonl(path, rows):
@@ -100,8 +101,11 @@ def test_sampler_covers_each_epoch_once_and_reshuffles():
 
 
 def test_mini_batches_keep_groups_whole_and_in_order():
-    groups = [[{"id": (p, k), "response_ids": [1] if k else []} for k in range(3)] for p in range(4)]
+    # prompt_ids identify (prompt, sample); sample 0 of every group has an empty response
+    groups = [[TrainSample(prompt_ids=[p, k], response_ids=[1] if k else [], rollout_logp=[0.0] if k else [],
+                           advantage=0.0) for k in range(3)] for p in range(4)]
     mbs = split_mini_batches(groups, 2)
-    assert [[s["id"] for s in mb] for mb in mbs] == [[(0, 1), (0, 2), (1, 1), (1, 2)], [(2, 1), (2, 2), (3, 1), (3, 2)]]
+    assert [[tuple(s.prompt_ids) for s in mb] for mb in mbs] == [[(0, 1), (0, 2), (1, 1), (1, 2)],
+                                                                [(2, 1), (2, 2), (3, 1), (3, 2)]]
     with pytest.raises(ValueError, match="do not split"):
         split_mini_batches(groups, 3)

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from megatron_vespo.config.loader import load_run_config
-from megatron_vespo.config.typed import ConfigError
 from megatron_vespo.driver.evaluation import Evaluator, format_table
 from megatron_vespo.rewards.registry import register_verifier
 from megatron_vespo.rewards.synthetic import synthetic_partial_credit
 from rollout_sglang.client import SGLangClient
 from tests.rollout.helpers import cpu_server
+from typed_config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -9,12 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_vespo.train.logprobs import vocab_parallel_logprobs
-from megatron_vespo.train.packing import (
-    build_thd_micro_batch,
-    iter_rank_micro_batches,
-    pack_sequences,
-    sequence_length,
-)
+from megatron_vespo.train.packing import build_thd_micro_batch, iter_rank_micro_batches, pack_sequences
+from megatron_vespo.train.sample import TrainSample
 
 
 def check_plan_invariants(plan, lengths, budget, dp_size, allow_oversized=False):
@@ -76,10 +72,11 @@ def test_fewer_sequences_than_micro_batches_gives_empty_padding_only_batches():
     plan = pack_sequences([60, 60, 60], token_budget=100, dp_size=2)
     check_plan_invariants(plan, [60, 60, 60], 100, 2)
     assert plan.micro_batches == (((0,), (2,)), ((1,), ()))
-    batch = build_thd_micro_batch([], pad_to_multiple=4, per_sequence_fields=["advantage"])
+    batch = build_thd_micro_batch([], pad_to_multiple=4, with_old_logp=True)
     assert batch["num_tokens"] == 4 and batch["num_sequences"] == 0 and batch["loss_mask"].sum() == 0
     assert batch["cu_seqlens"].tolist() == [0, 4] and batch["seq_index"].tolist() == [0, 0, 0, 0]
     assert batch["advantage"].shape == (0,)
+    assert batch["old_logp"].tolist() == [0, 0, 0, 0] and batch["rollout_logp"].tolist() == [0, 0, 0, 0]
 
 
 def test_too_long_sequence_is_an_error_naming_it():
@@ -104,9 +101,8 @@ def test_bad_lengths(bad, message):
 
 def hand_sequences():
     return [
-        dict(prompt_ids=[11, 12, 13], response_ids=[21, 22], rollout_logp=[-0.5, -0.25], advantage=1.5),
-        dict(prompt_ids=[31], response_ids=[41, 42, 43], rollout_logp=[-1.0, -2.0, -3.0], advantage=-0.5,
-             ),
+        TrainSample(prompt_ids=[11, 12, 13], response_ids=[21, 22], rollout_logp=[-0.5, -0.25], advantage=1.5),
+        TrainSample(prompt_ids=[31], response_ids=[41, 42, 43], rollout_logp=[-1.0, -2.0, -3.0], advantage=-0.5),
     ]
 
 
@@ -127,6 +123,7 @@ def test_thd_layout_and_off_by_one_on_a_hand_example():
     assert (batch["num_sequences"], batch["num_tokens"], batch["num_padding"]) == (2, 12, 3)
     assert batch["advantage"].tolist() == [1.5, -0.5]
     assert batch["loss_mask"].dtype == torch.float32 and batch["input_ids"].dtype == torch.int64
+    assert "old_logp" not in batch
 
     unpadded = build_thd_micro_batch(hand_sequences())
     assert unpadded["cu_seqlens"].tolist() == [0, 5, 9] and unpadded["num_padding"] == 0
@@ -134,9 +131,16 @@ def test_thd_layout_and_off_by_one_on_a_hand_example():
 
 def test_response_mask_drops_tokens_from_the_loss():
     seqs = hand_sequences()
-    seqs[1]["response_mask"] = [1, 0, 1]
+    seqs[1].response_mask = [1, 0, 1]
     batch = build_thd_micro_batch(seqs)
     assert batch["loss_mask"].tolist() == [0, 0, 1, 1, 0, 1, 0, 1, 0]
+
+
+def test_old_logprobs_are_aligned_like_rollout_logprobs():
+    seqs = hand_sequences()
+    seqs[0].old_logp, seqs[1].old_logp = [-0.1, -0.2], [-0.3, -0.4, -0.5]
+    batch = build_thd_micro_batch(seqs, pad_to_multiple=4)
+    assert batch["old_logp"].tolist() == pytest.approx([0, 0, -0.1, -0.2, 0, -0.3, -0.4, -0.5, 0, 0, 0, 0])
 
 
 def test_packed_logprobs_equal_per_sequence_logprobs():
@@ -151,7 +155,8 @@ def test_packed_logprobs_equal_per_sequence_logprobs():
     for s in range(5):
         p, r = 1 + s % 3, 2 + (3 * s) % 5
         ids = torch.randint(0, vocab, (p + r,), generator=gen)
-        seqs.append(dict(prompt_ids=ids[:p], response_ids=ids[p:], rollout_logp=torch.zeros(r), advantage=float(s)))
+        seqs.append(TrainSample(prompt_ids=ids[:p], response_ids=ids[p:], rollout_logp=torch.zeros(r),
+                                advantage=float(s)))
 
     batch = build_thd_micro_batch(seqs, pad_to_multiple=8)
     logp, _ = vocab_parallel_logprobs(toy_logits(batch["input_ids"], batch["position_ids"]), batch["labels"],
@@ -159,16 +164,16 @@ def test_packed_logprobs_equal_per_sequence_logprobs():
     per_seq = torch.zeros(len(seqs) + 1).index_add_(0, batch["seq_index"], logp * batch["loss_mask"])[:-1]
 
     for s, seq in enumerate(seqs):
-        tokens = torch.cat([seq["prompt_ids"], seq["response_ids"]])
+        tokens = torch.cat([seq.prompt_ids, seq.response_ids])
         log_probs = torch.log_softmax(toy_logits(tokens, torch.arange(len(tokens))), dim=-1)
-        p = len(seq["prompt_ids"])
-        expected = sum(log_probs[p + j - 1, tokens[p + j]] for j in range(len(seq["response_ids"])))
+        p = len(seq.prompt_ids)
+        expected = sum(log_probs[p + j - 1, tokens[p + j]] for j in range(len(seq.response_ids)))
         torch.testing.assert_close(per_seq[s], expected, rtol=1e-6, atol=1e-5)
 
 
 def test_iter_rank_micro_batches_covers_the_plan():
     seqs = hand_sequences() * 3
-    plan = pack_sequences([sequence_length(s) for s in seqs], token_budget=10, dp_size=2)
+    plan = pack_sequences([s.num_tokens for s in seqs], token_budget=10, dp_size=2)
     seen = []
     for rank in range(2):
         batches = list(iter_rank_micro_batches(plan, seqs, rank, pad_to_multiple=2))
@@ -176,25 +181,31 @@ def test_iter_rank_micro_batches_covers_the_plan():
         for batch, indices in zip(batches, plan.micro_batches[rank]):
             assert batch["sample_index"].tolist() == list(indices)
             assert batch["num_tokens"] % 2 == 0
-            assert batch["advantage"].tolist() == [seqs[i]["advantage"] for i in indices]
+            assert batch["advantage"].tolist() == [seqs[i].advantage for i in indices]
             seen += list(indices)
     assert sorted(seen) == list(range(len(seqs)))
     with pytest.raises(ValueError, match="sequence 0 has 5 tokens, the plan says 6"):
-        bad = pack_sequences([6] + [sequence_length(s) for s in seqs[1:]], token_budget=10, dp_size=1)
+        bad = pack_sequences([6] + [s.num_tokens for s in seqs[1:]], token_budget=10, dp_size=1)
         list(iter_rank_micro_batches(bad, seqs, 0))
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda s: s.update(prompt_ids=[]), "sequence 1: empty prompt_ids"),
-    (lambda s: s.update(rollout_logp=[0.1]), r"sequence 1: rollout_logp has shape \(1,\), response_ids has 3"),
-    (lambda s: s.update(response_mask=[1, 1]), "sequence 1: response_mask has shape"),
-    (lambda s: s.update(advantage=torch.ones(3)), "per-sequence field 'advantage' must be a scalar"),
-    (lambda s: s.pop("rollout_logp"), r"sequence 1: missing keys \['rollout_logp'\]"),
-    (lambda s: s.update(extra=[1, 2]), r"sequence 1: missing keys \[\], unexpected keys \['extra'\]"),
-    (lambda s: s.update(response_ids=[0.5, 1.5, 2.5]), "sequence 1: response_ids must be a 1-D list/tensor of ints"),
+    (lambda s: setattr(s, "prompt_ids", []), "sequence 1: empty prompt_ids"),
+    (lambda s: setattr(s, "rollout_logp", [0.1]), r"sequence 1: rollout_logp has shape \(1,\), response_ids has 3"),
+    (lambda s: setattr(s, "response_mask", [1, 1]), "sequence 1: response_mask has shape"),
+    (lambda s: setattr(s, "advantage", torch.ones(3)), "sequence 1: advantage must be a scalar"),
+    (lambda s: setattr(s, "advantage", "high"), "sequence 1: advantage must be a number"),
+    (lambda s: setattr(s, "response_ids", [0.5, 1.5, 2.5]), "sequence 1: response_ids must be a 1-D list/tensor of ints"),
 ])
 def test_bad_sequences_are_reported_by_index(mutate, message):
     seqs = hand_sequences()
     mutate(seqs[1])
     with pytest.raises(ValueError, match=message):
+        build_thd_micro_batch(seqs)
+
+
+def test_old_logprobs_on_some_samples_only_is_an_error_naming_the_sample():
+    seqs = hand_sequences()
+    seqs[0].old_logp = [-0.1, -0.2]
+    with pytest.raises(ValueError, match="sequence 1: old_logp is missing"):
         build_thd_micro_batch(seqs)

@@ -149,8 +149,9 @@ def test_router_matches_hf_qwen3_moe_rule(single_process, norm_topk_prob):
 
 
 def test_full_state_roundtrip(single_process):
-    from megatron_vespo.models.full_state import gather_full_state_dict, load_full_state_dict
+    from megatron_vespo.models.full_state import load_full_state_dict
     from megatron_vespo.models.provider import build_gpt_model
+    from tests.model_state import gather_full_state_dict
 
     cfg = RunConfig(model=MOE, precision=FP32)
     a, b = build_gpt_model(cfg), build_gpt_model(cfg)

@@ -12,6 +12,12 @@ import torch
 from megatron_vespo.train.routing import (
     count_flips, flip_metrics, moe_layer_rows, rollout_experts_shape, routed_positions, routed_shape,
 )
+from megatron_vespo.train.sample import TrainSample
+
+
+def sample(prompt, response, routed=None) -> TrainSample:
+    return TrainSample(prompt_ids=prompt, response_ids=response, rollout_logp=[0.0] * len(response), advantage=0.0,
+                       rollout_routed_experts=routed)
 
 
 class FakeRecorder:
@@ -50,16 +56,14 @@ def test_rollout_experts_shape_is_moe_layers_by_top_k():
 def test_driver_reads_unreported_rows_as_the_models_shape_only_when_unambiguous():
     """With dense layers an engine may give rows per MoE layer or per layer: no shape is imposed then."""
     from pathlib import Path
-    from types import SimpleNamespace
 
     from megatron_vespo.config.loader import load_model_config
-    from megatron_vespo.driver.base import RLDriver
+    from megatron_vespo.train.routing import unreported_experts_shape
 
     models = Path(__file__).resolve().parents[2] / "configs" / "models"
 
     def fallback(path, *overrides):
-        return RLDriver.rollout_experts_shape.fget(SimpleNamespace(cfg=SimpleNamespace(
-            model=load_model_config(models / path, list(overrides)))))
+        return unreported_experts_shape(load_model_config(models / path, list(overrides)))
 
     assert fallback("tiny_moe.yaml") == (4, 2)
     assert fallback("tiny_moe.yaml", "mlp_only_layers=[0,2]") is None
@@ -68,11 +72,8 @@ def test_driver_reads_unreported_rows_as_the_models_shape_only_when_unambiguous(
 
 def test_routed_positions_follow_the_packing_convention():
     # Sequence z = prompt ++ response; response token j is predicted at packed position offset + P - 1 + j.
-    samples = [
-        {"prompt_ids": [1, 2, 3], "response_ids": [4, 5], "rollout_routed_experts": np.array([[[0, 1]], [[2, 3]]])},
-        {"prompt_ids": [7], "response_ids": [8, 9, 10],
-         "rollout_routed_experts": np.array([[[4, 5]], [[6, 7]], [[0, 7]]])},
-    ]
+    samples = [sample([1, 2, 3], [4, 5], np.array([[[0, 1]], [[2, 3]]])),
+               sample([7], [8, 9, 10], np.array([[[4, 5]], [[6, 7]], [[0, 7]]]))]
     out = routed_positions(samples, [1, 0], num_tokens=10, layers=1, topk=2)  # packed in the order 1, 0
     assert out.shape == (10, 1, 2)
     assert out[0:3, 0].tolist() == [[4, 5], [6, 7], [0, 7]]  # sample 1 at offset 0, P=1: positions 0..2
@@ -83,12 +84,12 @@ def test_routed_positions_follow_the_packing_convention():
 
 
 def test_routed_shape_reads_engine_layouts():
-    assert routed_shape([{"x": 1}], 4, 2) is None
-    assert routed_shape([{"rollout_routed_experts": np.zeros((3, 4, 2))}], 4, 2) == (4, 2)
+    assert routed_shape([sample([1], [2, 3, 4])], 4, 2) is None
+    assert routed_shape([sample([1], [2, 3, 4], np.zeros((3, 4, 2)))], 4, 2) == (4, 2)
     # An engine that did not say its shape: [R, 1, layers * topk].
-    assert routed_shape([{"rollout_routed_experts": np.zeros((3, 1, 8))}], 4, 2) == (4, 2)
+    assert routed_shape([sample([1], [2, 3, 4], np.zeros((3, 1, 8)))], 4, 2) == (4, 2)
     with pytest.raises(ValueError, match="not a multiple of top-k"):
-        routed_shape([{"rollout_routed_experts": np.zeros((3, 1, 7))}], 4, 2)
+        routed_shape([sample([1], [2, 3, 4], np.zeros((3, 1, 7)))], 4, 2)
 
 
 def test_count_flips_compares_sets_on_response_positions_only():

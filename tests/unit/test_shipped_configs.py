@@ -44,7 +44,7 @@ def test_model_yaml_loads(path):
 
 
 def test_qwen3_30b_a3b_matches_the_reference_setup():
-    m = load_model_config(CONFIGS / "models/qwen3_30b_a3b.yaml")  # DESIGN §3
+    m = load_model_config(CONFIGS / "models/qwen3_30b_a3b.yaml")  # docs/scale_out.md §3
     assert (m.architecture, m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads,
             m.head_dim, m.vocab_size) == ("qwen3_moe", 48, 2048, 32, 4, 128, 151936)
     assert (m.rms_norm_eps, m.rope_theta, m.qk_layernorm, m.attention_bias, m.tie_word_embeddings) == \

@@ -16,7 +16,7 @@ def phi_of_w(w: float, c1: float, c2: float) -> float:
 
 
 def reference_phi(log_w: float, advantage: float, cfg: VespoConfig = VespoConfig()) -> float:
-    """φ written out independently of the implementation (plain math, clamps of DESIGN §4)."""
+    """φ written out independently of the implementation (plain math, clamps of README.md "The VESPO objective")."""
     log_w = min(max(log_w, math.log(cfg.w_min)), cfg.log_w_max)
     c1, c2 = (cfg.k_pos, cfg.lambda_pos) if advantage >= 0 else (cfg.k_neg, cfg.lambda_neg)
     w = math.exp(log_w)

@@ -1,7 +1,8 @@
 """Generation requests that must bypass sglang-router, sent to its healthy workers directly.
 
 Why: the router re-serialises /generate bodies and drops ``return_routed_experts``, so responses
-that must carry routed experts come from the servers themselves.
+that must carry routed experts come from the servers themselves. :func:`generation_target` picks
+the router's client or this pool; both are a :class:`~rollout_sglang.contracts.GenerationTarget`.
 
 - Membership is the router's: ``GET /workers`` (healthy ones) when the pool opens, again at most
   every ``refresh_s`` before a request, and right after a failure. The fleet supervisor takes a
@@ -20,6 +21,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from rollout_sglang.client import RetryPolicy, SGLangClient
+from rollout_sglang.contracts import GenerationTarget
 from rollout_sglang.errors import RolloutError, ServerUnavailableError
 from rollout_sglang.net import http_json
 from rollout_sglang.types import Sample
@@ -137,3 +139,12 @@ class WorkerPool:
                 busy, sent = self._load[url]
                 self._load[url] = (busy - 1, sent)
         raise AssertionError("unreachable")
+
+
+def generation_target(url: str, *, return_routed_experts: bool, request_timeout_s: float,
+                      routed_experts_shape: Optional[tuple[int, int]] = None) -> GenerationTarget:
+    """Where generation requests go: the router (or a server) at ``url``; with ``return_routed_experts``
+    its healthy workers directly, reading unreported expert rows as ``routed_experts_shape``."""
+    if return_routed_experts:
+        return WorkerPool(url, request_timeout_s=request_timeout_s, routed_experts_shape=routed_experts_shape)
+    return SGLangClient(url, request_timeout_s=request_timeout_s)

@@ -1,6 +1,8 @@
 """Strict construction of typed dataclasses from plain mappings (parsed YAML).
 
-Every config class in this package is a dataclass whose fields carry type hints and, where a range
+A leaf package with no dependency on the project's others: the trainer's config tree
+(``megatron_vespo.config``) and the rollout fleet's (``rollout_sglang.config``) are both built with it.
+Every config class is a dataclass whose fields carry type hints and, where a range
 matters, bounds declared with :func:`field`. :func:`build` turns a mapping into such a dataclass and
 fails with a one-line :class:`ConfigError` naming the dotted field path when a key is unknown, a
 value has the wrong type, lies outside its bounds, or is not one of the allowed names. After the

@@ -1,0 +1,185 @@
+"""CUDA-IPC transport for engines colocated with the trainer (same node, GPUs visible to both): each
+bucket is shared as CUDA-IPC handles through ``/update_weights_from_tensor``; the engine maps the
+trainer's memory and copies from it, only handles cross the socket (payload: :func:`ipc_update_payload`).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+
+from rollout_sglang.config import WeightSyncConfig
+from rollout_sglang.contracts import Bucket
+from rollout_sglang.errors import WeightSyncError
+from rollout_sglang.fleet import Fleet, ManagedServer, WeightState
+from rollout_sglang.net import http_json
+from rollout_sglang.weight_sync.common import check_update_response, iter_buckets, restart_half_updated, with_last
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+# SGLang's /update_weights_from_tensor takes ``serialized_named_tensors``: one string per TP rank of
+# the engine, each base64(ForkingPickler(obj)), where CUDA tensors pickle as IPC handles. The server
+# unpickles with an allow-list (builtins, collections, types, torch, multiprocessing, sglang), so the
+# payload may reference nothing from this package: the bucket metadata are SimpleNamespaces and the
+# rebuild function is torch's own. SGLang patches torch's CUDA rebuild to take the device *UUID* in
+# place of the ordinal (argument 6), since the engine and the trainer number GPUs differently (their
+# CUDA_VISIBLE_DEVICES differ); our reducer writes the UUID there without patching torch globally.
+
+_CUDA_REBUILD_DEVICE_ARG = 6  # the storage device in torch.multiprocessing.reductions.rebuild_cuda_tensor's args
+
+
+def _reduce_tensor_for_sglang(tensor: torch.Tensor):
+    from torch.multiprocessing import reductions
+
+    rebuild, args = reductions.reduce_tensor(tensor)
+    device = args[_CUDA_REBUILD_DEVICE_ARG] if len(args) > _CUDA_REBUILD_DEVICE_ARG else None
+    # An int ordinal only: if SGLang's own patch is active in this process, it already wrote the UUID.
+    if rebuild is reductions.rebuild_cuda_tensor and isinstance(device, int):
+        uuid_str = str(torch.cuda.get_device_properties(device).uuid)
+        args = (*args[:_CUDA_REBUILD_DEVICE_ARG], uuid_str, *args[_CUDA_REBUILD_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
+class _SGLangPickler(ForkingPickler):
+    """ForkingPickler (tensors as shared-memory / CUDA-IPC handles) with device UUIDs for CUDA tensors."""
+
+    def __init__(self, *args):
+        import torch.multiprocessing  # noqa: F401  (registers torch's reducers with ForkingPickler)
+
+        super().__init__(*args)
+        self.dispatch_table[torch.Tensor] = _reduce_tensor_for_sglang
+        self.dispatch_table[torch.nn.Parameter] = _reduce_tensor_for_sglang
+
+
+def serialize_for_sglang(obj: Any) -> str:
+    """base64 of ``obj`` pickled the way SGLang's ``MultiprocessingSerializer.deserialize`` reads it."""
+    buf = io.BytesIO()
+    _SGLangPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def ipc_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Size-bounded buckets (iter_buckets) that never mix dtypes, in order.
+
+    One dtype per bucket keeps a flattened bucket readable by both generations of SGLang's
+    FlattenedTensorBucket (element offsets into a tensor of that dtype; newer versions also view
+    the slice as the tensor's dtype, a no-op here).
+    """
+    for _, run in itertools.groupby(named_tensors, key=lambda item: item[1].dtype):
+        yield from iter_buckets(run, bucket_bytes)
+
+
+def ipc_update_payload(bucket: list[tuple[str, torch.Tensor]], flattened: bool) -> tuple[Any, list[torch.Tensor]]:
+    """The object SGLang's ModelRunner.update_weights_from_tensor expects, and the tensors to keep alive.
+
+    ``flattened``: ``{"flattened_tensor": 1-D tensor, "metadata": [.name .shape .dtype .start_idx
+    .end_idx .numel]}`` (``load_format="flattened_bucket"``), one IPC handle per bucket; otherwise a
+    list of ``(name, tensor)`` (``load_format`` None).
+    """
+    tensors = [(name, t.detach().contiguous()) for name, t in bucket]
+    if not flattened:
+        return tensors, [t for _, t in tensors]
+    dtypes = {t.dtype for _, t in tensors}
+    if len(dtypes) != 1:
+        raise ValueError(f"a flattened bucket holds one dtype; got {sorted(map(str, dtypes))} (use ipc_buckets)")
+    flat = torch.cat([t.reshape(-1) for _, t in tensors])
+    metadata, start = [], 0
+    for name, t in tensors:
+        metadata.append(SimpleNamespace(name=name, shape=t.shape, dtype=t.dtype, start_idx=start,
+                                        end_idx=start + t.numel(), numel=t.numel()))
+        start += t.numel()
+    return {"flattened_tensor": flat, "metadata": metadata}, [flat]
+
+
+def _is_local_address(host: str) -> bool:
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""):
+        return True
+    try:
+        local = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        return socket.gethostbyname(host) in local
+    except OSError:
+        return False
+
+
+class IPCWeightSync:
+    """CUDA-IPC transport for engines colocated with the trainer (same node, GPUs visible to both).
+
+    Every bucket is made resident on this process's current CUDA device, pickled as IPC handles and
+    posted to every server's ``/update_weights_from_tensor`` (the same handles for each of an
+    engine's TP ranks: each rank maps the trainer's memory and copies what it needs). The bucket
+    stays alive until every server answered. ``state_provider`` (optional) lets a restarted server
+    be brought to the current weights the same way.
+    """
+
+    def __init__(self, fleet: Fleet, cfg: WeightSyncConfig,
+                 state_provider: Optional[Callable[[], Iterable[Bucket]]] = None):
+        if not torch.cuda.is_available():
+            raise WeightSyncError("weight_sync.transport=ipc: CUDA IPC needs a CUDA device and none is available "
+                                  "here; use transport 'disk' or 'distributed'")
+        remote = [f"servers[{s.index}] ({s.host or s.cfg.host})" for s in fleet.servers
+                  if not _is_local_address(s.host or s.cfg.host)]
+        if remote:
+            raise WeightSyncError(f"weight_sync.transport=ipc: CUDA IPC only reaches engines on this node; "
+                                  f"{', '.join(remote)} are elsewhere (use 'distributed')")
+        self.fleet = fleet
+        self.cfg = cfg
+        self.state_provider = state_provider
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        if state_provider is not None:
+            fleet.add_restorer(self._restore)
+
+    def _send(self, servers: list[ManagedServer], buckets: Iterable[Bucket], version: str) -> int:
+        sent = 0
+        load_format = "flattened_bucket" if self.cfg.ipc_flattened_bucket else None
+        # Re-cut into buckets of one dtype each (see ipc_buckets).
+        named_tensors = itertools.chain.from_iterable(buckets)
+        with ThreadPoolExecutor(len(servers)) as pool:
+            for bucket, last in with_last(ipc_buckets(named_tensors, self.cfg.bucket_bytes)):
+                resident = [(name, t.detach().to(self.device, non_blocking=True)) for name, t in bucket]
+                payload, keep_alive = ipc_update_payload(resident, flattened=load_format is not None)
+                torch.cuda.current_stream(self.device).synchronize()  # the engine reads on its own stream
+                serialized = serialize_for_sglang(payload)
+                futures = []
+                for s in servers:
+                    body = {"serialized_named_tensors": [serialized] * s.cfg.tp, "load_format": load_format,
+                            "flush_cache": False}
+                    if last:  # the version changes only once the server holds every new tensor
+                        body["weight_version"] = str(version)
+                    futures.append(pool.submit(http_json, "POST", s.url + "/update_weights_from_tensor", body,
+                                               timeout_s=600))
+                for s, fut in zip(servers, futures):
+                    status, data = fut.result()
+                    check_update_response(s, "/update_weights_from_tensor", status, data)
+                sent += sum(t.numel() * t.element_size() for t in keep_alive)
+                del payload, keep_alive, resident
+        torch.cuda.ipc_collect()  # release the IPC reference counts the engines have dropped
+        return sent
+
+    def push(self, buckets: Iterable[Bucket], version: str) -> int:
+        """Send every bucket to every healthy server; returns the bytes shared."""
+        with self.fleet.updating(self.cfg.pause_mode) as servers:
+            if servers:
+                try:
+                    sent = self._send(servers, buckets, str(version))
+                except Exception:
+                    restart_half_updated(self.fleet, servers)
+                    raise
+            else:
+                sent = 0
+            self.fleet.record_weights(str(version), disk_path=None)
+        return sent
+
+    def _restore(self, server: ManagedServer, weights: WeightState) -> None:
+        if self.state_provider is None or weights.disk_path is not None:
+            raise NotImplementedError
+        self._send([server], self.state_provider(), weights.version)
+
+    def close(self) -> None:
+        pass
