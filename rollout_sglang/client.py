@@ -1,14 +1,17 @@
-"""Async client for SGLang's native HTTP API (works against SGLang, the router, or the CPU server).
+"""Async client for SGLang's native HTTP API, the data plane: generation (works against SGLang, the
+router, or the CPU server) and the read-only calls next to it. Weight updates and generation control
+are the fleet's (blocking, ``fleet.py``); every route and body is defined in ``engine_api.py``.
 
-Generation sends one request per prompt carrying all of its n samples, so a retry regenerates the
-whole group and the caller can never see two copies of a sample: an attempt's output is used only
-if that attempt answered. Each attempt gets its own rid (``rid``, ``rid.retry1``, ...) so a server
-that still runs an abandoned attempt cannot be confused with the retry, and every request carries
-a sampling seed derived from the rid, so a retried group is reproducible.
+Each of the n samples of a prompt is its own request with its own id (SGLang's names for the samples
+of an ``n > 1`` request: ``rid_0 .. rid_{n-1}``) and its own sampling seed derived from that id. An
+``n > 1`` request would sample every copy with one seed under deterministic inference (identical
+samples, zero advantages), and abort by the unexpanded id is ignored by SGLang. Each attempt of a
+sample gets its own rid (``rid``, ``rid.retry1``, ...) so a server that still runs an abandoned
+attempt cannot be confused with the retry, and the seed stays that of the sample, so a retried sample
+is reproducible; an attempt's output is used only if that attempt answered, so no sample appears twice.
 
-Retries (exponential backoff) happen only where repeating is safe: connection errors, timeouts
-and 5xx on /generate and on read-only or idempotent control calls. Weight updates are never
-retried automatically: a half-applied update needs a restart, not a repeat.
+Retries (exponential backoff) happen only where repeating is safe: connection errors, timeouts and
+5xx on /generate and on read-only calls.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Optional, Sequence as Seq
 
 import aiohttp
 
+from rollout_sglang import engine_api as api
 from rollout_sglang.errors import ResponseFormatError, ServerHTTPError, ServerUnavailableError
 from rollout_sglang.types import Sample, parse_generate_item
 
@@ -150,123 +154,64 @@ class SGLangClient:
         rid: Optional[str] = None,
         total_timeout_s: Optional[float] = None,
     ) -> list[Sample]:
-        """Generate ``n`` samples for one prompt; returns them in sample order."""
-        rid = rid or uuid.uuid4().hex
-        params = dict(sampling_params or {})
-        params["n"] = n
-        params.setdefault("sampling_seed", seed_from_rid(rid))
-        body = {"input_ids": list(input_ids), "sampling_params": params, "return_logprob": return_logprob,
-                "stream": False}
-        if return_routed_experts:
-            body["return_routed_experts"] = True
+        """Generate ``n`` samples for one prompt (one request each, ids from :func:`engine_api.sample_rids`);
+        returns them in sample order. If a sample fails for good the others are cancelled."""
+        rids = api.sample_rids(rid or uuid.uuid4().hex, n)
+        return await gather_or_cancel([self._generate_one(
+            input_ids, sampling_params, rid=r, return_logprob=return_logprob,
+            return_routed_experts=return_routed_experts, total_timeout_s=total_timeout_s) for r in rids])
+
+    async def _generate_one(self, input_ids: Seq[int], sampling_params: Optional[dict], *, rid: str,
+                            return_logprob: bool, return_routed_experts: bool,
+                            total_timeout_s: Optional[float]) -> Sample:
+        params = {k: v for k, v in (sampling_params or {}).items() if k != "n"}
+        params["sampling_seed"] = seed_from_rid(rid)  # the sample's own, whatever the caller passed
+        body = api.generate_body(input_ids, params, rid=rid, return_logprob=return_logprob,
+                                 return_routed_experts=return_routed_experts)
 
         def body_for_attempt(attempt: int) -> dict:
             return {**body, "rid": rid if attempt == 0 else f"{rid}.retry{attempt}"}
 
-        _, text = await self._request("POST", "/generate", retry=True, body_for_attempt=body_for_attempt,
+        endpoint = api.GENERATE.path
+        _, text = await self._request(api.GENERATE.method, endpoint, retry=True, body_for_attempt=body_for_attempt,
                                       total_timeout_s=total_timeout_s)
-        data = self._parse_json(text, "/generate")
+        data = self._parse_json(text, endpoint)
         items = data if isinstance(data, list) else [data]
-        if len(items) != n:
-            raise ResponseFormatError(self.base_url + "/generate", "<body>", f"expected {n} result(s); got {len(items)}")
-        return [
-            parse_generate_item(item, server=self.base_url, rid=rid, prompt_ids=list(input_ids),
-                                expect_logprobs=return_logprob, expect_routed_experts=return_routed_experts,
-                                routed_experts_shape=self.routed_experts_shape, index=i if n > 1 else None)
-            for i, item in enumerate(items)
-        ]
+        if len(items) != 1:
+            raise ResponseFormatError(self.base_url + endpoint, "<body>", f"expected 1 result; got {len(items)}")
+        return parse_generate_item(items[0], server=self.base_url, rid=rid, prompt_ids=list(input_ids),
+                                   expect_logprobs=return_logprob, expect_routed_experts=return_routed_experts,
+                                   routed_experts_shape=self.routed_experts_shape)
 
     async def generate_batch(self, prompts: Seq[Seq[int]], sampling_params: Optional[dict] = None,
                              **options: Any) -> list[list[Sample]]:
         """:func:`generate_batch` through this client (``n``, ``max_concurrency``, ``rid_prefix``, ...)."""
         return await generate_batch(self, prompts, sampling_params, **options)
 
-    # ---- control -------------------------------------------------------------------------------
+    # ---- reads and aborts ------------------------------------------------------------------------
     async def health(self, timeout_s: float = 5.0) -> bool:
         try:
-            await self._request("GET", "/health", retry=False, timeout_s=timeout_s, total_timeout_s=timeout_s)
+            await self._request(api.HEALTH.method, api.HEALTH.path, retry=False, timeout_s=timeout_s,
+                                total_timeout_s=timeout_s)
             return True
         except (ServerUnavailableError, ServerHTTPError):
             return False
 
     async def server_info(self) -> dict:
-        return await self._get_json("/get_server_info")
+        return await self._get_json(api.SERVER_INFO.path)
 
     async def model_info(self) -> dict:
-        return await self._get_json("/get_model_info")
+        return await self._get_json(api.MODEL_INFO.path)
 
     async def weight_version(self) -> str:
-        data = await self._get_json("/get_weight_version")
-        if not isinstance(data, dict) or "weight_version" not in data:
-            raise ResponseFormatError(self.base_url + "/get_weight_version", "weight_version", "missing")
-        return str(data["weight_version"])
-
-    async def flush_cache(self) -> bool:
-        """True if flushed; False if the server refused because it is busy (HTTP 400)."""
-        try:
-            await self._request("POST", "/flush_cache", retry=True)
-            return True
-        except ServerHTTPError as exc:
-            if exc.status == 400:
-                return False
-            raise
-
-    async def pause(self, mode: str = "abort") -> None:
-        await self._post_json("/pause_generation", {"mode": mode}, retry=True)
-
-    async def resume(self) -> None:
-        await self._post_json("/continue_generation", {}, retry=True)
+        version = api.weight_version_of(await self.model_info())
+        if version is None:
+            raise ResponseFormatError(self.base_url + api.MODEL_INFO.path, "weight_version", "missing")
+        return version
 
     async def abort(self, rid: Optional[str] = None) -> None:
-        """Abort one request id, or every request when ``rid`` is None."""
-        await self._post_json("/abort_request", {"abort_all": True} if rid is None else {"rid": rid}, retry=True)
-
-    async def update_weights_from_disk(self, model_path: str, weight_version: Optional[str] = None) -> dict:
-        body: dict[str, Any] = {"model_path": model_path}
-        if weight_version is not None:
-            body["weight_version"] = weight_version
-        return self._check_success(await self._post_json("/update_weights_from_disk", body, retry=False), "/update_weights_from_disk")
-
-    async def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
-                                        world_size: int, group_name: str, backend: str) -> dict:
-        body = {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-                "world_size": world_size, "group_name": group_name, "backend": backend}
-        return self._check_success(await self._post_json("/init_weights_update_group", body, retry=False), "/init_weights_update_group")
-
-    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                              group_name: str, weight_version: Optional[str] = None,
-                                              flush_cache: bool = False, load_format: Optional[str] = None) -> dict:
-        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-                                "flush_cache": flush_cache}
-        if weight_version is not None:
-            body["weight_version"] = weight_version
-        if load_format is not None:
-            body["load_format"] = load_format
-        return self._check_success(await self._post_json("/update_weights_from_distributed", body, retry=False),
-                                   "/update_weights_from_distributed")
-
-    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *,
-                                         load_format: Optional[str] = None, flush_cache: bool = False,
-                                         weight_version: Optional[str] = None) -> dict:
-        """Colocated engines: ``serialized_named_tensors`` has one entry per TP rank of the engine, each
-        a base64 ForkingPickler payload of CUDA-IPC handles (``weight_sync.serialize_for_sglang``)."""
-        body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
-                                "load_format": load_format, "flush_cache": flush_cache}
-        if weight_version is not None:
-            body["weight_version"] = weight_version
-        return self._check_success(await self._post_json("/update_weights_from_tensor", body, retry=False),
-                                   "/update_weights_from_tensor")
-
-    async def destroy_weights_update_group(self, group_name: str) -> dict:
-        return self._check_success(await self._post_json("/destroy_weights_update_group", {"group_name": group_name},
-                                                         retry=False), "/destroy_weights_update_group")
-
-    def _check_success(self, data: Any, endpoint: str) -> dict:
-        if not isinstance(data, dict):
-            raise ResponseFormatError(self.base_url + endpoint, "<body>", f"expected an object; got {data!r:.80}")
-        if data.get("success") is False:
-            raise ServerHTTPError(self.base_url, endpoint, 200, str(data.get("message", "")))
-        return data
+        """Abort one sample's request id (see :func:`engine_api.sample_rids`), or every request when None."""
+        await self._post_json(api.ABORT_REQUEST.path, api.abort_body(rid), retry=True)
 
 
 async def generate_batch(
@@ -292,11 +237,17 @@ async def generate_batch(
             return await target.generate(prompt, sampling_params, n=n, return_logprob=return_logprob,
                                          return_routed_experts=return_routed_experts, rid=f"{prefix}-{i}")
 
-    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    return await gather_or_cancel([one(i, p) for i, p in enumerate(prompts)])
+
+
+async def gather_or_cancel(coroutines: Seq[Any]) -> list[Any]:
+    """The results of ``coroutines`` run concurrently, in order; when one fails for good the others are
+    cancelled (and awaited) instead of leaking, and its error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
-        for task in tasks:  # one prompt failed for good: stop the rest instead of leaking them
+        for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise

@@ -97,7 +97,10 @@ class FleetConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     supervise: bool = field(True, help="restart dead servers and bring them to the current weights")
     health_interval_s: float = field(1.0, gt=0, help="supervisor poll period")
+    health_timeout_s: float = field(5.0, gt=0, help="how long one /health check may take (SGLang's generates a token)")
     health_failures_to_restart: int = field(3, ge=1, help="consecutive failed /health checks that count as dead")
+    flush_retry_s: float = field(30.0, gt=0, help="after a weight update, how long a flush_cache the server refuses "
+                                 "(requests still running) is retried before the update fails")
     max_restarts: int = field(5, ge=0, help="per server; past this it stays down")
     log_dir: str = field("", help="server/router logs; empty: a temporary directory")
 
@@ -131,4 +134,8 @@ class WeightSyncConfig:
                                    "per-tensor broadcasts avoid the pack/unpack copies (faster on CPU, see bench_router)")
     ipc_flattened_bucket: bool = field(True, help="ipc transport: one CUDA-IPC handle per bucket (per dtype) "
                                        "instead of one per tensor")
-    pause_mode: Literal["abort", "in_place", "retract"] = field("in_place", help="pause_generation mode around an update")
+    pause_mode: Literal["abort", "in_place", "retract"] = field(
+        "retract", help="pause_generation mode around an update: retract (running requests go back to the queue "
+        "and continue on the new weights after their KV is recomputed), abort (they return their partial "
+        "output), in_place (they keep their old-weight KV; the cache flush after the update is refused until they "
+        "finish, and the update fails once the fleet's flush_retry_s has passed)")

@@ -11,7 +11,12 @@ the fleet's current weights and version by the registered restorer, and re-added
 to the router retry the dead server's in-flight requests elsewhere (see client.py).
 
 Weight updates hold ``update_lock`` (see :meth:`Fleet.updating`), so a restart's restore step and an
-update never interleave: a restarted server always ends at the newest version.
+update never interleave: a restarted server always ends at the newest version. The supervisor never
+restarts a server that is paused (SGLang's /health generates a token, which waits while generation
+is paused) or while an update runs (it restarts what it breaks itself).
+
+Every call to a server is one of ``engine_api``'s routes; at start (and after a restart) each
+server's SGLang version is read from /server_info and refused unless this API speaks it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from rollout_sglang import engine_api as api
 from rollout_sglang.config import FleetConfig, ServerConfig
 from rollout_sglang.errors import RolloutError
 from rollout_sglang.launch import LocalLauncher, ServerLauncher, ServerProcess
@@ -47,6 +53,8 @@ class ManagedServer:
     state: str = "new"  # new | starting | healthy | restarting | dead (restart failed) | failed | stopped
     restarts: int = 0
     health_failures: int = 0
+    paused: bool = False  # generation paused by the fleet (its /health would wait): not health-checked
+    sglang_version: str = ""  # what /server_info reported
     events: list[str] = field(default_factory=list)
 
     @property
@@ -92,7 +100,7 @@ class Fleet:
                 self._spawn(server)
             self.router.start()
             with ThreadPoolExecutor(len(self.servers)) as pool:
-                list(pool.map(self._wait_healthy, self.servers))
+                list(pool.map(self._wait_ready, self.servers))
             for server in self.servers:
                 self.router.add_worker(server.url)
                 server.state = "healthy"
@@ -131,6 +139,14 @@ class Fleet:
                 return
             time.sleep(0.2)
         raise RolloutError(f"server {server.index} ({server.url}) not healthy within {server.cfg.startup_timeout_s}s; see {server.log_path}")
+
+    def _wait_ready(self, server: ManagedServer) -> None:
+        """Healthy, and speaking a supported SGLang version."""
+        self._wait_healthy(server)
+        status, info = self.call(server, api.SERVER_INFO, timeout_s=30)
+        version = info.get("version") if status == 200 and isinstance(info, dict) else None
+        api.check_sglang_version(f"server {server.index} ({server.url})", version)
+        server.sglang_version = str(version)
 
     def stop(self) -> None:
         self.stop_supervision()
@@ -171,9 +187,9 @@ class Fleet:
                 if server.state == "dead":  # a previous restart failed: try again
                     self._try_restart(server)
                     continue
-                if server.state != "healthy":
+                if server.state != "healthy" or server.paused:
                     continue
-                if server.alive() and is_healthy(server.url):
+                if server.alive() and is_healthy(server.url, timeout_s=self.cfg.health_timeout_s):
                     server.health_failures = 0
                     continue
                 server.health_failures += 1
@@ -182,6 +198,16 @@ class Fleet:
                 self._try_restart(server)
 
     def _try_restart(self, server: ManagedServer) -> None:
+        # Decided under the update lock, without waiting for it: an update in progress restarts the
+        # servers it breaks itself, and a paused server's failed health checks say nothing.
+        if not self.update_lock.acquire(blocking=False):
+            return
+        try:
+            if server.paused or server.state not in ("healthy", "dead"):
+                return
+            self.take_out(server)
+        finally:
+            self.update_lock.release()
         try:
             self.restart(server)
         except Exception as exc:  # keep supervising the others; retried while restarts remain
@@ -197,8 +223,8 @@ class Fleet:
         with self.update_lock:
             self.restore_and_register(server)
 
-    def relaunch(self, server: ManagedServer) -> None:
-        """Deregister, stop and start the process again; wait for /health (no weights restored yet)."""
+    def take_out(self, server: ManagedServer) -> None:
+        """Out of the router and of every update (state ``restarting``); callers hold ``update_lock``."""
         reason = "exited" if not server.alive() else "stopped for restart"
         logger.warning("server %d (%s) %s; restarting", server.index, server.url, reason)
         server.events.append(f"{reason}; restarting")
@@ -207,13 +233,20 @@ class Fleet:
             self.router.remove_worker(server.url)
         except (RolloutError, OSError) as exc:
             logger.warning("server %d: router removal failed: %s", server.index, exc)
+
+    def relaunch(self, server: ManagedServer) -> None:
+        """Deregister, stop and start the process again; wait until it is ready (no weights restored yet)."""
+        if server.state != "restarting":
+            with self.update_lock:
+                self.take_out(server)
         self.terminate(server)
+        server.paused = False
         if server.restarts >= self.cfg.max_restarts:
             server.state = "failed"
             raise RolloutError(f"server {server.index}: exceeded max_restarts={self.cfg.max_restarts}")
         server.restarts += 1
         self._spawn(server)
-        self._wait_healthy(server)
+        self._wait_ready(server)
 
     def restore_and_register(self, server: ManagedServer) -> None:
         """Bring a relaunched server to ``self.weights`` and put it back behind the router.
@@ -221,18 +254,17 @@ class Fleet:
         Callers hold ``update_lock`` (so no update can slip in between restore and registration).
         """
         with self.update_lock:
-            for restore in self._restorers:
-                if self.weights.version == "default" and self.weights.disk_path is None:
-                    break  # never updated: the launch weights are current
-                try:
-                    restore(server, self.weights)
-                    break
-                except NotImplementedError:
-                    continue
-            (reported,) = self.weight_versions([server], timeout_s=10)
-            if reported is not None and str(reported) != self.weights.version:
-                raise RolloutError(f"server {server.index}: restored to version {reported!r}, "
-                                   f"expected {self.weights.version!r}")
+            expected = self.weights.version
+            if expected != "default" or self.weights.disk_path is not None:  # else the launch weights are current
+                for restore in self._restorers:
+                    try:
+                        restore(server, self.weights)
+                        break
+                    except NotImplementedError:
+                        continue
+                (reported,) = self.weight_versions([server], timeout_s=10)
+                if reported != expected:
+                    raise RolloutError(f"server {server.index}: restored to version {reported!r}, expected {expected!r}")
             self.router.add_worker(server.url)
             server.state = "healthy"
         server.events.append(f"restarted at version {self.weights.version}")
@@ -240,53 +272,84 @@ class Fleet:
     def _restore_from_disk(self, server: ManagedServer, weights: WeightState) -> None:
         if weights.disk_path is None:
             raise NotImplementedError("no disk copy of the current weights")
-        status, data = http_json("POST", server.url + "/update_weights_from_disk",
-                                 {"model_path": weights.disk_path, "weight_version": weights.version}, timeout_s=600)
+        status, data = self.call(server, api.UPDATE_WEIGHTS_FROM_DISK,
+                                 api.disk_update_body(weights.disk_path, weights.version), timeout_s=600)
         if status != 200 or not isinstance(data, dict) or not data.get("success"):
             raise RolloutError(f"server {server.index}: restoring {weights.disk_path} failed: HTTP {status}: {str(data)[:200]}")
 
     # ---- fan-out control ---------------------------------------------------------------------
-    def call_all(self, method: str, endpoint: str, body: Optional[dict] = None, timeout_s: float = 60.0,
+    @staticmethod
+    def call(server: ManagedServer, route: api.Route, body: Optional[dict] = None,
+             timeout_s: float = 60.0) -> tuple[int, object]:
+        """One call to one server; (status, parsed body). Raises OSError when it is unreachable."""
+        return http_json(route.method, server.url + route.path, body, timeout_s=timeout_s)
+
+    def call_all(self, route: api.Route, body: Optional[dict] = None, timeout_s: float = 60.0,
                  servers: Optional[list[ManagedServer]] = None) -> list[tuple[int, object]]:
-        """The same request to every healthy server, concurrently; returns (status, body) per server."""
+        """The same call to every healthy server (or to ``servers``), concurrently; (status, body) per server."""
         targets = self.healthy_servers() if servers is None else servers
         if not targets:
             return []
         with ThreadPoolExecutor(len(targets)) as pool:
-            return list(pool.map(lambda s: http_json(method, s.url + endpoint, body, timeout_s=timeout_s), targets))
+            return list(pool.map(lambda s: self.call(s, route, body, timeout_s), targets))
 
     def weight_versions(self, servers: Optional[list[ManagedServer]] = None,
                         timeout_s: float = 60.0) -> list[Optional[str]]:
-        """The weight version each healthy server (or each of ``servers``) reports; None where it gave none."""
-        return [data.get("weight_version") if isinstance(data, dict) else None
-                for _, data in self.call_all("GET", "/get_weight_version", servers=servers, timeout_s=timeout_s)]
+        """The weight version each healthy server (or each of ``servers``) reports in /model_info; None where
+        it gave none."""
+        return [api.weight_version_of(data) if status == 200 else None
+                for status, data in self.call_all(api.MODEL_INFO, servers=servers, timeout_s=timeout_s)]
 
     def abort_all(self) -> None:
         """Abort every request in flight on every healthy server (each returns its partial output)."""
-        self.call_all("POST", "/abort_request", {"abort_all": True}, timeout_s=30)
+        self.call_all(api.ABORT_REQUEST, api.abort_body(), timeout_s=30)
 
-    def pause_generation(self, mode: str = "in_place", servers: Optional[list[ManagedServer]] = None) -> None:
-        self.call_all("POST", "/pause_generation", {"mode": mode}, servers=servers)
+    def pause_generation(self, mode: str = "retract", servers: Optional[list[ManagedServer]] = None) -> None:
+        targets = self.healthy_servers() if servers is None else servers
+        for server in targets:  # before the call: from now on its /health may wait
+            server.paused = True
+        self.call_all(api.PAUSE_GENERATION, api.pause_body(mode), servers=targets)
 
     def continue_generation(self, servers: Optional[list[ManagedServer]] = None) -> None:
-        self.call_all("POST", "/continue_generation", {}, servers=servers)
+        targets = self.healthy_servers() if servers is None else servers
+        self.call_all(api.CONTINUE_GENERATION, api.continue_body(), servers=targets)
+        for server in targets:
+            server.paused = False
+            server.health_failures = 0
 
     def flush_cache(self, servers: Optional[list[ManagedServer]] = None) -> None:
-        self.call_all("POST", "/flush_cache", servers=servers)
+        """Flush every server's cache (the prefix cache holds KV of the old weights). A server refuses
+        while requests are still running; that is retried for ``flush_retry_s``, then an error names it."""
+        pending = self.healthy_servers() if servers is None else list(servers)
+        deadline = time.monotonic() + self.cfg.flush_retry_s
+        delay = 0.05
+        while pending:
+            results = self.call_all(api.FLUSH_CACHE, servers=pending)
+            refused = []
+            for server, (status, data) in zip(pending, results):
+                if status == 200:
+                    continue
+                if status != 400 or time.monotonic() > deadline:
+                    raise RolloutError(f"server {server.index} ({server.url}) did not flush its cache "
+                                       f"(HTTP {status}: {str(data).strip()[:200]}); requests still running keep "
+                                       "KV computed with the old weights")
+                refused.append(server)
+            pending = refused
+            if pending:
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     @contextlib.contextmanager
-    def updating(self, pause_mode: str = "in_place") -> Iterator[list[ManagedServer]]:
-        """Pause generation on every healthy server, yield them, then flush the cache and continue.
+    def updating(self, pause_mode: str = "retract") -> Iterator[list[ManagedServer]]:
+        """Pause generation on every healthy server, yield them (the caller updates and flushes), continue.
 
-        Holds ``update_lock`` throughout, so the supervisor cannot restore a server mid-update.
+        Holds ``update_lock`` throughout, so the supervisor cannot restart or restore a server mid-update.
         """
         with self.update_lock:
             targets = self.healthy_servers()
             self.pause_generation(pause_mode, servers=targets)
             try:
                 yield targets
-                # Flush is refused while requests are held in place; those keep their KV cache, as in SGLang.
-                self.flush_cache(servers=targets)
             finally:
                 self.continue_generation(servers=targets)
 

@@ -31,7 +31,7 @@ def build_server_command(cfg: ServerConfig, port: int) -> list[str]:
         return [_python(cfg.python), "-m", "rollout_sglang.cpu_server", "--model-path", cfg.model_path,
                 "--host", cfg.host, "--port", str(port), "--dtype", cfg.dtype, *cfg.extra_args]
     cmd = [_python(cfg.python), "-m", "sglang.launch_server", "--model-path", cfg.model_path,
-           "--host", cfg.host, "--port", str(port), "--tp", str(cfg.tp), "--ep-size", str(cfg.ep),
+           "--host", cfg.host, "--port", str(port), "--tp-size", str(cfg.tp), "--ep-size", str(cfg.ep),
            "--mem-fraction-static", str(cfg.mem_fraction_static), "--skip-server-warmup"]
     if cfg.dtype not in ("", "auto"):
         cmd += ["--dtype", {"fp32": "float32", "bf16": "bfloat16"}.get(cfg.dtype, cfg.dtype)]

@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
+from rollout_sglang.engine_api import HEALTH
+
 
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
@@ -32,8 +34,8 @@ def http_json(method: str, url: str, body: Optional[dict] = None, timeout_s: flo
 
 
 def is_healthy(base_url: str, timeout_s: float = 2.0) -> bool:
-    """True when ``GET /health`` answers 200."""
+    """True when the server's health route answers 200."""
     try:
-        return http_json("GET", base_url.rstrip("/") + "/health", timeout_s=timeout_s)[0] == 200
+        return http_json(HEALTH.method, base_url.rstrip("/") + HEALTH.path, timeout_s=timeout_s)[0] == 200
     except OSError:
         return False

@@ -1,4 +1,16 @@
-"""HTTP layer of the CPU rollout server (not SGLang): the subset of SGLang's native API we use.
+"""HTTP layer of the CPU rollout server (not SGLang): the subset of SGLang 0.5.23's native API we use,
+in its dialect, so that CPU runs exercise the protocol a GPU run uses:
+
+- ``/model_info`` carries ``weight_version`` (there is no ``/get_weight_version``); ``/server_info``
+  reports the SGLang version whose API it speaks;
+- distributed updates are refused outside a ``/begin_weight_update`` .. ``/end_weight_update`` session;
+  an update flushes the cache afterwards unless ``flush_cache: false``, and fails if the flush is refused;
+- ``/flush_cache`` is refused while a request runs (or waits, unless generation is paused);
+- ``/health`` waits while generation is paused (SGLang's runs a one-token generation) and gives up
+  after 20 s; otherwise it answers at once (SGLang's generation is skipped: it would change batches);
+- a request with ``n > 1`` becomes n samples with ids ``rid_0 .. rid_{n-1}`` (an abort must name
+  those), all sampled with the request's ``sampling_seed`` as SGLang does under deterministic
+  inference; without a seed each sample draws its own.
 
 Every handler validates its body and answers 400 with a message naming the bad field; the engine
 does the generation, the weight receiver the distributed updates. Blocking work (weight loading,
@@ -21,21 +33,36 @@ from aiohttp import web
 from rollout_sglang.cpu_server.engine import CpuEngine, Sequence
 from rollout_sglang.cpu_server.sampling import SamplingParams
 from rollout_sglang.cpu_server.weight_receiver import WeightReceiver
+from rollout_sglang.engine_api import TESTED_SGLANG
 
 logger = logging.getLogger(__name__)
 SERVER_NAME = "CPU rollout server (not SGLang)"
+HEALTH_CHECK_TIMEOUT_S = 20.0  # SGLang's default (SGLANG_HEALTH_CHECK_TIMEOUT)
+NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or queued. "
+               "Retract or finish them, then call /flush_cache.")
 
 
 class BadRequest(ValueError):
     """A request body problem; becomes HTTP 400 with the message."""
 
 
-def _seed(base: Optional[int], prompt_index: int, sample_index: int) -> int:
-    """Per-sample seed: deterministic from sampling_seed, distinct for every (prompt, sample)."""
-    if base is None:
+def _seed(sampling_seed: Optional[int]) -> int:
+    """A sample's generator seed: the request's ``sampling_seed`` (shared by all its samples, as SGLang's
+    deterministic sampling does), or fresh randomness without one."""
+    if sampling_seed is None:
         return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-    digest = hashlib.sha256(f"{base}:{prompt_index}:{sample_index}".encode()).digest()
+    digest = hashlib.sha256(str(sampling_seed).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _sample_rid(rids: list[str], single_rid: bool, prompt: int, sample: int, prompts: int, n: int) -> str:
+    """SGLang's id for sample ``sample`` of prompt ``prompt``: with one request id for all, the expanded
+    inputs (every prompt, then every prompt again per further sample) are numbered ``rid_<k>``."""
+    if n == 1:
+        return rids[prompt]
+    if single_rid:
+        return f"{rids[0]}_{sample * prompts + prompt}"
+    return f"{rids[prompt]}_{sample}"
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -70,9 +97,11 @@ def _field(body: dict, key: str, kind: type | tuple, required: bool = True, defa
 class CpuRolloutApp:
     """Binds a :class:`CpuEngine` and a :class:`WeightReceiver` to aiohttp routes."""
 
-    def __init__(self, engine: CpuEngine):
+    def __init__(self, engine: CpuEngine, log_requests: bool = False):
         self.engine = engine
+        self.log_requests = log_requests
         self.receiver = WeightReceiver()
+        self.session_open = False  # SGLang's weight-update session (begin_weight_update .. end_weight_update)
         self.tokenizer = self._load_tokenizer(engine.model_path)
         self.app = web.Application(client_max_size=1 << 30, middlewares=[self._errors])
         routes = [
@@ -80,10 +109,12 @@ class CpuRolloutApp:
             ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
             ("GET", "/get_server_info", self.server_info), ("GET", "/server_info", self.server_info),
             ("GET", "/get_model_info", self.model_info), ("GET", "/model_info", self.model_info),
-            ("GET", "/get_weight_version", self.weight_version), ("GET", "/get_load", self.get_load),
+            ("GET", "/get_load", self.get_load),
             ("POST", "/flush_cache", self.flush_cache), ("GET", "/flush_cache", self.flush_cache),
             ("POST", "/pause_generation", self.pause), ("POST", "/continue_generation", self.resume),
             ("POST", "/abort_request", self.abort),
+            ("POST", "/begin_weight_update", self.begin_weight_update),
+            ("POST", "/end_weight_update", self.end_weight_update),
             ("POST", "/update_weights_from_disk", self.update_from_disk),
             ("POST", "/init_weights_update_group", self.init_group),
             ("POST", "/update_weights_from_distributed", self.update_from_distributed),
@@ -108,6 +139,8 @@ class CpuRolloutApp:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
+        if self.log_requests and request.path not in ("/generate", "/health"):
+            logger.info("request %s %s", request.method, request.path)
         try:
             return await handler(request)
         except BadRequest as exc:
@@ -154,10 +187,13 @@ class CpuRolloutApp:
         if isinstance(rid, list):
             if len(rid) != len(prompts) or not all(isinstance(r, str) for r in rid):
                 raise BadRequest(f"rid: expected {len(prompts)} strings (one per prompt)")
-            rids = rid
+            rids, single = rid, False
         elif rid is None or isinstance(rid, str):
             base = rid or uuid.uuid4().hex
-            rids = [base if len(prompts) == 1 else f"{base}_{i}" for i in range(len(prompts))]
+            if batched and params.n == 1:
+                rids, single = [f"{base}_{i}" for i in range(len(prompts))], False
+            else:
+                rids, single = [base], True
         else:
             raise BadRequest(f"rid: expected a string or a list of strings; got {rid!r:.60}")
 
@@ -167,8 +203,8 @@ class CpuRolloutApp:
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
                 fut = loop.create_future()
-                seq = Sequence(rid=rids[i], index=j, prompt_ids=prompt, params=params,
-                               seed=_seed(params.sampling_seed, i, j), return_routed_experts=return_experts,
+                seq = Sequence(rid=_sample_rid(rids, single, i, j, len(prompts), params.n), index=j, prompt_ids=prompt,
+                               params=params, seed=_seed(params.sampling_seed), return_routed_experts=return_experts,
                                on_done=lambda s, f=fut: loop.call_soon_threadsafe(_resolve, f, s))
                 sequences.append(seq)
                 futures.append(fut)
@@ -194,7 +230,7 @@ class CpuRolloutApp:
                 text_ids = ids[:-1]  # like SGLang, the matched stop token is trimmed from the text only
             text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.params.skip_special_tokens)
         meta: dict[str, Any] = {
-            "id": seq.rid if seq.params.n == 1 else f"{seq.rid}-{seq.index}",
+            "id": seq.rid,
             "finish_reason": seq.finish.to_json(),
             "prompt_tokens": len(seq.prompt_ids),
             "completion_tokens": len(ids),
@@ -214,6 +250,11 @@ class CpuRolloutApp:
 
     # ---- status ---------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        deadline = time.monotonic() + HEALTH_CHECK_TIMEOUT_S
+        while self.engine.paused:  # SGLang's health generation would wait for the pause to end
+            if time.monotonic() > deadline:
+                return web.Response(status=503)
+            await asyncio.sleep(0.05)
         return web.Response(text="OK")
 
     async def health_generate(self, request: web.Request) -> web.Response:
@@ -233,7 +274,7 @@ class CpuRolloutApp:
     async def server_info(self, request: web.Request) -> web.Response:
         e = self.engine
         return web.json_response({
-            "engine": SERVER_NAME, "version": "cpu-rollout-server", "model_path": e.model_path,
+            "engine": SERVER_NAME, "version": TESTED_SGLANG, "model_path": e.model_path,
             "dtype": e.dtype, "weight_version": e.weight_version, "max_batch_size": e.max_batch_size,
             "tp_size": 1, "dp_size": 1, "paused": e.paused, **e.load(),
         })
@@ -247,39 +288,58 @@ class CpuRolloutApp:
             info["routed_experts_shape"] = list(e.routed_experts_shape)
         return web.json_response(info)
 
-    async def weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.engine.weight_version})
-
     async def get_load(self, request: web.Request) -> web.Response:
         load = self.engine.load()
         return web.json_response([{"dp_rank": 0, "num_reqs": load["num_running_reqs"] + load["num_waiting_reqs"], **load}])
 
     # ---- control --------------------------------------------------------------------------------
     async def flush_cache(self, request: web.Request) -> web.Response:
-        if self.engine.busy:  # SGLang refuses to flush while requests are in flight
-            return web.Response(status=400, text="Cache not flushed. Please check if the server is idle.")
-        return web.Response(text="Cache flushed.")
+        if not self.engine.can_flush():
+            return web.Response(status=400, text="Flush cache failed.\n")
+        return web.Response(text="Cache flushed.\n")
 
     async def pause(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         mode = body.get("mode", "abort")
-        try:
-            self.engine.pause(mode)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        return web.json_response({"success": True, "message": f"paused (mode {mode})"})
+        if mode not in ("abort", "in_place", "retract"):
+            raise BadRequest(f"mode: expected 'abort', 'in_place' or 'retract'; got {mode!r}")
+        await asyncio.to_thread(self.engine.pause, mode)
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def resume(self, request: web.Request) -> web.Response:
         self.engine.resume()
-        return web.json_response({"success": True, "message": "continued"})
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     async def abort(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         if body.get("abort_all"):
-            count = self.engine.abort(None)
-        else:
-            count = self.engine.abort(_field(body, "rid", str))
-        return web.json_response({"success": True, "aborted": count})
+            self.engine.abort(None)
+        else:  # an exact sample id: the id of an n > 1 request names none of its samples (SGLang ignores it too)
+            self.engine.abort(_field(body, "rid", str))
+        return web.Response(status=200)
+
+    def _session_response(self, opening: bool) -> web.Response:
+        if opening == self.session_open:
+            message = ("a weight-update session is already open; call end_weight_update() first" if opening else
+                       "no weight-update session is open; call begin_weight_update() first")
+            return web.json_response({"success": False, "message": message}, status=400)
+        self.session_open = opening
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        return self._session_response(opening=True)
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        return self._session_response(opening=False)
+
+    def _updated(self, body: dict, message: str) -> web.Response:
+        """An update's answer: with ``flush_cache`` (SGLang's default) the cache is flushed, and a refused
+        flush fails the call although the weights changed."""
+        if _field(body, "flush_cache", bool, required=False, default=True) and not self.engine.can_flush():
+            return web.json_response({"success": False, "message": NOT_FLUSHED}, status=400)
+        return web.json_response({"success": True, "message": message, "weight_version": self.engine.weight_version})
 
     # ---- weights --------------------------------------------------------------------------------
     async def update_from_disk(self, request: web.Request) -> web.Response:
@@ -292,8 +352,7 @@ class CpuRolloutApp:
             count = await asyncio.to_thread(self.engine.update_weights_from_disk, path, version)
         except (ValueError, FileNotFoundError) as exc:
             return web.json_response({"success": False, "message": f"Failed to update weights: {exc}"}, status=400)
-        return web.json_response({"success": True, "message": f"Succeeded to update {count} weights from {path}",
-                                  "num_paused_requests": 0, "weight_version": self.engine.weight_version})
+        return self._updated(body, f"Succeeded to update {count} weights from {path}")
 
     async def init_group(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -311,6 +370,9 @@ class CpuRolloutApp:
 
     async def update_from_distributed(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
+        if not self.session_open:
+            return web.json_response({"success": False, "message": "update_weights_from_distributed must run between "
+                                      "begin_weight_update() and end_weight_update()"}, status=400)
         names = _field(body, "names", list)
         dtypes = _field(body, "dtypes", list)
         shapes = _field(body, "shapes", list)
@@ -330,8 +392,7 @@ class CpuRolloutApp:
         except Exception as exc:
             msg = f"Failed to update parameter online: {exc}. The weights may be partially updated; restart the server."
             return web.json_response({"success": False, "message": msg}, status=400)
-        return web.json_response({"success": True, "message": f"Succeeded to update {count} tensors",
-                                  "weight_version": self.engine.weight_version})
+        return self._updated(body, f"Succeeded to update {count} tensors")
 
     async def destroy_group(self, request: web.Request) -> web.Response:
         body = await _json_body(request)

@@ -8,6 +8,12 @@ and per-row positions), so log-probs match a teacher-forced forward of the same 
 
 Weight updates take ``model_lock``, which every forward step also holds, so an update never lands
 in the middle of a forward pass.
+
+Pausing follows SGLang's modes: ``abort`` finishes everything in flight as aborted; ``in_place`` holds
+the running rows with their KV cache; ``retract`` moves them back to the front of the queue, keeping
+their tokens, log-probs, routed experts and sampling generator, and drops their KV, which the next
+prefill recomputes (with whatever weights are loaded by then). :meth:`CpuEngine.pause` returns once
+the generation thread has stopped between two steps.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     routed: list[np.ndarray] = field(default_factory=list)  # chunks of (tokens, layers, topk)
+    generator: Optional[torch.Generator] = None  # seeded at the first prefill, kept across a retraction
     finish: Optional[FinishReason] = None
     weight_version: str = ""
     abort_message: Optional[str] = None  # set by abort(); honoured at the next step boundary
@@ -79,6 +86,8 @@ class CpuEngine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._paused = False
+        self._retract = False  # a retract pause not yet carried out by the generation thread
+        self._pause_acked = False  # the generation thread has seen the pause (it is between steps)
         self._stopping = False
         self.total_generated_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="cpu-engine", daemon=True)
@@ -144,13 +153,16 @@ class CpuEngine:
             self._finish(seq, seq.finish)
         return count + len(finished)
 
-    def pause(self, mode: str = "abort") -> None:
-        """SGLang's pause_generation: 'abort' aborts everything in flight; 'in_place'/'retract' hold it."""
+    def pause(self, mode: str = "abort", timeout_s: float = 60.0) -> None:
+        """SGLang's pause_generation (see the module docstring); returns once generation has stopped."""
         if mode not in ("abort", "in_place", "retract"):
             raise ValueError(f"mode: expected 'abort', 'in_place' or 'retract'; got {mode!r}")
         with self._cond:
             self._paused = True
+            self._retract = mode == "retract"
+            self._pause_acked = False
             self._cond.notify_all()
+            self._cond.wait_for(lambda: self._pause_acked or self._stopping, timeout=timeout_s)
         if mode == "abort":
             self.abort(None, message="Aborted by pause_generation")
 
@@ -168,10 +180,11 @@ class CpuEngine:
             return {"num_waiting_reqs": len(self._waiting),
                     "num_running_reqs": sum(1 for s in self._running if s.finish is None)}
 
-    @property
-    def busy(self) -> bool:
-        load = self.load()
-        return bool(load["num_waiting_reqs"] or load["num_running_reqs"])
+    def can_flush(self) -> bool:
+        """SGLang flushes only with no running request, and no waiting one unless generation is paused."""
+        with self._cond:
+            running = any(s.finish is None for s in self._running)
+            return not running and (self._paused or not self._waiting)
 
     def shutdown(self) -> None:
         with self._cond:
@@ -209,10 +222,21 @@ class CpuEngine:
         batch: Optional[_Batch] = None
         while True:
             with self._cond:
-                while not self._stopping and not self._has_work(batch):
+                while True:
+                    if self._stopping:
+                        return
+                    if self._paused:
+                        if self._retract and batch is not None:
+                            # Back to the front of the queue, in order; their KV is recomputed on the next prefill.
+                            self._waiting.extendleft(reversed([s for s in batch.rows if s.finish is None]))
+                            batch = None
+                            self._running = []
+                        self._retract = False
+                        self._pause_acked = True
+                        self._cond.notify_all()
+                    if self._has_work(batch):
+                        break
                     self._cond.wait()
-                if self._stopping:
-                    return
                 new: list[Sequence] = []
                 if not self._paused:  # admit waiting sequences into the running batch (continuous batching)
                     room = self.max_batch_size - (len(batch.rows) if batch else 0)
@@ -257,13 +281,15 @@ class CpuEngine:
         return out.logits[:, -1, :], experts
 
     def _prefill(self, rows: list[Sequence]) -> "_Batch":
-        """Prefill new sequences together (left padding keeps each row's last token in the last column)."""
-        lengths = [len(s.prompt_ids) for s in rows]
+        """Prefill new (or retracted) sequences together: prompt plus the tokens generated so far, left
+        padded so each row's last token is in the last column."""
+        contexts = [s.prompt_ids + s.output_ids for s in rows]
+        lengths = [len(c) for c in contexts]
         width = max(lengths)
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, s in enumerate(rows):
-            input_ids[r, width - lengths[r]:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        for r, context in enumerate(contexts):
+            input_ids[r, width - lengths[r]:] = torch.tensor(context, dtype=torch.long)
             mask[r, width - lengths[r]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
@@ -271,9 +297,13 @@ class CpuEngine:
         logits, experts = self._forward(input_ids, mask, positions, cache, capture)
         if experts is not None:
             for r, s in enumerate(rows):
-                if s.return_routed_experts:
-                    s.routed.append(experts[:, r, width - lengths[r]:, :].permute(1, 0, 2).to(torch.int32).numpy())
-        return _Batch(rows=list(rows), generators=[torch.Generator().manual_seed(s.seed) for s in rows],
+                if s.return_routed_experts:  # a retracted row keeps the rows it has; only new positions are added
+                    known = sum(len(chunk) for chunk in s.routed)
+                    s.routed.append(experts[:, r, width - lengths[r] + known:, :].permute(1, 0, 2).to(torch.int32).numpy())
+        for s in rows:
+            if s.generator is None:
+                s.generator = torch.Generator().manual_seed(s.seed)
+        return _Batch(rows=list(rows), generators=[s.generator for s in rows],
                       cache=cache, mask=mask, next_pos=positions[:, -1] + 1, logits=logits)
 
     def _step(self, batch: Optional["_Batch"], new: list[Sequence]) -> Optional["_Batch"]:

@@ -75,6 +75,11 @@ class WeightReceiver:
         torch_dtypes = [parse_dtype(d) for d in dtypes]
         if load_format == "flattened_bucket":
             sizes = [math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in zip(shapes, torch_dtypes)]
+            offset = 0
+            for name, dtype, size in zip(names, torch_dtypes, sizes):  # as SGLang's FlattenedTensorBucket.empty
+                if offset % dtype.itemsize:
+                    raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
+                offset += size
             flat = torch.empty(sum(sizes), dtype=torch.uint8)
             dist.broadcast(flat, group=group, group_src=0)
             out, offset = [], 0

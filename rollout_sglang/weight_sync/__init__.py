@@ -10,9 +10,11 @@ One module per transport, each a :class:`~rollout_sglang.contracts.WeightSync`:
   engines on the trainer's node only).
 
 :mod:`.common` holds what they share (bucketing, answer checks, restarting half-updated servers).
-All pause generation (in place), update, flush and continue (``Fleet.updating``), and only the last
-bucket carries the new ``weight_version``, so a server reports the new version only once it holds
-all of the new weights. A failed update leaves a server half-updated: it is restarted.
+All follow SGLang's protocol (``engine_api``): pause generation (``Fleet.updating``), update (distributed
+and tensor updates inside a begin/end weight-update session), flush the cache (a refused flush is
+retried), continue. Only the last bucket carries the new ``weight_version``, so a server reports the
+new version only once it holds all of the new weights. A failed update (a flush that never succeeds
+included) leaves a server half-updated: it is restarted at the last good version.
 """
 from __future__ import annotations
 

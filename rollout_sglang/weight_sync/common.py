@@ -1,13 +1,17 @@
 """What every weight-sync transport shares: size-bounded buckets of HF-named tensors, the check of a
-server's answer to an update call, and the restart of servers that a failed update left half-updated."""
+server's answer to an update call, SGLang's weight-update session, and the restart of servers that a
+failed update left half-updated."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 
+from rollout_sglang import engine_api as api
 from rollout_sglang.contracts import Bucket
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet, ManagedServer
@@ -42,6 +46,17 @@ def iter_buckets(items: Iterable[T], bucket_bytes: int,
         yield bucket
 
 
+def one_dtype_buckets(buckets: Iterable[Bucket], bucket_bytes: int) -> Iterator[Bucket]:
+    """The same tensors, in order, re-cut into size-bounded buckets that never mix dtypes.
+
+    A flattened bucket is one byte buffer that SGLang reads back tensor by tensor at byte offsets
+    (``FlattenedTensorBucket``); it refuses a tensor at an offset that is not a multiple of its
+    element size, which mixing dtypes produces (a bf16 tensor of odd length before an fp32 one)."""
+    named = itertools.chain.from_iterable(buckets)
+    for _, run in itertools.groupby(named, key=lambda item: item[1].dtype):
+        yield from iter_buckets(run, bucket_bytes)
+
+
 def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
     """Each item with a flag telling whether it is the last one (one item of lookahead, so a stream of
     buckets is never held in memory to find its end)."""
@@ -61,10 +76,26 @@ def flatten_bucket(bucket: Bucket) -> torch.Tensor:
     return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
 
 
-def check_update_response(server: ManagedServer, endpoint: str, status: int, data: object) -> None:
+def check_update_response(server: ManagedServer, route: api.Route, status: int, data: object) -> None:
     """Raise :class:`WeightSyncError` naming the server unless it answered 200 without ``success: false``."""
     if status != 200 or not isinstance(data, dict) or data.get("success") is False:
-        raise WeightSyncError(f"server {server.index} ({server.url}){endpoint}: HTTP {status}: {str(data)[:300]}")
+        raise WeightSyncError(f"server {server.index} ({server.url}){route.path}: HTTP {status}: {str(data)[:300]}")
+
+
+def call_checked(fleet: Fleet, servers: list[ManagedServer], route: api.Route, body: dict,
+                 timeout_s: float = 600.0) -> None:
+    """The same update call to every one of ``servers``; raises naming the first that refused."""
+    for server, (status, data) in zip(servers, fleet.call_all(route, body, timeout_s=timeout_s, servers=servers)):
+        check_update_response(server, route, status, data)
+
+
+@contextlib.contextmanager
+def weight_update_session(fleet: Fleet, servers: list[ManagedServer]) -> Iterator[None]:
+    """SGLang's begin/end weight-update session around distributed and tensor updates (refused outside
+    one). The end is sent only when the updates succeeded: a failed update restarts the server anyway."""
+    call_checked(fleet, servers, api.BEGIN_WEIGHT_UPDATE, api.begin_weight_update_body(), timeout_s=120)
+    yield
+    call_checked(fleet, servers, api.END_WEIGHT_UPDATE, api.end_weight_update_body(), timeout_s=600)
 
 
 def _capture(fn: Callable, *args) -> Optional[Exception]:
@@ -84,6 +115,8 @@ def restart_half_updated(fleet: Fleet, servers: list[ManagedServer]) -> None:
     if not servers:
         return
     logger.error("weight update failed; restarting %d server(s) at version %s", len(servers), fleet.weights.version)
+    for server in servers:  # here, where update_lock is held; the relaunches run in other threads
+        fleet.take_out(server)
     with ThreadPoolExecutor(len(servers)) as pool:
         outcomes = list(pool.map(lambda s: _capture(fleet.relaunch, s), servers))
     for server, error in zip(servers, outcomes):

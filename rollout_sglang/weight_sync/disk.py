@@ -11,11 +11,12 @@ from typing import Iterable, Optional
 
 from safetensors.torch import save_file
 
+from rollout_sglang import engine_api as api
 from rollout_sglang.config import WeightSyncConfig
 from rollout_sglang.contracts import Bucket
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet
-from rollout_sglang.weight_sync.common import check_update_response
+from rollout_sglang.weight_sync.common import call_checked, restart_half_updated
 
 
 class DiskWeightSync:
@@ -42,13 +43,16 @@ class DiskWeightSync:
         return path
 
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
-        """Write the version, then reload it on every healthy server; returns the bytes written."""
+        """Write the version, then (pause, reload, flush, continue) on every healthy server; a server that
+        fails is restarted at the last good version. Returns the bytes written."""
         path = self.write(buckets, version)
         with self.fleet.updating(self.cfg.pause_mode) as servers:
-            body = {"model_path": str(path), "weight_version": str(version)}
-            results = self.fleet.call_all("POST", "/update_weights_from_disk", body, timeout_s=600, servers=servers)
-            for server, (status, data) in zip(servers, results):
-                check_update_response(server, "/update_weights_from_disk", status, data)
+            try:
+                call_checked(self.fleet, servers, api.UPDATE_WEIGHTS_FROM_DISK, api.disk_update_body(str(path), version))
+                self.fleet.flush_cache(servers)
+            except Exception:
+                restart_half_updated(self.fleet, servers)
+                raise
             self.fleet.record_weights(str(version), str(path))
         self._written.append(path)
         while len(self._written) > self.cfg.keep_versions:

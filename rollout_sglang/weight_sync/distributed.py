@@ -3,6 +3,12 @@ server's ranks}, formed exactly as SGLang forms its side (:mod:`rollout_sglang.p
 ``/init_weights_update_group`` calls and the trainer's own group creation run concurrently), while
 each server waits in ``/update_weights_from_distributed``. gloo on CPU, NCCL on GPUs.
 
+Per push (SGLang's order): pause -> (re)form the group when the membership changed ->
+``begin_weight_update`` -> one ``update_weights_from_distributed`` per bucket, the last carrying the
+version -> ``end_weight_update`` -> flush -> continue. With the NCCL backend every bucket is sent from
+this process's CUDA device (a CPU tensor cannot go through NCCL). A flattened bucket holds one dtype
+(``common.one_dtype_buckets``).
+
 A failed collective leaves the group unusable and the servers half-updated: the group is dropped and
 the servers restarted at the last good version. A server the fleet restarts is brought to the current
 weights through a one-off group of two, from ``state_provider`` (the current buckets).
@@ -17,13 +23,17 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from rollout_sglang import engine_api as api
 from rollout_sglang.config import WeightSyncConfig
 from rollout_sglang.contracts import Bucket
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet, ManagedServer, WeightState
-from rollout_sglang.net import find_free_port, http_json
+from rollout_sglang.net import find_free_port
 from rollout_sglang.process_group import destroy_custom_process_group, init_custom_process_group
-from rollout_sglang.weight_sync.common import check_update_response, dtype_name, flatten_bucket, restart_half_updated, with_last
+from rollout_sglang.weight_sync.common import (
+    check_update_response, dtype_name, flatten_bucket, one_dtype_buckets, restart_half_updated,
+    weight_update_session, with_last,
+)
 
 
 class DistributedWeightSync:
@@ -35,9 +45,14 @@ class DistributedWeightSync:
 
     def __init__(self, fleet: Fleet, cfg: WeightSyncConfig,
                  state_provider: Optional[Callable[[], Iterable[Bucket]]] = None):
+        if cfg.backend == "nccl" and not torch.cuda.is_available():
+            raise WeightSyncError("weight_sync.backend=nccl: NCCL sends from a CUDA device and none is available "
+                                  "here; use backend 'gloo'")
         self.fleet = fleet
         self.cfg = cfg
         self.state_provider = state_provider
+        # Where the tensors are sent from: NCCL takes CUDA tensors only, gloo takes them where they are.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.backend == "nccl" else None
         self._group: Optional[torch.distributed.ProcessGroup] = None
         self._group_name = ""
         self._members: list[ManagedServer] = []
@@ -55,10 +70,10 @@ class DistributedWeightSync:
             offsets.append(world)
             world += s.cfg.tp
         pool = ThreadPoolExecutor(len(servers) + 1)
-        futures = [pool.submit(http_json, "POST", s.url + "/init_weights_update_group", {
-            "master_address": self.cfg.master_address, "master_port": port, "rank_offset": off,
-            "world_size": world, "group_name": group_name, "backend": self.cfg.backend},
-            timeout_s=self.cfg.group_timeout_s + 30) for s, off in zip(servers, offsets)]
+        futures = [pool.submit(self.fleet.call, s, api.INIT_WEIGHTS_UPDATE_GROUP, api.init_group_body(
+            master_address=self.cfg.master_address, master_port=port, rank_offset=off, world_size=world,
+            group_name=group_name, backend=self.cfg.backend), timeout_s=self.cfg.group_timeout_s + 30)
+            for s, off in zip(servers, offsets)]
         ours = pool.submit(init_custom_process_group, backend=self.cfg.backend, master_address=self.cfg.master_address,
                            master_port=port, world_size=world, rank=0, group_name=group_name,
                            timeout_s=self.cfg.group_timeout_s)
@@ -68,7 +83,7 @@ class DistributedWeightSync:
                 for s, fut in zip(servers, futures):
                     if fut.done():
                         status, data = fut.result()
-                        check_update_response(s, "/init_weights_update_group", status, data)
+                        check_update_response(s, api.INIT_WEIGHTS_UPDATE_GROUP, status, data)
                 time.sleep(0.02)
             try:
                 group = ours.result()
@@ -76,7 +91,7 @@ class DistributedWeightSync:
                 raise WeightSyncError(f"creating weight-sync group {group_name!r} (world {world}) failed: {exc}") from exc
             for s, fut in zip(servers, futures):
                 status, data = fut.result()
-                check_update_response(s, "/init_weights_update_group", status, data)
+                check_update_response(s, api.INIT_WEIGHTS_UPDATE_GROUP, status, data)
         except Exception as exc:
             pool.shutdown(wait=False, cancel_futures=True)
             if isinstance(exc, WeightSyncError):
@@ -103,7 +118,7 @@ class DistributedWeightSync:
             return
         live = [s for s, ident in zip(self._members, self._member_ids)
                 if s.state == "healthy" and s.alive() and self._identity([s])[0] == ident]
-        self.fleet.call_all("POST", "/destroy_weights_update_group", {"group_name": self._group_name}, servers=live)
+        self.fleet.call_all(api.DESTROY_WEIGHTS_UPDATE_GROUP, api.destroy_group_body(self._group_name), servers=live)
         destroy_custom_process_group(self._group)
         self._group, self._members, self._member_ids = None, [], []
 
@@ -121,39 +136,43 @@ class DistributedWeightSync:
         return self._identity(healthy) == self._member_ids and all(s.alive() for s in healthy)
 
     # ---- pushing -------------------------------------------------------------------------------
+    def _sendable(self, bucket: Bucket) -> list[torch.Tensor]:
+        """The tensors one broadcast sends for ``bucket``, on the backend's device."""
+        tensors = [t.detach() if self.device is None else t.detach().to(self.device, non_blocking=True)
+                   for _, t in bucket]
+        if self.cfg.flattened_bucket:
+            return [flatten_bucket([(name, t) for (name, _), t in zip(bucket, tensors)])]
+        return [t.contiguous() for t in tensors]
+
     def _broadcast(self, group, group_name: str, servers: list[ManagedServer], buckets: Iterable[Bucket],
                    version: str) -> int:
         total = 0
-        flat_format = "flattened_bucket" if self.cfg.flattened_bucket else None
+        if self.cfg.flattened_bucket:
+            buckets = one_dtype_buckets(buckets, self.cfg.bucket_bytes)
+        route = api.UPDATE_WEIGHTS_FROM_DISTRIBUTED
         with ThreadPoolExecutor(len(servers)) as pool:
             for bucket, last in with_last(buckets):
-                body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                        "shapes": [list(t.shape) for _, t in bucket], "group_name": group_name,
-                        "flush_cache": False}
-                if flat_format:
-                    body["load_format"] = flat_format
-                if last:  # the version changes only once the server holds every new tensor
-                    body["weight_version"] = str(version)
-                futures = [pool.submit(http_json, "POST", s.url + "/update_weights_from_distributed", body, timeout_s=600)
-                           for s in servers]
-                if flat_format:
-                    sending = [flatten_bucket(bucket)]
-                else:
-                    sending = [t.detach().contiguous() for _, t in bucket]
+                body = api.distributed_update_body(
+                    names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
+                    shapes=[list(t.shape) for _, t in bucket], group_name=group_name,
+                    weight_version=version if last else None,  # the version changes once every tensor is in
+                    flattened=self.cfg.flattened_bucket)
+                futures = [pool.submit(self.fleet.call, s, route, body, 600) for s in servers]
+                sending = self._sendable(bucket)
                 handles = [torch.distributed.broadcast(t, group=group, group_src=0, async_op=True) for t in sending]
                 # A server that refused the request never joins the collective: notice it instead of hanging.
                 while not all(h.is_completed() for h in handles):
                     for s, fut in zip(servers, futures):
                         if fut.done():
                             status, data = fut.result()
-                            check_update_response(s, "/update_weights_from_distributed", status, data)
+                            check_update_response(s, route, status, data)
                     time.sleep(0.0005)
                 for h in handles:
                     h.wait()
                 total += sum(t.numel() * t.element_size() for t in sending)
                 for s, fut in zip(servers, futures):
                     status, data = fut.result()
-                    check_update_response(s, "/update_weights_from_distributed", status, data)
+                    check_update_response(s, route, status, data)
         return total
 
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
@@ -163,7 +182,9 @@ class DistributedWeightSync:
                 self.connect()  # a server died or came back since the group was formed
             with self._lock:
                 try:
-                    sent = self._broadcast(self._group, self._group_name, self._members, buckets, str(version))
+                    with weight_update_session(self.fleet, self._members):
+                        sent = self._broadcast(self._group, self._group_name, self._members, buckets, str(version))
+                    self.fleet.flush_cache(self._members)
                 except Exception:
                     members = list(self._members)
                     self._disconnect_locked()  # a failed collective leaves the group unusable
@@ -179,7 +200,8 @@ class DistributedWeightSync:
         name = f"{self.cfg.group_name}_restore_{uuid.uuid4().hex[:8]}"
         group = self._form_group([server], name)
         try:
-            self._broadcast(group, name, [server], self.state_provider(), weights.version)
+            with weight_update_session(self.fleet, [server]):
+                self._broadcast(group, name, [server], self.state_provider(), weights.version)
         finally:
-            http_json("POST", server.url + "/destroy_weights_update_group", {"group_name": name}, timeout_s=30)
+            self.fleet.call(server, api.DESTROY_WEIGHTS_UPDATE_GROUP, api.destroy_group_body(name), timeout_s=30)
             destroy_custom_process_group(group)

@@ -1,28 +1,31 @@
-"""CUDA-IPC transport for engines colocated with the trainer (same node, GPUs visible to both): each
-bucket is shared as CUDA-IPC handles through ``/update_weights_from_tensor``; the engine maps the
-trainer's memory and copies from it, only handles cross the socket (payload: :func:`ipc_update_payload`).
+"""CUDA-IPC transport for engines colocated with the trainer (same node, the trainer's GPU visible to
+the engine): each bucket is shared as CUDA-IPC handles through ``/update_weights_from_tensor``; the
+engine maps the trainer's memory and copies from it, only handles cross the socket (payload:
+:func:`ipc_update_payload`). Inside SGLang's begin/end weight-update session; each TP rank of an
+engine gets a payload serialized for it alone (rank r deserializes entry r; one payload shared by all
+ranks would break the producer's CUDA-IPC reference counts).
 """
 from __future__ import annotations
 
 import base64
 import io
-import itertools
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from rollout_sglang import engine_api as api
 from rollout_sglang.config import WeightSyncConfig
 from rollout_sglang.contracts import Bucket
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet, ManagedServer, WeightState
-from rollout_sglang.net import http_json
-from rollout_sglang.weight_sync.common import check_update_response, iter_buckets, restart_half_updated, with_last
-
-NamedTensors = Iterable[tuple[str, torch.Tensor]]
+from rollout_sglang.weight_sync.common import (
+    check_update_response, one_dtype_buckets, restart_half_updated, weight_update_session, with_last,
+)
 
 # SGLang's /update_weights_from_tensor takes ``serialized_named_tensors``: one string per TP rank of
 # the engine, each base64(ForkingPickler(obj)), where CUDA tensors pickle as IPC handles. The server
@@ -65,17 +68,6 @@ def serialize_for_sglang(obj: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def ipc_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Size-bounded buckets (iter_buckets) that never mix dtypes, in order.
-
-    One dtype per bucket keeps a flattened bucket readable by both generations of SGLang's
-    FlattenedTensorBucket (element offsets into a tensor of that dtype; newer versions also view
-    the slice as the tensor's dtype, a no-op here).
-    """
-    for _, run in itertools.groupby(named_tensors, key=lambda item: item[1].dtype):
-        yield from iter_buckets(run, bucket_bytes)
-
-
 def ipc_update_payload(bucket: list[tuple[str, torch.Tensor]], flattened: bool) -> tuple[Any, list[torch.Tensor]]:
     """The object SGLang's ModelRunner.update_weights_from_tensor expects, and the tensors to keep alive.
 
@@ -88,7 +80,7 @@ def ipc_update_payload(bucket: list[tuple[str, torch.Tensor]], flattened: bool) 
         return tensors, [t for _, t in tensors]
     dtypes = {t.dtype for _, t in tensors}
     if len(dtypes) != 1:
-        raise ValueError(f"a flattened bucket holds one dtype; got {sorted(map(str, dtypes))} (use ipc_buckets)")
+        raise ValueError(f"a flattened bucket holds one dtype; got {sorted(map(str, dtypes))} (use one_dtype_buckets)")
     flat = torch.cat([t.reshape(-1) for _, t in tensors])
     metadata, start = [], 0
     for name, t in tensors:
@@ -96,6 +88,29 @@ def ipc_update_payload(bucket: list[tuple[str, torch.Tensor]], flattened: bool) 
                                         end_idx=start + t.numel(), numel=t.numel()))
         start += t.numel()
     return {"flattened_tensor": flat, "metadata": metadata}, [flat]
+
+
+def per_rank_payloads(payload: Any, tp: int) -> list[str]:
+    """What ``serialized_named_tensors`` holds for an engine of ``tp`` ranks: the payload serialized once
+    per rank (rank r deserializes entry r only; a handle is taken once, so a shared entry would break
+    the producer-side reference counts)."""
+    return [serialize_for_sglang(payload) for _ in range(tp)]
+
+
+def physical_gpu(visible_devices: Optional[str], index: int) -> str:
+    """The entry naming device ``index`` of a process whose CUDA_VISIBLE_DEVICES is ``visible_devices``."""
+    if not visible_devices:
+        return str(index)
+    entries = [e.strip() for e in visible_devices.split(",") if e.strip()]
+    return entries[index] if index < len(entries) else str(index)
+
+
+def engine_sees(engine_visible_devices: Optional[str], trainer_gpu: str) -> bool:
+    """Whether an engine launched with CUDA_VISIBLE_DEVICES=``engine_visible_devices`` (None: inherited from
+    the trainer) can open memory of the trainer's GPU ``trainer_gpu`` (a physical id or UUID)."""
+    if engine_visible_devices is None:
+        return True
+    return trainer_gpu in {e.strip() for e in engine_visible_devices.split(",")}
 
 
 def _is_local_address(host: str) -> bool:
@@ -111,10 +126,10 @@ def _is_local_address(host: str) -> bool:
 class IPCWeightSync:
     """CUDA-IPC transport for engines colocated with the trainer (same node, GPUs visible to both).
 
-    Every bucket is made resident on this process's current CUDA device, pickled as IPC handles and
-    posted to every server's ``/update_weights_from_tensor`` (the same handles for each of an
-    engine's TP ranks: each rank maps the trainer's memory and copies what it needs). The bucket
-    stays alive until every server answered. ``state_provider`` (optional) lets a restarted server
+    Every bucket is made resident on this process's current CUDA device, pickled as IPC handles (once
+    per TP rank of each engine: each rank maps the trainer's memory and copies what it needs) and
+    posted to every server's ``/update_weights_from_tensor``. The bucket stays alive until every
+    server answered. ``state_provider`` (optional) lets a restarted server
     be brought to the current weights the same way.
     """
 
@@ -128,35 +143,36 @@ class IPCWeightSync:
         if remote:
             raise WeightSyncError(f"weight_sync.transport=ipc: CUDA IPC only reaches engines on this node; "
                                   f"{', '.join(remote)} are elsewhere (use 'distributed')")
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        ours = physical_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"), self.device.index)
+        blind = [f"servers[{s.index}] (CUDA_VISIBLE_DEVICES={s.cfg.env['CUDA_VISIBLE_DEVICES']})"
+                 for s in fleet.servers if not engine_sees(s.cfg.env.get("CUDA_VISIBLE_DEVICES"), ours)]
+        if blind:
+            raise WeightSyncError(f"weight_sync.transport=ipc: the engine must see the trainer's GPU {ours} to map "
+                                  f"its memory; {', '.join(blind)} do not")
         self.fleet = fleet
         self.cfg = cfg
         self.state_provider = state_provider
-        self.device = torch.device("cuda", torch.cuda.current_device())
         if state_provider is not None:
             fleet.add_restorer(self._restore)
 
     def _send(self, servers: list[ManagedServer], buckets: Iterable[Bucket], version: str) -> int:
         sent = 0
-        load_format = "flattened_bucket" if self.cfg.ipc_flattened_bucket else None
-        # Re-cut into buckets of one dtype each (see ipc_buckets).
-        named_tensors = itertools.chain.from_iterable(buckets)
+        flattened = self.cfg.ipc_flattened_bucket
+        route = api.UPDATE_WEIGHTS_FROM_TENSOR
         with ThreadPoolExecutor(len(servers)) as pool:
-            for bucket, last in with_last(ipc_buckets(named_tensors, self.cfg.bucket_bytes)):
+            for bucket, last in with_last(one_dtype_buckets(buckets, self.cfg.bucket_bytes)):
                 resident = [(name, t.detach().to(self.device, non_blocking=True)) for name, t in bucket]
-                payload, keep_alive = ipc_update_payload(resident, flattened=load_format is not None)
+                payload, keep_alive = ipc_update_payload(resident, flattened=flattened)
                 torch.cuda.current_stream(self.device).synchronize()  # the engine reads on its own stream
-                serialized = serialize_for_sglang(payload)
                 futures = []
                 for s in servers:
-                    body = {"serialized_named_tensors": [serialized] * s.cfg.tp, "load_format": load_format,
-                            "flush_cache": False}
-                    if last:  # the version changes only once the server holds every new tensor
-                        body["weight_version"] = str(version)
-                    futures.append(pool.submit(http_json, "POST", s.url + "/update_weights_from_tensor", body,
-                                               timeout_s=600))
+                    body = api.tensor_update_body(per_rank_payloads(payload, s.cfg.tp), flattened=flattened,
+                                                  weight_version=version if last else None)
+                    futures.append(pool.submit(self.fleet.call, s, route, body, 600))
                 for s, fut in zip(servers, futures):
                     status, data = fut.result()
-                    check_update_response(s, "/update_weights_from_tensor", status, data)
+                    check_update_response(s, route, status, data)
                 sent += sum(t.numel() * t.element_size() for t in keep_alive)
                 del payload, keep_alive, resident
         torch.cuda.ipc_collect()  # release the IPC reference counts the engines have dropped
@@ -167,7 +183,9 @@ class IPCWeightSync:
         with self.fleet.updating(self.cfg.pause_mode) as servers:
             if servers:
                 try:
-                    sent = self._send(servers, buckets, str(version))
+                    with weight_update_session(self.fleet, servers):
+                        sent = self._send(servers, buckets, str(version))
+                    self.fleet.flush_cache(servers)
                 except Exception:
                     restart_half_updated(self.fleet, servers)
                     raise
@@ -179,7 +197,8 @@ class IPCWeightSync:
     def _restore(self, server: ManagedServer, weights: WeightState) -> None:
         if self.state_provider is None or weights.disk_path is not None:
             raise NotImplementedError
-        self._send([server], self.state_provider(), weights.version)
+        with weight_update_session(self.fleet, [server]):
+            self._send([server], self.state_provider(), weights.version)
 
     def close(self) -> None:
         pass

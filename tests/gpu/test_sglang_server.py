@@ -73,11 +73,12 @@ def advance(weights, model_dir, seed: int) -> tuple[dict, object]:
 
 
 def server_version(fleet) -> str:
-    return http_json("GET", fleet.servers[0].url + "/get_weight_version", timeout_s=30)[1]["weight_version"]
+    (version,) = fleet.weight_versions()  # /model_info, as the publisher reads it
+    return version
 
 
 def test_generate_with_logprobs_through_the_router(fleet, weights):
-    info = http_json("GET", fleet.servers[0].url + "/get_server_info", timeout_s=30)[1]
+    info = http_json("GET", fleet.servers[0].url + "/server_info", timeout_s=30)[1]
     assert "CPU rollout server" not in str(info.get("engine", ""))  # a real SGLang engine
     batch = prompts(8, seed=1)
     groups = rollout(fleet.router_url, batch, n=2, max_new_tokens=6, temperature=0.8)
@@ -104,11 +105,11 @@ def test_cuda_ipc_weight_sync(fleet, weights, model_dir, flattened):
     version = "2f" if flattened else "2t"
     new_state, old_model = advance(weights, model_dir, seed=21 if flattened else 22)
     torch.cuda.set_device(engine_gpu())  # colocated: the trainer's tensors live on the engine's GPU
-    on_gpu = [(name, t.cuda()) for name, t in new_state.items()]
     cfg = build(WeightSyncConfig, {"transport": "ipc", "ipc_flattened_bucket": flattened,
                                    "bucket_bytes": 256 << 10})  # several buckets for this model
-    shared = IPCWeightSync(fleet, cfg).push(iter_buckets(on_gpu, cfg.bucket_bytes), version=version)
-    assert shared == sum(t.numel() * t.element_size() for _, t in on_gpu)
+    # CPU tensors, as the trainer's export hands them over: the transport puts them on its GPU.
+    shared = IPCWeightSync(fleet, cfg).push(iter_buckets(new_state.items(), cfg.bucket_bytes), version=version)
+    assert shared == sum(t.numel() * t.element_size() for t in new_state.values())
     assert server_version(fleet) == version
     assert_follows_weights(rollout(fleet.router_url, prompts(8, seed=3)), version, weights["model"], old_model)
 
@@ -120,14 +121,13 @@ def test_nccl_weight_sync(fleet, weights, model_dir, flattened):
     version = "3f" if flattened else "3t"
     new_state, old_model = advance(weights, model_dir, seed=31 if flattened else 32)
     torch.cuda.set_device(0)  # the trainer's rank 0; the engine is on the last GPU
-    on_gpu = [(name, t.cuda()) for name, t in new_state.items()]
     cfg = build(WeightSyncConfig, {"transport": "distributed", "backend": "nccl", "flattened_bucket": flattened,
                                    "bucket_bytes": 256 << 10})
     sync = DistributedWeightSync(fleet, cfg)
-    try:
-        sent = sync.push(iter_buckets(on_gpu, cfg.bucket_bytes), version=version)
+    try:  # CPU tensors, as the trainer's export hands them over: NCCL needs them on the GPU (the transport's job)
+        sent = sync.push(iter_buckets(new_state.items(), cfg.bucket_bytes), version=version)
     finally:
         sync.close()
-    assert sent == sum(t.numel() * t.element_size() for _, t in on_gpu)
+    assert sent == sum(t.numel() * t.element_size() for t in new_state.values())
     assert server_version(fleet) == version
     assert_follows_weights(rollout(fleet.router_url, prompts(8, seed=4)), version, weights["model"], old_model)

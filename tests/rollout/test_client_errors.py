@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 
@@ -86,11 +85,23 @@ def generate(url, n=1, **kw):
 
 
 def test_good_response_parses(bad_server):
-    bad_server.script["/generate"] = [(200, [good_item(), good_item((7,), {"type": "stop", "matched": 7})])]
-    samples = generate(bad_server.url, n=2)
-    assert [s.output_ids for s in samples] == [[5, 6], [7]]
-    assert samples[1].finish_reason.type == "stop" and samples[1].finish_reason.matched == 7
-    assert samples[0].weight_version == "7" and samples[0].output_logprobs == [-0.5, -0.5]
+    bad_server.script["/generate"] = [(200, good_item((7,), {"type": "stop", "matched": 7}))]
+    (sample,) = generate(bad_server.url)
+    assert sample.output_ids == [7] and sample.rid == "req-1"
+    assert sample.finish_reason.type == "stop" and sample.finish_reason.matched == 7
+    assert sample.weight_version == "7" and sample.output_logprobs == [-0.5]
+
+
+def test_each_sample_is_its_own_request_with_its_own_id_and_seed(bad_server):
+    """SGLang samples every copy of an n > 1 request with one seed under deterministic inference, and
+    names the copies rid_0 .. rid_{n-1} (an abort must name those): the client sends n requests."""
+    bad_server.script["/generate"] = [(200, good_item())]
+    samples = generate(bad_server.url, n=3)
+    assert [s.rid for s in samples] == ["req-1_0", "req-1_1", "req-1_2"]
+    bodies = sorted((b for p, b in bad_server.received if p == "/generate"), key=lambda b: b["rid"])
+    assert [b["rid"] for b in bodies] == ["req-1_0", "req-1_1", "req-1_2"]
+    assert len({b["sampling_params"]["sampling_seed"] for b in bodies}) == 3
+    assert all("n" not in b["sampling_params"] for b in bodies)
 
 
 def test_abort_finish_reason_keeps_partial_output(bad_server):
@@ -108,7 +119,7 @@ def test_abort_finish_reason_keeps_partial_output(bad_server):
     ({**good_item(), "meta_info": {**good_item()["meta_info"], "finish_reason": {"type": "exploded"}}}, "meta_info.finish_reason.type"),
     ({**good_item(), "output_ids": [5, 99]}, "output_ids"),
     ({**good_item(), "meta_info": {**good_item()["meta_info"], "completion_tokens": 3}}, "meta_info.completion_tokens"),
-    ([good_item(), good_item()], "<body>"),  # two results for n=1
+    ([good_item(), good_item()], "<body>"),  # two results for one sample
 ])
 def test_garbage_raises_naming_server_and_field(bad_server, payload, field):
     bad_server.script["/generate"] = [(200, payload)]
@@ -162,40 +173,19 @@ def test_connection_refused(bad_server):
         generate(f"http://127.0.0.1:{find_free_port()}", total_timeout_s=2.0)
 
 
-def test_weight_updates_are_not_retried(bad_server):
-    bad_server.script["/update_weights_from_disk"] = [(500, "half done")]
+def test_reads_and_aborts(bad_server):
+    bad_server.script["/model_info"] = [(200, {"model_path": "m", "weight_version": "12"}), (200, {"model_path": "m"})]
 
     async def go():
         async with SGLangClient(bad_server.url, retry=FAST_RETRY) as c:
-            await c.update_weights_from_disk("/x", "3")
-
-    with pytest.raises(ServerUnavailableError, match="1 attempt"):
-        asyncio.run(go())
-    assert len(bad_server.received) == 1
-
-
-def test_control_calls(bad_server):
-    bad_server.script["/flush_cache"] = [(400, "busy"), (200, "Cache flushed.")]
-    bad_server.script["/get_weight_version"] = [(200, {"weight_version": "12"})]
-    bad_server.script["/update_weights_from_distributed"] = [(200, {"success": False, "message": "shape mismatch"})]
-
-    async def go():
-        async with SGLangClient(bad_server.url, retry=FAST_RETRY) as c:
-            assert await c.flush_cache() is False
-            assert await c.flush_cache() is True
-            assert await c.weight_version() == "12"
-            await c.pause("in_place")
-            await c.resume()
-            await c.abort("r1")
+            assert await c.weight_version() == "12"  # SGLang 0.5.23: /model_info, no /get_weight_version
+            with pytest.raises(ResponseFormatError, match="weight_version"):
+                await c.weight_version()
+            await c.abort("r1_0")
             await c.abort()
-            with pytest.raises(ServerHTTPError, match="shape mismatch"):
-                await c.update_weights_from_distributed(names=["a"], dtypes=["float32"], shapes=[[1]], group_name="g")
 
     asyncio.run(go())
-    sent = {p: b for p, b in bad_server.received}
-    assert sent["/pause_generation"] == {"mode": "in_place"}
-    assert [b for p, b in bad_server.received if p == "/abort_request"] == [{"rid": "r1"}, {"abort_all": True}]
-    assert json.dumps(sent["/update_weights_from_distributed"]["names"]) == '["a"]'
+    assert [b for p, b in bad_server.received if p == "/abort_request"] == [{"rid": "r1_0"}, {"abort_all": True}]
 
 
 # ---- a server that does not report its routed-experts shape (SGLang's /get_model_info) -------------
@@ -220,7 +210,7 @@ def test_worker_pool_reads_partial_routed_experts_with_the_models_shape(bad_serv
     rows = (np.arange(2 * 4 * 2, dtype=np.int32) % 8).reshape(2, 4, 2)
     item = good_item((5, 6), {"type": "abort", "message": "Abort requested"})
     item["meta_info"]["routed_experts"] = base64.b64encode(rows.tobytes()).decode()
-    bad_server.script["/get_model_info"] = [(200, {"model_path": "m", "is_generation": True, "weight_version": "7"})]
+    bad_server.script["/model_info"] = [(200, {"model_path": "m", "is_generation": True, "weight_version": "7"})]
     bad_server.script["/generate"] = [(200, item)]
     (sample,) = pool_generate(bad_server.url, (4, 2))
     assert sample.aborted and np.array_equal(sample.routed_experts, rows)
@@ -231,6 +221,6 @@ def test_worker_pool_reads_partial_routed_experts_with_the_models_shape(bad_serv
 def test_worker_pool_refuses_a_server_routing_another_model(bad_server):
     from rollout_sglang.errors import RolloutError
 
-    bad_server.script["/get_model_info"] = [(200, {"model_path": "m", "routed_experts_shape": [3, 2]})]
+    bad_server.script["/model_info"] = [(200, {"model_path": "m", "routed_experts_shape": [3, 2]})]
     with pytest.raises(RolloutError, match="routes 3 MoE layers x top-2; the trainer's model has 4 x top-2"):
         pool_generate(bad_server.url, (4, 2))

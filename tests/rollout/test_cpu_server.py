@@ -52,15 +52,21 @@ def test_response_shape_matches_sglang(server):
     info = http_json("GET", server + "/get_server_info")[1]
     assert info["engine"] == "CPU rollout server (not SGLang)"
     assert http_json("GET", server + "/get_model_info")[1]["routed_experts_shape"] == [4, 2]
+    assert info["version"] == "0.5.23"  # the SGLang API it speaks
+    assert http_json("GET", server + "/model_info")[1]["weight_version"] == "default"
+    assert http_json("GET", server + "/get_weight_version")[0] == 404  # not in SGLang 0.5.23
+    ids = [d["meta_info"]["id"] for d in data]  # SGLang's expansion of one id over 2 prompts x 2 samples
+    assert len(set(ids)) == 4
 
 
 def test_logprob_parity_greedy_and_seeded(server, reference):
     async def go():
         async with SGLangClient(server) as c:
             greedy = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.0}, n=2)
-            a = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7, "sampling_seed": 3}, n=3)
-            b = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7, "sampling_seed": 3}, n=3)
-            other = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7, "sampling_seed": 4}, n=3)
+            # The seed of each sample derives from its request id: same ids, same samples.
+            a = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7}, n=3, rid="seeded")
+            b = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7}, n=3, rid="seeded")
+            other = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7}, n=3, rid="other")
             return greedy, a, b, other
 
     greedy, a, b, other = run(go())
@@ -70,6 +76,7 @@ def test_logprob_parity_greedy_and_seeded(server, reference):
     assert greedy[0].output_ids == expected
     assert [s.output_ids for s in a] == [s.output_ids for s in b]  # same seed: same samples
     assert [s.output_ids for s in a] != [s.output_ids for s in other]
+    assert len({tuple(s.output_ids) for s in a}) == 3  # each sample its own seed
     for s in greedy:
         ref = teacher_forced_logprobs(reference, s.prompt_ids, s.output_ids, 1.0)
         assert np.allclose(ref, s.output_logprobs, atol=1e-4)
@@ -110,7 +117,12 @@ def test_abort_returns_partial_output(server):
     t.start()
     time.sleep(0.5)
     assert post(server, "/flush_cache", {})[0] == 400  # busy: SGLang refuses to flush
+    # As in SGLang, the samples of an n > 1 request are long-one_0 and long-one_1: the bare id aborts nothing.
     assert post(server, "/abort_request", {"rid": "long-one"})[0] == 200
+    t.join(0.5)
+    assert t.is_alive() and post(server, "/flush_cache", {})[0] == 400
+    for rid in ("long-one_0", "long-one_1"):
+        assert post(server, "/abort_request", {"rid": rid})[0] == 200
     t.join(30)
     status, data = result["r"]
     assert status == 200
@@ -162,9 +174,81 @@ def test_bad_requests_are_400_naming_the_field(server, body, field):
 def test_update_weights_bad_input(server, tmp_path):
     status, data = post(server, "/update_weights_from_disk", {"model_path": str(tmp_path)})
     assert status == 400 and "safetensors" in data["message"]
-    status, data = post(server, "/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"],
-                                                                      "shapes": [[1]], "group_name": "nope"})
-    assert status == 400 and "not initialised" in data["message"]
+    body = {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "nope"}
+    status, data = post(server, "/update_weights_from_distributed", body)
+    assert status == 400 and "between begin_weight_update() and end_weight_update()" in data["message"]
+    assert post(server, "/begin_weight_update", {})[0] == 200
+    try:
+        assert post(server, "/begin_weight_update", {})[1]["message"].startswith("a weight-update session is already open")
+        status, data = post(server, "/update_weights_from_distributed", body)
+        assert status == 400 and "not initialised" in data["message"]
+    finally:
+        assert post(server, "/end_weight_update", {})[0] == 200
+    status, data = post(server, "/end_weight_update", {})
+    assert status == 400 and data["message"].startswith("no weight-update session is open")
+
+
+def start_generation(server, body: dict) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=post(server, "/generate", body)))
+    t.start()
+    return t, result
+
+
+def test_requests_held_in_place_block_the_flush_and_fail_a_flushing_update(server, tiny_moe_dir):
+    t, result = start_generation(server, {"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 300}})
+    time.sleep(0.3)
+    assert post(server, "/pause_generation", {"mode": "in_place"})[0] == 200
+    try:
+        assert post(server, "/flush_cache", {})[0] == 400  # the held request keeps its (old-weight) KV
+        # SGLang's update flushes by default, and fails when the flush is refused (the weights did change).
+        status, data = post(server, "/update_weights_from_disk", {"model_path": str(tiny_moe_dir)})
+        assert status == 400 and data["message"].startswith("Weights were updated, but the cache was not flushed")
+        body = {"model_path": str(tiny_moe_dir), "flush_cache": False}
+        assert post(server, "/update_weights_from_disk", body)[1]["success"] is True
+    finally:
+        assert post(server, "/continue_generation", {})[0] == 200
+    t.join(60)
+    assert result["r"][1]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_retract_pause_allows_the_flush_and_the_request_continues_exactly(server, reference):
+    t, result = start_generation(server, {"input_ids": [5, 1, 4], "return_logprob": True, "return_routed_experts": True,
+                                          "sampling_params": {"max_new_tokens": 60, "sampling_seed": 11}})
+    time.sleep(0.2)
+    assert post(server, "/pause_generation", {"mode": "retract"})[0] == 200
+    try:
+        assert post(server, "/flush_cache", {})[0] == 200  # the retracted request waits without KV
+    finally:
+        assert post(server, "/continue_generation", {})[0] == 200
+    t.join(60)
+    item = result["r"][1]
+    ids = item["output_ids"]
+    assert item["meta_info"]["finish_reason"]["type"] == "length" and len(ids) == 60
+    ref = teacher_forced_logprobs(reference, [5, 1, 4], ids)
+    assert np.allclose(ref, [lp for lp, _, _ in item["meta_info"]["output_token_logprobs"]], atol=1e-4)
+    import base64
+    rows = np.frombuffer(base64.b64decode(item["meta_info"]["routed_experts"]), dtype=np.int32)
+    assert rows.size == (3 + 60 - 1) * 4 * 2  # one row per fed position: none lost or repeated by the retraction
+
+
+def test_health_waits_while_generation_is_paused(server):
+    assert http_json("GET", server + "/health", timeout_s=5)[0] == 200
+    assert post(server, "/pause_generation", {"mode": "retract"})[0] == 200
+    try:
+        with pytest.raises(OSError):  # SGLang's health check generates a token, which waits for the pause to end
+            http_json("GET", server + "/health", timeout_s=1.0)
+    finally:
+        post(server, "/continue_generation", {})
+    assert http_json("GET", server + "/health", timeout_s=5)[0] == 200
+
+
+def test_samples_of_one_request_share_its_seed(server):
+    """SGLang's deterministic sampling: every sample of an n > 1 request uses its one sampling_seed."""
+    status, data = post(server, "/generate", {"input_ids": [4, 4, 2], "rid": "twins",
+                                               "sampling_params": {"max_new_tokens": 12, "n": 2, "sampling_seed": 9}})
+    assert status == 200 and data[0]["output_ids"] == data[1]["output_ids"]
+    assert [d["meta_info"]["id"] for d in data] == ["twins_0", "twins_1"]
 
 
 def test_sampling_filters_respect_top_k_and_top_p():

@@ -19,8 +19,10 @@ from rollout_sglang.config import FleetConfig, WeightSyncConfig
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.weight_sync import make_weight_sync
-from rollout_sglang.weight_sync.common import with_last
-from rollout_sglang.weight_sync.ipc import IPCWeightSync, ipc_buckets, ipc_update_payload, serialize_for_sglang
+from rollout_sglang.weight_sync.common import one_dtype_buckets, with_last
+from rollout_sglang.weight_sync.ipc import (
+    IPCWeightSync, engine_sees, ipc_update_payload, physical_gpu, serialize_for_sglang,
+)
 from typed_config import build
 
 # What SGLang's SafeUnpickler (sglang.srt.utils.common) lets a weight payload reference.
@@ -60,7 +62,7 @@ def named_weights() -> list[tuple[str, torch.Tensor]]:
 
 def test_bucket_plan_bounds_size_never_mixes_dtypes_and_keeps_order():
     weights = named_weights()
-    buckets = list(ipc_buckets(iter(weights), bucket_bytes=600))
+    buckets = list(one_dtype_buckets([weights[:3], weights[3:]], bucket_bytes=600))
     assert [n for b in buckets for n, _ in b] == [n for n, _ in weights]
     for bucket in buckets:
         assert len({t.dtype for _, t in bucket}) == 1
@@ -74,7 +76,7 @@ def test_bucket_plan_bounds_size_never_mixes_dtypes_and_keeps_order():
 def test_flattened_payload_round_trip_through_the_sglang_allow_list(rebuild):
     weights = named_weights()
     restored = []
-    for bucket in ipc_buckets(weights, bucket_bytes=1 << 20):
+    for bucket in one_dtype_buckets([weights], bucket_bytes=1 << 20):
         payload, keep_alive = ipc_update_payload(bucket, flattened=True)
         assert len(keep_alive) == 1 and keep_alive[0] is payload["flattened_tensor"]
         obj, seen = deserialize_like_sglang(serialize_for_sglang(payload))
@@ -108,6 +110,12 @@ def test_flattened_payload_rejects_mixed_dtypes():
         ipc_update_payload(named_weights(), flattened=True)
 
 
+def test_the_engine_must_see_the_trainers_gpu():
+    assert physical_gpu(None, 1) == "1" and physical_gpu("4,6", 1) == "6" and physical_gpu("GPU-a, GPU-b", 0) == "GPU-a"
+    assert engine_sees(None, "6")  # inherits the trainer's devices
+    assert engine_sees("6,7", "6") and not engine_sees("7", "6")
+
+
 def test_with_last_marks_only_the_final_bucket():
     assert list(with_last([])) == []
     assert list(with_last("abc")) == [("a", False), ("b", False), ("c", True)]
@@ -128,3 +136,13 @@ def test_ipc_refuses_without_cuda(tmp_path):
         IPCWeightSync(fleet, cfg)
     with pytest.raises(WeightSyncError, match="transport=ipc"):
         make_weight_sync(fleet, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_nccl_broadcast_refuses_without_cuda(tmp_path):
+    """NCCL sends CUDA tensors only; the weights the trainer exports are CPU tensors the transport moves."""
+    from rollout_sglang.weight_sync import DistributedWeightSync
+
+    fleet = Fleet(build(FleetConfig, {"servers": [{"model_path": str(tmp_path)}], "log_dir": str(tmp_path)}))
+    with pytest.raises(WeightSyncError, match="backend=nccl: NCCL sends from a CUDA device"):
+        DistributedWeightSync(fleet, build(WeightSyncConfig, {"transport": "distributed", "backend": "nccl"}))

@@ -22,7 +22,7 @@ def test_sglang_command_from_yaml_fields():
     cmd = build_server_command(cfg, port=30001)
     assert cmd[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"]
     joined = " ".join(cmd)
-    for part in ["--model-path /models/Qwen3-30B-A3B", "--host 0.0.0.0", "--port 30001", "--tp 4", "--ep-size 4",
+    for part in ["--model-path /models/Qwen3-30B-A3B", "--host 0.0.0.0", "--port 30001", "--tp-size 4", "--ep-size 4",
                  "--mem-fraction-static 0.7", "--skip-server-warmup", "--dtype bfloat16",
                  "--enable-return-routed-experts", "--quantization fp8", "--enable-deterministic-inference",
                  "--nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:5000"]:
@@ -69,7 +69,7 @@ def test_fleet_config_errors_name_the_field(data, path):
 
 def test_weight_sync_config_defaults():
     cfg = build(WeightSyncConfig, {"transport": "distributed", "backend": "nccl"})
-    assert not cfg.flattened_bucket and cfg.pause_mode == "in_place" and cfg.bucket_bytes > 0
+    assert not cfg.flattened_bucket and cfg.pause_mode == "retract" and cfg.bucket_bytes > 0
     with pytest.raises(ConfigError, match="backend"):
         build(WeightSyncConfig, {"backend": "mpi"})
 

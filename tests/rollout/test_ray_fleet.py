@@ -96,7 +96,7 @@ def test_ray_fleet_generate_sync_and_supervise(fleet, tiny_moe_dir, tmp_path):
     victim.proc.kill()
     wait_restarted(victim, restarts)
     assert fleet.launcher.actors[0] is actor and victim.url == url
-    assert http_json("GET", victim.url + "/get_weight_version")[1]["weight_version"] == "1"
+    assert http_json("GET", victim.url + "/model_info")[1]["weight_version"] == "1"
     assert_parity(reference, rollout(victim.url, prompts(3, seed=3)), version="1")
 
     # The actor itself dies (as when its node goes away): a new actor in the same bundle.
@@ -107,6 +107,6 @@ def test_ray_fleet_generate_sync_and_supervise(fleet, tiny_moe_dir, tmp_path):
     assert fleet.launcher.actors[1] is not actor and victim.proc.pid != old_pid
     with pytest.raises(ProcessLookupError):  # the orphaned server died with its actor
         os.kill(old_pid, 0)
-    assert http_json("GET", victim.url + "/get_weight_version")[1]["weight_version"] == "1"
+    assert http_json("GET", victim.url + "/model_info")[1]["weight_version"] == "1"
     assert {w["url"].rstrip("/") for w in fleet.router.workers()} == {s.url for s in fleet.servers}
     assert_parity(reference, rollout(fleet.router_url, prompts(8, seed=4)), version="1")

@@ -1,0 +1,63 @@
+"""The fleet's launch command for real SGLang engines, through SGLang's own argument parser.
+
+Every option the fleet config can produce is parsed by ``ServerArgs.add_cli_args`` with argparse
+abbreviations off (``--tp`` only ever parsed as an abbreviation of ``--tp-size``), and the parsed
+values are the configured ones; no deprecated flag is used.
+"""
+from __future__ import annotations
+
+import pytest
+
+from rollout_sglang.config import ServerConfig
+from rollout_sglang.launch import build_server_command
+from typed_config import build
+
+BASE = {"kind": "sglang", "model_path": "/models/Qwen3-30B-A3B"}
+
+
+def parsed(sglang, server: dict, port: int = 30001) -> dict:
+    cmd = build_server_command(build(ServerConfig, {**BASE, **server}), port=port)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    answer = sglang.ask("parse_args", argv=cmd[3:])
+    assert answer["ok"], answer["error"]
+    assert answer["deprecated"] == [], answer["deprecated"]
+    return answer["values"]
+
+
+def test_defaults(sglang):
+    values = parsed(sglang, {})
+    assert values["model_path"] == "/models/Qwen3-30B-A3B" and values["port"] == 30001
+    assert values["host"] == "127.0.0.1" and values["tp_size"] == 1 and values["ep_size"] == 1
+    assert values["mem_fraction_static"] == pytest.approx(0.8) and values["skip_server_warmup"] is True
+    assert values["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("server, expected", [
+    ({"tp": 4, "ep": 8}, {"tp_size": 4, "ep_size": 8}),
+    ({"dtype": "bf16"}, {"dtype": "bfloat16"}),
+    ({"dtype": "auto"}, {"dtype": "auto"}),
+    ({"mem_fraction_static": 0.55}, {"mem_fraction_static": 0.55}),
+    ({"enable_return_routed_experts": True}, {"enable_return_routed_experts": True}),
+    ({"quantization": "fp8"}, {"quantization": "fp8"}),
+    ({"deterministic_inference": True}, {"enable_deterministic_inference": True}),
+    ({"nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:5000"},
+     {"nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:5000"}),
+    ({"host": "0.0.0.0"}, {"host": "0.0.0.0"}),
+], ids=["tp_ep", "bf16", "auto_dtype", "mem_fraction", "routed_experts", "fp8", "deterministic", "multi_node", "host"])
+def test_each_option_parses_to_its_value(sglang, server, expected):
+    values = parsed(sglang, server)
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value) if isinstance(value, float) else values[key] == value, key
+
+
+def test_the_gpu_tests_launch_arguments(sglang):
+    from tests.gpu.sglang_helpers import SGLANG_TEST_ARGS
+
+    values = parsed(sglang, {"extra_args": SGLANG_TEST_ARGS})
+    assert values["skip_tokenizer_init"] is True and values["attention_backend"] == "triton"
+
+
+def test_a_deprecated_flag_is_noticed(sglang):
+    """The check above can fail: SGLang's parser reports --disable-cuda-graph as deprecated."""
+    cmd = build_server_command(build(ServerConfig, {**BASE, "extra_args": ["--disable-cuda-graph"]}), port=1)
+    assert any("--disable-cuda-graph" in m for m in sglang.ask("parse_args", argv=cmd[3:])["deprecated"])
