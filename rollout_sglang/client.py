@@ -2,13 +2,14 @@
 router, or the CPU server) and the read-only calls next to it. Weight updates and generation control
 are the fleet's (blocking, ``fleet.py``); every route and body is defined in ``engine_api.py``.
 
-Each of the n samples of a prompt is its own request with its own id (SGLang's names for the samples
-of an ``n > 1`` request: ``rid_0 .. rid_{n-1}``) and its own sampling seed derived from that id. An
-``n > 1`` request would sample every copy with one seed under deterministic inference (identical
-samples, zero advantages), and abort by the unexpanded id is ignored by SGLang. Each attempt of a
-sample gets its own rid (``rid``, ``rid.retry1``, ...) so a server that still runs an abandoned
-attempt cannot be confused with the retry, and the seed stays that of the sample, so a retried sample
-is reproducible; an attempt's output is used only if that attempt answered, so no sample appears twice.
+The n samples of a prompt go as one ``n``-request, whose samples SGLang names ``rid_0 .. rid_{n-1}``
+(an abort must name those; SGLang ignores one naming the unexpanded id). Against servers that sample
+every copy of a request with its one ``sampling_seed`` (SGLang with ``--enable-deterministic-inference``,
+which would give n identical samples and zero advantages) the client is made with
+``one_request_per_sample``: each sample is then its own request, named and seeded the same way.
+Each attempt gets its own rid (``rid``, ``rid.retry1``, ...) so a server that still runs an abandoned
+attempt cannot be confused with the retry, and the seed stays the request's, so a retry is
+reproducible; an attempt's output is used only if that attempt answered, so no sample appears twice.
 
 Retries (exponential backoff) happen only where repeating is safe: connection errors, timeouts and
 5xx on /generate and on read-only calls.
@@ -60,8 +61,10 @@ class SGLangClient:
         retry: RetryPolicy = RetryPolicy(),
         max_connections: int = 512,
         routed_experts_shape: Optional[tuple[int, int]] = None,
+        one_request_per_sample: bool = False,
     ):
         self.base_url = base_url.rstrip("/")
+        self.one_request_per_sample = one_request_per_sample
         self.request_timeout_s = request_timeout_s
         self.total_timeout_s = total_timeout_s
         self.retry = retry
@@ -154,18 +157,29 @@ class SGLangClient:
         rid: Optional[str] = None,
         total_timeout_s: Optional[float] = None,
     ) -> list[Sample]:
-        """Generate ``n`` samples for one prompt (one request each, ids from :func:`engine_api.sample_rids`);
-        returns them in sample order. If a sample fails for good the others are cancelled."""
-        rids = api.sample_rids(rid or uuid.uuid4().hex, n)
-        return await gather_or_cancel([self._generate_one(
-            input_ids, sampling_params, rid=r, return_logprob=return_logprob,
-            return_routed_experts=return_routed_experts, total_timeout_s=total_timeout_s) for r in rids])
+        """Generate ``n`` samples for one prompt, in sample order; each :class:`Sample`'s rid is its SGLang
+        id (:func:`engine_api.sample_rids`). One request, or one per sample (see the module docstring);
+        if a sample fails for good the other requests are cancelled."""
+        rid = rid or uuid.uuid4().hex
+        rids = api.sample_rids(rid, n)
+        options = dict(return_logprob=return_logprob, return_routed_experts=return_routed_experts,
+                       total_timeout_s=total_timeout_s)
+        if self.one_request_per_sample and n > 1:
+            pieces = await gather_or_cancel([self._request_samples(input_ids, sampling_params, 1, r, **options)
+                                             for r in rids])
+            return [s for piece in pieces for s in piece]
+        samples = await self._request_samples(input_ids, sampling_params, n, rid, **options)
+        for sample, sample_rid in zip(samples, rids):
+            sample.rid = sample_rid
+        return samples
 
-    async def _generate_one(self, input_ids: Seq[int], sampling_params: Optional[dict], *, rid: str,
-                            return_logprob: bool, return_routed_experts: bool,
-                            total_timeout_s: Optional[float]) -> Sample:
-        params = {k: v for k, v in (sampling_params or {}).items() if k != "n"}
-        params["sampling_seed"] = seed_from_rid(rid)  # the sample's own, whatever the caller passed
+    async def _request_samples(self, input_ids: Seq[int], sampling_params: Optional[dict], n: int, rid: str, *,
+                               return_logprob: bool, return_routed_experts: bool,
+                               total_timeout_s: Optional[float]) -> list[Sample]:
+        """One /generate request for ``n`` samples, seeded from ``rid``."""
+        params = dict(sampling_params or {})
+        params["n"] = n
+        params["sampling_seed"] = seed_from_rid(rid)  # the request's own, whatever the caller passed
         body = api.generate_body(input_ids, params, rid=rid, return_logprob=return_logprob,
                                  return_routed_experts=return_routed_experts)
 
@@ -177,11 +191,12 @@ class SGLangClient:
                                       total_timeout_s=total_timeout_s)
         data = self._parse_json(text, endpoint)
         items = data if isinstance(data, list) else [data]
-        if len(items) != 1:
-            raise ResponseFormatError(self.base_url + endpoint, "<body>", f"expected 1 result; got {len(items)}")
-        return parse_generate_item(items[0], server=self.base_url, rid=rid, prompt_ids=list(input_ids),
-                                   expect_logprobs=return_logprob, expect_routed_experts=return_routed_experts,
-                                   routed_experts_shape=self.routed_experts_shape)
+        if len(items) != n:
+            raise ResponseFormatError(self.base_url + endpoint, "<body>", f"expected {n} result(s); got {len(items)}")
+        return [parse_generate_item(item, server=self.base_url, rid=rid, prompt_ids=list(input_ids),
+                                    expect_logprobs=return_logprob, expect_routed_experts=return_routed_experts,
+                                    routed_experts_shape=self.routed_experts_shape, index=i if n > 1 else None)
+                for i, item in enumerate(items)]
 
     async def generate_batch(self, prompts: Seq[Seq[int]], sampling_params: Optional[dict] = None,
                              **options: Any) -> list[list[Sample]]:

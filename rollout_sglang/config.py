@@ -30,7 +30,9 @@ class ServerConfig:
     mem_fraction_static: float = field(0.8, gt=0, le=1, help="sglang --mem-fraction-static")
     enable_return_routed_experts: bool = field(False, help="sglang --enable-return-routed-experts")
     quantization: Optional[str] = field(None, help="sglang --quantization (e.g. fp8)")
-    deterministic_inference: bool = field(False, help="sglang --enable-deterministic-inference")
+    deterministic_inference: bool = field(False, help="--enable-deterministic-inference (sglang and cpu): every sample "
+                                          "of a request is sampled with its seed, so the client sends one request "
+                                          "per sample")
     nnodes: int = field(1, ge=1, help="sglang multi-node: --nnodes")
     node_rank: int = field(0, ge=0, help="sglang multi-node: --node-rank")
     dist_init_addr: Optional[str] = field(None, help="sglang multi-node: --dist-init-addr host:port")

@@ -60,6 +60,11 @@ class RolloutFleet(Protocol):
         """Where generation requests go (sglang-router)."""
         ...
 
+    @property
+    def one_request_per_sample(self) -> bool:
+        """Whether generation must send each sample as its own request (see ``client.py``)."""
+        ...
+
     def weight_versions(self) -> list[Optional[str]]:
         """The weight version each healthy server reports (None where it gave none)."""
         ...

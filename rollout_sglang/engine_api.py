@@ -60,11 +60,16 @@ def sample_rids(rid: str, n: int) -> list[str]:
     return [rid] if n == 1 else [f"{rid}_{i}" for i in range(n)]
 
 
+def samples_share_request_seed(server_info: Any) -> bool:
+    """Whether a server (its ``/server_info``) samples every copy of an ``n > 1`` request with the request's
+    one ``sampling_seed``: SGLang does under ``--enable-deterministic-inference`` (identical samples, zero
+    advantages). The client then sends each sample as its own request with its own seed."""
+    return isinstance(server_info, dict) and server_info.get("enable_deterministic_inference") is True
+
+
 def generate_body(input_ids: Sequence[int], sampling_params: dict, *, rid: str, return_logprob: bool,
                   return_routed_experts: bool = False) -> dict:
-    """One sample of one prompt. ``sampling_params`` carries ``sampling_seed``: under deterministic
-    inference SGLang samples every copy of an ``n > 1`` request with that one seed (identical
-    samples), so the client sends each sample as its own request with its own seed."""
+    """The samples of one prompt (``sampling_params["n"]``, default 1), seeded by ``sampling_seed``."""
     body = {"input_ids": list(input_ids), "sampling_params": dict(sampling_params), "rid": rid,
             "return_logprob": return_logprob, "stream": False}
     if return_routed_experts:

@@ -55,6 +55,7 @@ class ManagedServer:
     health_failures: int = 0
     paused: bool = False  # generation paused by the fleet (its /health would wait): not health-checked
     sglang_version: str = ""  # what /server_info reported
+    samples_share_seed: bool = False  # /server_info: every sample of a request uses its one seed
     events: list[str] = field(default_factory=list)
 
     @property
@@ -121,6 +122,12 @@ class Fleet:
     def router_url(self) -> str:
         return self.router.url
 
+    @property
+    def one_request_per_sample(self) -> bool:
+        """Whether clients must send each sample as its own request: some server samples every copy of a
+        request with its one seed (SGLang's deterministic inference)."""
+        return any(s.samples_share_seed for s in self.servers)
+
     def healthy_servers(self) -> list[ManagedServer]:
         return [s for s in self.servers if s.state == "healthy"]
 
@@ -147,6 +154,7 @@ class Fleet:
         version = info.get("version") if status == 200 and isinstance(info, dict) else None
         api.check_sglang_version(f"server {server.index} ({server.url})", version)
         server.sglang_version = str(version)
+        server.samples_share_seed = api.samples_share_request_seed(info)
 
     def stop(self) -> None:
         self.stop_supervision()

@@ -28,8 +28,9 @@ def build_server_command(cfg: ServerConfig, port: int) -> list[str]:
         subst = {"host": cfg.host, "port": str(port), "model_path": cfg.model_path}
         return [part.format(**subst) for part in cfg.command] + list(cfg.extra_args)
     if cfg.kind == "cpu":
+        deterministic = ["--enable-deterministic-inference"] if cfg.deterministic_inference else []
         return [_python(cfg.python), "-m", "rollout_sglang.cpu_server", "--model-path", cfg.model_path,
-                "--host", cfg.host, "--port", str(port), "--dtype", cfg.dtype, *cfg.extra_args]
+                "--host", cfg.host, "--port", str(port), "--dtype", cfg.dtype, *deterministic, *cfg.extra_args]
     cmd = [_python(cfg.python), "-m", "sglang.launch_server", "--model-path", cfg.model_path,
            "--host", cfg.host, "--port", str(port), "--tp-size", str(cfg.tp), "--ep-size", str(cfg.ep),
            "--mem-fraction-static", str(cfg.mem_fraction_static), "--skip-server-warmup"]

@@ -62,8 +62,9 @@ class WorkerPool:
 
     def __init__(self, router_url: str, *, request_timeout_s: float, retry: RetryPolicy = DIRECT_RETRY,
                  refresh_s: float = 1.0, max_failovers: int = 3,
-                 routed_experts_shape: Optional[tuple[int, int]] = None):
+                 routed_experts_shape: Optional[tuple[int, int]] = None, one_request_per_sample: bool = False):
         self.router_url = router_url
+        self.one_request_per_sample = one_request_per_sample
         # The trainer's (MoE layers, top-k): how a worker's routed experts are read when it does not say
         # (SGLang's /get_model_info does not), and checked against what it says when it does.
         self.routed_experts_shape = routed_experts_shape
@@ -96,7 +97,8 @@ class WorkerPool:
             self._refreshed_at = time.monotonic()
             for url in [u for u in self.clients if u not in urls]:
                 self._retired.append(self.clients.pop(url))
-            new = [SGLangClient(u, request_timeout_s=self.request_timeout_s, retry=self.retry)
+            new = [SGLangClient(u, request_timeout_s=self.request_timeout_s, retry=self.retry,
+                                one_request_per_sample=self.one_request_per_sample)
                    for u in urls if u not in self.clients]
             for client, shape in zip(new, await asyncio.gather(*(routed_experts_shape(c) for c in new))):
                 if shape is not None and self.routed_experts_shape is not None and shape != self.routed_experts_shape:
@@ -142,9 +144,12 @@ class WorkerPool:
 
 
 def generation_target(url: str, *, return_routed_experts: bool, request_timeout_s: float,
-                      routed_experts_shape: Optional[tuple[int, int]] = None) -> GenerationTarget:
+                      routed_experts_shape: Optional[tuple[int, int]] = None,
+                      one_request_per_sample: bool = False) -> GenerationTarget:
     """Where generation requests go: the router (or a server) at ``url``; with ``return_routed_experts``
-    its healthy workers directly, reading unreported expert rows as ``routed_experts_shape``."""
+    its healthy workers directly, reading unreported expert rows as ``routed_experts_shape``.
+    ``one_request_per_sample``: see :class:`~rollout_sglang.client.SGLangClient`."""
     if return_routed_experts:
-        return WorkerPool(url, request_timeout_s=request_timeout_s, routed_experts_shape=routed_experts_shape)
-    return SGLangClient(url, request_timeout_s=request_timeout_s)
+        return WorkerPool(url, request_timeout_s=request_timeout_s, routed_experts_shape=routed_experts_shape,
+                          one_request_per_sample=one_request_per_sample)
+    return SGLangClient(url, request_timeout_s=request_timeout_s, one_request_per_sample=one_request_per_sample)

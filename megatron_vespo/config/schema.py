@@ -267,7 +267,7 @@ class RolloutConfig:
         "float32", help="dtype of the local CPU servers (bfloat16: a train/inference mismatch against an fp32 trainer)")
     cpu_server_deterministic: bool = field(
         False, help="local CPU servers run one sequence per forward, so results do not depend on request timing "
-        "(bitwise-reproducible runs and resumes; slower)")
+        "(bitwise-reproducible runs and resumes; slower), and sample as SGLang's deterministic inference does")
     return_routed_experts: bool = field(False, help="MoE: ask the servers for the experts each token was routed to "
                                         "(requests then go to the servers directly: the router drops the field)")
     weight_sync: WeightSyncConfig = field(

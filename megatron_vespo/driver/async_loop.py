@@ -106,7 +106,8 @@ class AsyncRLDriver(RLDriver):
             self.rollout.fleet.router_url, self.rollout.sampler, cfg.rollout, self.buffer, self._score,
             partial_rollouts=cfg.asynchronous.partial_rollouts, abort_all=self.rollout.fleet.abort_all,
             version=int(self.publisher.version), rid_prefix=f"s{cfg.train.seed}-async-{self.state.optimizer_steps}",
-            routed_experts_shape=unreported_experts_shape(cfg.model))
+            routed_experts_shape=unreported_experts_shape(cfg.model),
+            one_request_per_sample=self.rollout.fleet.one_request_per_sample)
         if self._resumed_async_state is not None:
             resumed = self._resumed_async_state
             self.buffer.restore(resumed["finished_groups"])

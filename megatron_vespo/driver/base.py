@@ -125,8 +125,10 @@ class RLDriver:
         """Collective: the ``eval/*`` metrics when an evaluation is due (:meth:`Evaluator.maybe_run`), else {}."""
         if not (self.cfg.eval.sets and self.cfg.eval.every_steps):
             return {}  # known on every rank: no broadcast per step when evaluation is off
+        fleet = self.rollout.fleet if self.rollout is not None else None
         return self.from_driver(lambda: self.rollout.evaluator.maybe_run(
-            self.rollout.fleet.router_url, self.state.optimizer_steps, previous=steps_before, final=final))
+            fleet.router_url, self.state.optimizer_steps, previous=steps_before, final=final,
+            one_request_per_sample=fleet.one_request_per_sample))
 
     def maybe_save(self, step: int, final: bool = False) -> None:
         """Collective: a training checkpoint after loop step ``step`` when one is due (see RunCheckpoints)."""

@@ -132,33 +132,35 @@ class Evaluator:
         previous = optimizer_step - 1 if previous is None else previous
         return optimizer_step // k > max(previous, 0) // k
 
-    def maybe_run(self, url: str, step: int, previous: int, final: bool = False) -> dict[str, float]:
+    def maybe_run(self, url: str, step: int, previous: int, final: bool = False,
+                  one_request_per_sample: bool = False) -> dict[str, float]:
         """During training: evaluate when :meth:`due` (a multiple of ``eval.every_steps`` in
         ``(previous, step]``) or at the end of the run (``final``), unless ``step`` was evaluated
         already. The ``eval/*`` metrics with ``time/eval_s``; empty when nothing ran."""
         if step == self.last_step or not (self.due(step, previous=previous) or final):
             return {}
         t0 = time.monotonic()
-        metrics = self.run(url, step)
+        metrics = self.run(url, step, one_request_per_sample)
         self.last_step = step
         metrics["time/eval_s"] = time.monotonic() - t0
         print("[eval] step " + str(step) + ": " + ", ".join(
             f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy")), flush=True)
         return metrics
 
-    def run(self, url: str, step: int = 0) -> dict[str, float]:
-        """Evaluate every set through ``url``; the metrics of all sets (``eval/step`` included)."""
+    def run(self, url: str, step: int = 0, one_request_per_sample: bool = False) -> dict[str, float]:
+        """Evaluate every set through ``url``; the metrics of all sets (``eval/step`` included).
+        ``one_request_per_sample``: see :class:`~rollout_sglang.client.SGLangClient`."""
         metrics: dict[str, float] = {"eval/step": float(step)}
-        for result in self.evaluate(url):
+        for result in self.evaluate(url, one_request_per_sample):
             metrics.update(result.metrics())
         return metrics
 
-    def evaluate(self, url: str) -> list[SetResult]:
-        return [self._evaluate_set(url, s) for s in self.sets]
+    def evaluate(self, url: str, one_request_per_sample: bool = False) -> list[SetResult]:
+        return [self._evaluate_set(url, s, one_request_per_sample) for s in self.sets]
 
-    def _evaluate_set(self, url: str, eval_set: EvalSet) -> SetResult:
+    def _evaluate_set(self, url: str, eval_set: EvalSet, one_request_per_sample: bool) -> SetResult:
         t0 = time.monotonic()
-        responses = asyncio.run(self._generate(url, eval_set))
+        responses = asyncio.run(self._generate(url, eval_set, one_request_per_sample))
         requests = [ScoreRequest(response_ids=list(r.output_ids), response_text=response_text(self.tokenizer, r),
                                  ground_truth=row.ground_truth, prompt_ids=list(row.prompt_ids))
                     for row, group in zip(eval_set.rows, responses) for r in group]
@@ -169,8 +171,9 @@ class Evaluator:
                          verifier_errors=stats.errors, verifier_timeouts=stats.timeouts,
                          seconds=time.monotonic() - t0)
 
-    async def _generate(self, url: str, eval_set: EvalSet) -> list[list[Any]]:
-        async with SGLangClient(url, request_timeout_s=self.cfg.rollout.request_timeout_s) as client:
+    async def _generate(self, url: str, eval_set: EvalSet, one_request_per_sample: bool) -> list[list[Any]]:
+        async with SGLangClient(url, request_timeout_s=self.cfg.rollout.request_timeout_s,
+                                one_request_per_sample=one_request_per_sample) as client:
             return await client.generate_batch(
                 [r.prompt_ids for r in eval_set.rows], self.params, n=eval_set.n_samples, return_logprob=False,
                 max_concurrency=self.cfg.rollout.max_concurrency, rid_prefix=f"eval-{self.seed}-{eval_set.name}")
@@ -222,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="evaluate-logs-") as logs:
             fleet_cfg = FleetConfig(servers=[server] * args.servers, log_dir=logs)
             with Fleet(fleet_cfg) as fleet:
-                metrics = evaluator.run(fleet.router_url)
+                metrics = evaluator.run(fleet.router_url, one_request_per_sample=fleet.one_request_per_sample)
     print(format_table(metrics, [s.name for s in evaluator.sets]), flush=True)
     if args.json:
         import json

@@ -125,8 +125,9 @@ class BackgroundGenerator:
 
     def __init__(self, url: str, sampler: PromptSampler, cfg: RolloutConfig, buffer: RolloutBuffer, scorer: Scorer,
                  *, partial_rollouts: bool, abort_all: Callable[[], None], version: int, rid_prefix: str,
-                 routed_experts_shape: Optional[tuple[int, int]] = None):
+                 routed_experts_shape: Optional[tuple[int, int]] = None, one_request_per_sample: bool = False):
         self.url = url
+        self.one_request_per_sample = one_request_per_sample
         self.routed_experts_shape = routed_experts_shape  # the model's, for workers that do not report theirs
         self.sampler = sampler
         self.cfg = cfg
@@ -249,7 +250,7 @@ class BackgroundGenerator:
 
     async def _main(self) -> None:
         groups: set[asyncio.Task] = set()
-        async with open_target(self.url, self.cfg, self.routed_experts_shape) as target:
+        async with open_target(self.url, self.cfg, self.routed_experts_shape, self.one_request_per_sample) as target:
             try:
                 while not self._stop.is_set():
                     failed = [t for t in groups if t.done() and not t.cancelled() and t.exception() is not None]

@@ -58,16 +58,19 @@ def sampling_params(cfg: RolloutConfig) -> dict[str, Any]:
     return params
 
 
-def open_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tuple[int, int]] = None) -> GenerationTarget:
+def open_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tuple[int, int]] = None,
+                one_request_per_sample: bool = False) -> GenerationTarget:
     """Where generation requests go: the router at ``url``, or with ``cfg.return_routed_experts`` its healthy
-    workers directly (reading unreported expert rows as ``routed_experts_shape``)."""
+    workers directly (reading unreported expert rows as ``routed_experts_shape``); each sample its own
+    request when the fleet says so (``RolloutFleet.one_request_per_sample``)."""
     return generation_target(url, return_routed_experts=cfg.return_routed_experts,
-                             request_timeout_s=cfg.request_timeout_s, routed_experts_shape=routed_experts_shape)
+                             request_timeout_s=cfg.request_timeout_s, routed_experts_shape=routed_experts_shape,
+                             one_request_per_sample=one_request_per_sample)
 
 
 async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
-                    routed_experts_shape: Optional[tuple[int, int]]) -> list[RolloutGroup]:
-    async with open_target(url, cfg, routed_experts_shape) as target:
+                    routed_experts_shape: Optional[tuple[int, int]], one_request_per_sample: bool) -> list[RolloutGroup]:
+    async with open_target(url, cfg, routed_experts_shape, one_request_per_sample) as target:
         outputs = await generate_batch(target, [r.prompt_ids for r in rows], sampling_params(cfg), n=cfg.n_samples,
                                        return_logprob=True, return_routed_experts=cfg.return_routed_experts,
                                        max_concurrency=cfg.max_concurrency, rid_prefix=rid_prefix)
@@ -75,12 +78,13 @@ async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid
 
 
 def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
-                    routed_experts_shape: Optional[tuple[int, int]] = None) -> list[RolloutGroup]:
+                    routed_experts_shape: Optional[tuple[int, int]] = None,
+                    one_request_per_sample: bool = False) -> list[RolloutGroup]:
     """n responses (with μ log-probs and finish reasons) for every prompt row, through ``url`` (the
     router, or a server). With ``cfg.return_routed_experts`` the router's healthy workers are called
     directly and every response also carries its routed experts (read as ``routed_experts_shape``,
     the model's (MoE layers, top-k), where a server does not report its own)."""
-    return asyncio.run(_generate(url, rows, cfg, rid_prefix, routed_experts_shape))
+    return asyncio.run(_generate(url, rows, cfg, rid_prefix, routed_experts_shape, one_request_per_sample))
 
 
 def response_routed_experts(response: RolloutSample, prompt_len: int) -> np.ndarray:

@@ -30,9 +30,13 @@ from typed_config import ConfigError
 def cpu_fleet_config(cfg: RunConfig, model_dir: Path, version: str) -> FleetConfig:
     """``rollout.cpu_servers`` CPU rollout servers serving ``model_dir`` at ``version``."""
     extra = ["--weight-version", version]
-    if cfg.rollout.cpu_server_deterministic:  # one sequence per forward: results independent of timing
+    deterministic = cfg.rollout.cpu_server_deterministic
+    if deterministic:  # one sequence per forward: results independent of timing
         extra += ["--max-batch-size", "1"]
-    server = ServerConfig(kind="cpu", model_path=str(model_dir), dtype=cfg.rollout.cpu_server_dtype, extra_args=extra)
+    # Deterministic sampling as SGLang's (the request's seed for all of its samples): runs exercise the
+    # one-request-per-sample path a GPU run with --enable-deterministic-inference takes.
+    server = ServerConfig(kind="cpu", model_path=str(model_dir), dtype=cfg.rollout.cpu_server_dtype,
+                          deterministic_inference=deterministic, extra_args=extra)
     return FleetConfig(servers=[server] * cfg.rollout.cpu_servers, log_dir=str(Path(cfg.run.output_dir) / "fleet_logs"))
 
 

@@ -68,7 +68,8 @@ class SyncRLDriver(RLDriver):
         rows = side.sampler.next_batch(cfg.train.mini_batch_prompts * cfg.train.staleness)
         t0 = time.monotonic()
         groups = generate_groups(side.fleet.router_url, rows, cfg.rollout, rid_prefix=f"s{cfg.train.seed}-step{step}",
-                                 routed_experts_shape=unreported_experts_shape(cfg.model))
+                                 routed_experts_shape=unreported_experts_shape(cfg.model),
+                                 one_request_per_sample=side.fleet.one_request_per_sample)
         t1 = time.monotonic()
         rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
         batch = build_rollout_batch(groups, rewards, cfg.advantage)

@@ -19,6 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-version", default="default", help="version reported before any update")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--enable-deterministic-inference", action="store_true",
+                        help="as SGLang's: every sample of a request is sampled with the request's sampling_seed")
     parser.add_argument("--log-requests", action="store_true",
                         help="log the method and path of every request except /generate and /health (the protocol)")
     return parser.parse_args(argv)
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s starting: model %s, dtype %s, %s:%d", SERVER_NAME, args.model_path, args.dtype, args.host, args.port)
     engine = CpuEngine(args.model_path, dtype=args.dtype, max_batch_size=args.max_batch_size,
                        weight_version=args.weight_version, threads=threads)
-    app = CpuRolloutApp(engine, log_requests=args.log_requests)
+    app = CpuRolloutApp(engine, log_requests=args.log_requests,
+                        deterministic_inference=args.enable_deterministic_inference)
     log.info("%s ready on http://%s:%d", SERVER_NAME, args.host, args.port)
     web.run_app(app.app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=2)
 

@@ -9,8 +9,10 @@ in its dialect, so that CPU runs exercise the protocol a GPU run uses:
 - ``/health`` waits while generation is paused (SGLang's runs a one-token generation) and gives up
   after 20 s; otherwise it answers at once (SGLang's generation is skipped: it would change batches);
 - a request with ``n > 1`` becomes n samples with ids ``rid_0 .. rid_{n-1}`` (an abort must name
-  those), all sampled with the request's ``sampling_seed`` as SGLang does under deterministic
-  inference; without a seed each sample draws its own.
+  those); with ``--enable-deterministic-inference`` all of them are sampled with the request's one
+  ``sampling_seed``, as SGLang does (identical samples), and ``/server_info`` says so. Without it each
+  sample gets a seed of its own derived from the request's (SGLang then samples without a seed; the
+  CPU server stays reproducible), and without a seed each sample draws fresh randomness.
 
 Every handler validates its body and answers 400 with a message naming the bad field; the engine
 does the generation, the weight receiver the distributed updates. Blocking work (weight loading,
@@ -46,12 +48,14 @@ class BadRequest(ValueError):
     """A request body problem; becomes HTTP 400 with the message."""
 
 
-def _seed(sampling_seed: Optional[int]) -> int:
-    """A sample's generator seed: the request's ``sampling_seed`` (shared by all its samples, as SGLang's
-    deterministic sampling does), or fresh randomness without one."""
+def _seed(sampling_seed: Optional[int], prompt_index: int, sample_index: int, shared: bool) -> int:
+    """A sample's generator seed: from the request's ``sampling_seed``, the same for all its samples when
+    ``shared`` (SGLang's deterministic inference), else distinct per (prompt, sample); fresh randomness
+    without a seed."""
     if sampling_seed is None:
         return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-    digest = hashlib.sha256(str(sampling_seed).encode()).digest()
+    key = str(sampling_seed) if shared else f"{sampling_seed}:{prompt_index}:{sample_index}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -97,9 +101,10 @@ def _field(body: dict, key: str, kind: type | tuple, required: bool = True, defa
 class CpuRolloutApp:
     """Binds a :class:`CpuEngine` and a :class:`WeightReceiver` to aiohttp routes."""
 
-    def __init__(self, engine: CpuEngine, log_requests: bool = False):
+    def __init__(self, engine: CpuEngine, log_requests: bool = False, deterministic_inference: bool = False):
         self.engine = engine
         self.log_requests = log_requests
+        self.deterministic_inference = deterministic_inference
         self.receiver = WeightReceiver()
         self.session_open = False  # SGLang's weight-update session (begin_weight_update .. end_weight_update)
         self.tokenizer = self._load_tokenizer(engine.model_path)
@@ -175,10 +180,20 @@ class CpuRolloutApp:
         if body.get("stream"):
             raise BadRequest("stream: streaming is not supported by the CPU rollout server")
         prompts, batched = self._parse_prompts(body)
+        raw_params = body.get("sampling_params")
+        if isinstance(raw_params, list):  # one per prompt of a batch (SGLang: all with the same n)
+            if not batched or len(raw_params) != len(prompts):
+                raise BadRequest(f"sampling_params: a list needs a batch of input_ids of the same length "
+                                 f"({len(prompts)} prompt(s); got {len(raw_params)})")
+        else:
+            raw_params = [raw_params] * len(prompts)
         try:
-            params = SamplingParams.from_json(body.get("sampling_params"))
+            per_prompt = [SamplingParams.from_json(p) for p in raw_params]
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        if len({p.n for p in per_prompt}) != 1:
+            raise BadRequest("sampling_params: n must be the same for every prompt of a batch")
+        params = per_prompt[0]
         return_logprob = bool(body.get("return_logprob", False))
         return_experts = bool(body.get("return_routed_experts", False))
         if return_experts and not self.engine.is_moe:
@@ -200,11 +215,13 @@ class CpuRolloutApp:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         sequences, futures = [], []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, prompt_params) in enumerate(zip(prompts, per_prompt)):
             for j in range(params.n):
                 fut = loop.create_future()
                 seq = Sequence(rid=_sample_rid(rids, single, i, j, len(prompts), params.n), index=j, prompt_ids=prompt,
-                               params=params, seed=_seed(params.sampling_seed), return_routed_experts=return_experts,
+                               params=prompt_params,
+                               seed=_seed(prompt_params.sampling_seed, i, j, shared=self.deterministic_inference),
+                               return_routed_experts=return_experts,
                                on_done=lambda s, f=fut: loop.call_soon_threadsafe(_resolve, f, s))
                 sequences.append(seq)
                 futures.append(fut)
@@ -276,7 +293,8 @@ class CpuRolloutApp:
         return web.json_response({
             "engine": SERVER_NAME, "version": TESTED_SGLANG, "model_path": e.model_path,
             "dtype": e.dtype, "weight_version": e.weight_version, "max_batch_size": e.max_batch_size,
-            "tp_size": 1, "dp_size": 1, "paused": e.paused, **e.load(),
+            "tp_size": 1, "dp_size": 1, "paused": e.paused, "enable_deterministic_inference": self.deterministic_inference,
+            **e.load(),
         })
 
     async def model_info(self, request: web.Request) -> web.Response:

@@ -189,14 +189,15 @@ def load_state_into(model, state: dict[str, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def cpu_server(model_dir: Path, log_path: Path, startup_timeout_s: float = 120.0) -> Iterator[str]:
+def cpu_server(model_dir: Path, log_path: Path, startup_timeout_s: float = 120.0,
+               extra_args: tuple[str, ...] = ()) -> Iterator[str]:
     """A CPU rollout server on a free loopback port serving ``model_dir``; yields its URL once healthy."""
     from rollout_sglang.net import find_free_port, is_healthy
 
     port = find_free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(model_dir),
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                                 "--port", str(port), *extra_args], stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + startup_timeout_s
         while not is_healthy(url):

@@ -92,16 +92,25 @@ def test_good_response_parses(bad_server):
     assert sample.weight_version == "7" and sample.output_logprobs == [-0.5]
 
 
-def test_each_sample_is_its_own_request_with_its_own_id_and_seed(bad_server):
-    """SGLang samples every copy of an n > 1 request with one seed under deterministic inference, and
-    names the copies rid_0 .. rid_{n-1} (an abort must name those): the client sends n requests."""
-    bad_server.script["/generate"] = [(200, good_item())]
-    samples = generate(bad_server.url, n=3)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["n_request", "request_per_sample"])
+def test_samples_are_named_as_sglang_names_them(bad_server, per_sample):
+    """SGLang names the samples of an n-request rid_0 .. rid_{n-1} (an abort must name those). Against
+    servers that sample every copy of a request with its one seed, each sample is its own request."""
+    bad_server.script["/generate"] = [(200, [good_item()] * 3)] if not per_sample else [(200, good_item())]
+
+    async def go():
+        async with SGLangClient(bad_server.url, retry=FAST_RETRY, one_request_per_sample=per_sample) as c:
+            return await c.generate([1, 2], {"max_new_tokens": 2}, n=3, rid="req-1")
+
+    samples = asyncio.run(go())
     assert [s.rid for s in samples] == ["req-1_0", "req-1_1", "req-1_2"]
     bodies = sorted((b for p, b in bad_server.received if p == "/generate"), key=lambda b: b["rid"])
-    assert [b["rid"] for b in bodies] == ["req-1_0", "req-1_1", "req-1_2"]
-    assert len({b["sampling_params"]["sampling_seed"] for b in bodies}) == 3
-    assert all("n" not in b["sampling_params"] for b in bodies)
+    if per_sample:
+        assert [b["rid"] for b in bodies] == ["req-1_0", "req-1_1", "req-1_2"]
+        assert len({b["sampling_params"]["sampling_seed"] for b in bodies}) == 3
+        assert all(b["sampling_params"]["n"] == 1 for b in bodies)
+    else:
+        assert [(b["rid"], b["sampling_params"]["n"]) for b in bodies] == [("req-1", 3)]
 
 
 def test_abort_finish_reason_keeps_partial_output(bad_server):

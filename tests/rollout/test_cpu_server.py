@@ -18,7 +18,9 @@ from .helpers import cpu_server, load_hf, teacher_forced_logprobs, teacher_force
 
 @pytest.fixture(scope="module")
 def server(tiny_moe_dir, tmp_path_factory):
-    with cpu_server(tiny_moe_dir, tmp_path_factory.mktemp("server_log") / "server.log") as url:
+    """Sampling as SGLang's --enable-deterministic-inference: every sample of a request uses its one seed."""
+    with cpu_server(tiny_moe_dir, tmp_path_factory.mktemp("server_log") / "server.log",
+                    extra_args=("--enable-deterministic-inference",)) as url:
         yield url
 
 
@@ -61,7 +63,7 @@ def test_response_shape_matches_sglang(server):
 
 def test_logprob_parity_greedy_and_seeded(server, reference):
     async def go():
-        async with SGLangClient(server) as c:
+        async with SGLangClient(server, one_request_per_sample=True) as c:  # the server shares a request's seed
             greedy = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.0}, n=2)
             # The seed of each sample derives from its request id: same ids, same samples.
             a = await c.generate([7, 8, 9], {"max_new_tokens": 8, "temperature": 0.7}, n=3, rid="seeded")
@@ -76,7 +78,8 @@ def test_logprob_parity_greedy_and_seeded(server, reference):
     assert greedy[0].output_ids == expected
     assert [s.output_ids for s in a] == [s.output_ids for s in b]  # same seed: same samples
     assert [s.output_ids for s in a] != [s.output_ids for s in other]
-    assert len({tuple(s.output_ids) for s in a}) == 3  # each sample its own seed
+    assert len({tuple(s.output_ids) for s in a}) == 3  # each sample its own request and seed
+    assert [s.rid for s in a] == ["seeded_0", "seeded_1", "seeded_2"]
     for s in greedy:
         ref = teacher_forced_logprobs(reference, s.prompt_ids, s.output_ids, 1.0)
         assert np.allclose(ref, s.output_logprobs, atol=1e-4)
@@ -244,11 +247,20 @@ def test_health_waits_while_generation_is_paused(server):
 
 
 def test_samples_of_one_request_share_its_seed(server):
-    """SGLang's deterministic sampling: every sample of an n > 1 request uses its one sampling_seed."""
+    """SGLang's deterministic sampling: every sample of an n > 1 request uses its one sampling_seed, so a
+    client that asks for n samples in one request gets n identical ones; the server says so."""
     status, data = post(server, "/generate", {"input_ids": [4, 4, 2], "rid": "twins",
                                                "sampling_params": {"max_new_tokens": 12, "n": 2, "sampling_seed": 9}})
     assert status == 200 and data[0]["output_ids"] == data[1]["output_ids"]
     assert [d["meta_info"]["id"] for d in data] == ["twins_0", "twins_1"]
+    assert http_json("GET", server + "/server_info")[1]["enable_deterministic_inference"] is True
+
+    async def go(per_sample: bool):
+        async with SGLangClient(server, one_request_per_sample=per_sample) as c:
+            return await c.generate([4, 4, 2], {"max_new_tokens": 12}, n=3, rid="group")
+
+    assert len({tuple(s.output_ids) for s in run(go(False))}) == 1  # zero advantages, silently
+    assert len({tuple(s.output_ids) for s in run(go(True))}) == 3
 
 
 def test_sampling_filters_respect_top_k_and_top_p():

@@ -24,7 +24,8 @@ from .helpers import hf_state, perturbed
 
 @pytest.fixture(scope="module")
 def fleet(tiny_moe_dir, tmp_path_factory):
-    server = {"kind": "cpu", "model_path": str(tiny_moe_dir), "startup_timeout_s": 120, "extra_args": ["--log-requests"]}
+    server = {"kind": "cpu", "model_path": str(tiny_moe_dir), "startup_timeout_s": 120, "extra_args": ["--log-requests"],
+              "deterministic_inference": True}
     cfg = build(FleetConfig, {"servers": [server], "health_interval_s": 0.2, "health_timeout_s": 1.0,
                               "health_failures_to_restart": 2, "flush_retry_s": 1.0,
                               "log_dir": str(tmp_path_factory.mktemp("protocol_logs"))})
@@ -44,6 +45,11 @@ def mark(fleet) -> int:
 
 def state(tiny_moe_dir, seed: int) -> list:
     return list(perturbed(hf_state(tiny_moe_dir), seed=seed).items())
+
+
+def test_the_fleet_tells_clients_to_send_one_request_per_sample(fleet):
+    """The server samples every copy of a request with its one seed (deterministic inference)."""
+    assert fleet.one_request_per_sample
 
 
 def test_disk_update_order(fleet, tiny_moe_dir, tmp_path):
