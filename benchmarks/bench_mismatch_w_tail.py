@@ -56,14 +56,19 @@ def run_pair(out: Path, staleness: int, rollout_steps: int, timeout_s: float = 3
     """Both runs concurrently (each one process); their metrics records (VESPO, plain IS)."""
     procs = {name: start_run(mismatch_overrides(out / name, staleness, rollout_steps) + extra, out / f"{name}.log")
              for name, extra in (("vespo", []), ("plain_is", PLAIN_IS))}
-    for name, proc in procs.items():
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise RuntimeError(f"{name} run exceeded {timeout_s}s; see {out / f'{name}.log'}") from None
-        if code != 0:
-            raise RuntimeError(f"{name} run failed ({code}):\n{(out / f'{name}.log').read_text()[-3000:]}")
+    try:
+        for name, proc in procs.items():
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{name} run exceeded {timeout_s}s; see {out / f'{name}.log'}") from None
+            if code != 0:
+                raise RuntimeError(f"{name} run failed ({code}):\n{(out / f'{name}.log').read_text()[-3000:]}")
+    finally:  # never leave a run behind (each run's fleet dies with it: parent-death signal)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return read_metrics(out / "vespo" / "metrics.jsonl"), read_metrics(out / "plain_is" / "metrics.jsonl")
 
 

@@ -1,12 +1,45 @@
-"""`megatron-vespo` command line: subcommands are added as the pieces behind them exist."""
+"""`megatron-vespo` command line: subcommands are added as the pieces behind them exist.
+
+Errors meant for the user (a bad config, data file, checkpoint, plan, or rollout fleet; an input file
+that cannot be read) end a command with one line, ``error: ...`` naming the field, file or row, on
+stderr and a non-zero exit status (2: config, 3: plan, 1: the others). ``--debug`` or
+``MEGATRON_VESPO_DEBUG=1`` shows the full traceback instead. Anything else is a bug and keeps its
+traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from megatron_vespo.config import ConfigError, RunConfig, describe_fields, load_run_config, to_dict
+from megatron_vespo.preflight import preflight
+
+EXIT_ERROR, EXIT_CONFIG, EXIT_PLAN = 1, 2, 3
+
+# The project's user-facing error classes, by module. They are looked up only in modules already
+# imported (an error cannot come from a module that was never loaded), so that `check` and `plan` do
+# not import torch just to name the classes they might have to catch.
+USER_ERRORS = (
+    ("typed_config", "ConfigError"),
+    ("megatron_vespo.planning.memory", "PlanError"),
+    ("megatron_vespo.data.dataset", "DataError"),
+    ("megatron_vespo.checkpoint.hf_io", "CheckpointError"),
+    ("megatron_vespo.checkpoint.hf_mapping", "MappingError"),
+    ("rollout_sglang.errors", "RolloutError"),
+    ("megatron_vespo.driver.base", "RankZeroError"),
+    ("megatron_vespo.driver.run_health", "CannotLearnError"),
+)
+# Reading an input file the user named (a YAML, a data file, a tokenizer or checkpoint directory).
+INPUT_ERRORS = (UnicodeDecodeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def config_reference_markdown() -> str:
@@ -17,9 +50,34 @@ def config_reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------- commands
+def _env_world_size() -> Optional[int]:
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else None
+
+
+def _rank() -> int:
+    value = os.environ.get("RANK", "")
+    return int(value) if value.isdigit() else 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
+    from megatron_vespo.planning import minimal_world_size
+
+    if args.trainer_gpus is not None and args.trainer_gpus < 1:
+        raise ConfigError("--trainer-gpus", f"must be >= 1; got {args.trainer_gpus}")
     cfg = load_run_config(args.run_yaml, args.overrides)
+    world = args.trainer_gpus or _env_world_size()
+    notes = []
+    if world is None:  # `train` without torchrun runs one process; a layout may need more (torchrun)
+        world = minimal_world_size(cfg)
+        if world > 1:
+            notes.append(f"layout checked for {world} trainer processes, the smallest valid number: run `train` "
+                         f"under torchrun (--trainer-gpus N checks another world size)")
+    notes = preflight(cfg, world, files=not args.config_only) + notes
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    for note in notes:
+        print(f"# {note}", file=sys.stderr)
     print(f"# OK: {args.run_yaml} is valid", file=sys.stderr)
     return 0
 
@@ -32,11 +90,15 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import warnings
 
+    cfg = load_run_config(args.run_yaml, args.overrides)
+    # The checks of `check`, before torch and Megatron are even imported. Files only on rank 0, the
+    # rank that reads them (the others are stopped by torchrun when rank 0 fails).
+    preflight(cfg, _env_world_size() or 1, files=_rank() == 0)
+
     from megatron_vespo.driver import run_training
 
     # Expected on CPU (no TE/Apex: Megatron falls back to torch); one line each per rank is noise.
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed.*")
-    cfg = load_run_config(args.run_yaml, args.overrides)
     summary = run_training(cfg)
     if summary is not None:  # rank 0
         print("\n== megatron-vespo run summary ==")
@@ -45,35 +107,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from megatron_vespo.planning import PlanError, format_plan, minimal_world_size, plan_run
+    from megatron_vespo.planning import format_plan, minimal_world_size, plan_run
 
+    # Checked here to name the flag (plan_run checks its arguments too, by parameter name).
+    if args.trainer_gpus is not None and args.trainer_gpus < 1:
+        raise ConfigError("--trainer-gpus", f"must be >= 1; got {args.trainer_gpus}")
+    if not (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0):
+        raise ConfigError("--gpu-memory-gib", f"must be a finite number > 0; got {args.gpu_memory_gib}")
+    if not (math.isfinite(args.overhead_gib) and args.overhead_gib >= 0):
+        raise ConfigError("--overhead-gib", f"must be a finite number >= 0; got {args.overhead_gib}")
     cfg = load_run_config(args.run_yaml, args.overrides)
     if args.trainer_gpus is None:
         print(f"# trainer GPUs not given: planning the smallest valid world size, {minimal_world_size(cfg)} "
               "(pass --trainer-gpus)", file=sys.stderr)
-    try:
-        plan = plan_run(cfg, trainer_gpus=args.trainer_gpus, gpu_memory_gib=args.gpu_memory_gib,
-                        recompute=args.recompute, overhead_gib=args.overhead_gib)
-    except PlanError as exc:
-        print(f"plan error: {exc}", file=sys.stderr)
-        return 3
+    plan = plan_run(cfg, trainer_gpus=args.trainer_gpus, gpu_memory_gib=args.gpu_memory_gib,
+                    recompute=args.recompute, overhead_gib=args.overhead_gib)
     print(format_plan(plan, cfg), end="")
     print(f"# OK: {args.run_yaml} fits", file=sys.stderr)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error:`` line too (its default prints the usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_CONFIG, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__)
+    parser = _Parser(prog="megatron-vespo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full traceback of an error (also: MEGATRON_VESPO_DEBUG=1)")
+    # Also accepted after the subcommand; SUPPRESS keeps a subcommand from resetting the top-level value.
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (also: MEGATRON_VESPO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate a run YAML (+ overrides) and print the resolved config")
+    check = sub.add_parser("check", parents=[common], help="validate a run YAML (+ overrides) as `train` would, "
+                           "data and checkpoint files included, and print the resolved config")
     check.add_argument("run_yaml")
     check.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    check.add_argument("--trainer-gpus", type=int, default=None,
+                       help="trainer world size to check the layout for (default: WORLD_SIZE, else the smallest "
+                       "valid one)")
+    check.add_argument("--config-only", action="store_true",
+                       help="validate the config alone: do not read data, tokenizer or checkpoint files (e.g. on a "
+                       "machine without them)")
     check.set_defaults(func=_cmd_check)
-    train = sub.add_parser("train", help="RL training, sync or async per train.mode (run under torchrun for several ranks)")
+    train = sub.add_parser("train", parents=[common],
+                           help="RL training, sync or async per train.mode (run under torchrun for several ranks)")
     train.add_argument("run_yaml")
     train.add_argument("overrides", nargs="*", help="a.b=value overrides")
     train.set_defaults(func=_cmd_train)
-    plan = sub.add_parser("plan", help="validate a run for a trainer world size and print per-GPU memory estimates "
+    plan = sub.add_parser("plan", parents=[common],
+                          help="validate a run for a trainer world size and print per-GPU memory estimates "
                           "(parameters, gradients, optimizer, activations, KV cache) and the GPU split")
     plan.add_argument("run_yaml")
     plan.add_argument("overrides", nargs="*", help="a.b=value overrides")
@@ -90,6 +177,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------------------------- errors
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The user-facing error classes of the modules loaded so far, and the input-file errors."""
+    found = [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return tuple(t for t in found if isinstance(t, type)) + INPUT_ERRORS
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: the project's errors as their message (it names the field, file or row),
+    others prefixed with their class (``UnicodeDecodeError: ...``)."""
+    text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    ours = any(isinstance(exc, t) for t in user_error_types() if t not in INPUT_ERRORS)
+    return text if ours else f"{type(exc).__name__}: {text}"
+
+
+def _exit_code(exc: BaseException) -> int:
+    from megatron_vespo.planning import PlanError  # no torch behind it
+
+    return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_PLAN if isinstance(exc, PlanError) else EXIT_ERROR
+
+
+def _first_to_report(text: str, rank: int) -> bool:
+    """Under a multi-process launch the ranks usually fail with the same error: only the first rank of
+    this node to claim the message prints it (rank 0 gets a head start), so the user reads it once."""
+    world = _env_world_size() or 1
+    if world <= 1:
+        return True
+    if rank > 0:
+        time.sleep(0.5)
+    try:  # one launch = this node's launcher (our parent, e.g. torchrun's agent) and its start time
+        import psutil
+
+        launch = f"{os.getppid()}:{psutil.Process(os.getppid()).create_time()}"
+    except Exception:  # noqa: BLE001 -- no psutil or no parent: the parent's pid alone
+        launch = str(os.getppid())
+    key = hashlib.sha1(f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{launch}:{text}".encode()).hexdigest()[:20]
+    folder = Path(tempfile.gettempdir()) / f"megatron-vespo-errors-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for old in folder.iterdir():  # markers of earlier launches: only the last hour's can matter
+            try:
+                if time.time() - old.stat().st_mtime > 3600:
+                    old.unlink()
+            except OSError:  # another rank pruned it first
+                pass
+        os.close(os.open(folder / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # cannot tell: better twice than never
+        return True
+
+
+def report_error(exc: BaseException) -> Optional[int]:
+    """Print ``exc`` as one ``error:`` line (once per launch) and return the exit status; None when it
+    is not a user-facing error (the caller re-raises it: a bug keeps its traceback)."""
+    if not isinstance(exc, user_error_types()):
+        return None
+    rank = _rank()
+    if type(exc).__name__ == "RankZeroError" and rank > 0:
+        return EXIT_ERROR  # rank 0 reports the cause itself
+    text = error_line(exc)
+    if _first_to_report(text, rank):
+        where = f"[rank {rank}] " if rank > 0 else ""
+        print(f"error: {where}{text}", file=sys.stderr, flush=True)
+    return _exit_code(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come after options (`plan run.yaml --trainer-gpus 16 a.b=1`): argparse leaves
@@ -100,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    debug = args.debug or os.environ.get("MEGATRON_VESPO_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 -- user errors become one line; the rest is re-raised
+        code = None if debug else report_error(exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

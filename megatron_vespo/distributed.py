@@ -4,6 +4,12 @@ Megatron-Core's model-parallel groups and RNG seeds.
 Order matters: the platform layer is applied first (CPU patches, before Megatron allocates
 anything), the layout is validated against the real world size before any group exists (a clear
 ``ConfigError`` on every rank instead of a hang or an assertion deep in Megatron), then groups.
+
+Rendezvous: torch's TCPStore server listens on every interface whatever address it is given. The
+store this process hosts (a single process without torchrun; rank 0 of a launch that sets
+MASTER_ADDR to a loopback address itself) is bound to loopback instead (:func:`trainer_store`).
+Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE) and these processes are only
+its clients: how it binds is torchrun's choice, not this module's.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,6 +26,7 @@ import torch.distributed as dist
 from megatron_vespo import platform
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vespo.models.layout import megatron_parallel_sizes, validate_layout
+from rollout_sglang.process_group import create_store, loopback_address
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ def init_distributed(
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     if model is not None:
+        parallel.check_world_size(world_size)  # names the size at fault (validate_layout names the product)
         validate_layout(model, parallel, precision or PrecisionConfig(), world_size)
 
     on_gpu = torch.cuda.is_available()
@@ -70,13 +79,11 @@ def init_distributed(
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        # Without torchrun: a free local port, given directly rather than through the environment, so
-        # that processes this one starts (servers, a nested run) do not inherit a port it holds.
-        init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
-        dist.init_process_group(
-            backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(minutes=parallel.collective_timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=parallel.collective_timeout_minutes)
+        store = trainer_store(rank, world_size, timeout)
+        # store None: torch's env:// rendezvous (MASTER_ADDR/MASTER_PORT: torchrun's agent store, or a
+        # non-loopback master that other machines must reach).
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
     from megatron.core import parallel_state
 
@@ -118,9 +125,20 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
+def trainer_store(rank: int, world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """The store this process hosts, bound to loopback, or None to leave the rendezvous to torch (env://).
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    - no MASTER_ADDR (a single process without torchrun): a loopback store on a free port, passed
+      directly rather than through the environment, so that processes this one starts (servers, a
+      nested run) do not inherit a port it holds;
+    - under torchrun (TORCHELASTIC_USE_AGENT_STORE=True): None, the agent already hosts the store;
+    - rank 0 with a loopback MASTER_ADDR set by another launcher: a loopback store at MASTER_PORT.
+    """
+    addr = os.environ.get("MASTER_ADDR")
+    if addr is None:
+        return create_store("127.0.0.1", 0, world_size, is_master=True, timeout=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    if rank == 0 and loopback_address(addr) is not None:
+        return create_store(addr, _env_int("MASTER_PORT", 29500), world_size, is_master=True, timeout=timeout)
+    return None

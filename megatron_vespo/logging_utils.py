@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Protocol, TextIO
 
@@ -47,25 +48,101 @@ class MetricsSink(Protocol):
     def close(self) -> None: ...
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFileError(ValueError):
+    """``metrics.jsonl`` is corrupt before its last line (the message names the file and line)."""
+
+
+@dataclass
+class MetricsLines:
+    """A parsed JSONL metrics file: its records with their text, and a torn last line (if any)."""
+
+    path: Path
+    lines: list[str]  # the text of each record, without the newline
+    records: list[dict[str, Any]]
+    torn_tail: Optional[str] = None  # an unparsable last line (a crash mid-write), dropped
+
+
+def parse_metrics_file(path: str | Path) -> MetricsLines:
+    """Read ``path`` strictly except for its last line: a last line that is not a JSON object is what a
+    crash in the middle of a write leaves (or NUL padding after a power loss), and is returned as
+    ``torn_tail``; a bad line anywhere before it is :class:`MetricsFileError` naming file and line."""
+    path = Path(path)
+    raw = path.read_bytes().split(b"\n")
+    numbered = [(i + 1, line) for i, line in enumerate(raw) if line.strip()]
+    out = MetricsLines(path=path, lines=[], records=[])
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            text = line.decode("utf-8")
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if k == len(numbered) - 1:
+                out.torn_tail = line.decode("utf-8", errors="replace")
+                break
+            raise MetricsFileError(f"{path}:{lineno}: not a JSON record ({exc}); the file is corrupt before its "
+                                   "last line") from None
+        out.lines.append(text.rstrip("\r"))
+        out.records.append(record)
+    return out
+
+
+def check_metrics_file(path: str | Path) -> Optional[MetricsLines]:
+    """The parsed file when it exists (None otherwise); :class:`MetricsFileError` when it cannot be continued."""
+    path = Path(path)
+    return parse_metrics_file(path) if path.is_file() else None
+
+
 class MetricsWriter:
     """Writes ``{"step": ..., **metrics}`` lines to a JSONL file, flushed after every line.
 
-    A new file by default; with ``resume_step`` the lines of steps ``< resume_step`` are kept (a run
-    resumed from a checkpoint taken after step ``resume_step - 1``) and new lines are appended.
+    A new file by default. With ``resume_step`` (a run resumed from a checkpoint taken after step
+    ``resume_step - 1``) the lines of steps ``< resume_step`` are kept and new lines are appended.
+    The file is never lost on the way: the kept lines go to a temporary file that replaces it
+    atomically. Lines of steps ``>= resume_step`` (the resumed run redoes those steps; e.g. it
+    resumed from an older checkpoint than the last line) and a torn last line (a crash mid-write)
+    are not silently dropped: they are moved to ``<file>.superseded-<UTC time>`` next to it, and a
+    one-line message names that file. A line corrupt before the last one is a
+    :class:`MetricsFileError` naming the file and line (nothing is changed).
     """
 
     def __init__(self, path: str | Path, resume_step: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
+        self.kept_records: list[dict[str, Any]] = []
+        self.superseded_path: Optional[Path] = None
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
-        self.kept_records = [json.loads(line) for line in kept]
-        self._file = open(self.path, "w")
-        for line in kept:
-            self._file.write(line + "\n")
-        self._file.flush()
+            self._rewrite_for_resume(resume_step)
+            self._file = open(self.path, "a")
+        else:
+            self._file = open(self.path, "w")
+
+    def _rewrite_for_resume(self, resume_step: int) -> None:
+        parsed = parse_metrics_file(self.path)
+        kept, dropped = [], []
+        for text, record in zip(parsed.lines, parsed.records):
+            step = record.get("step", 0)
+            (kept if isinstance(step, (int, float)) and step < resume_step else dropped).append((text, record))
+        self.kept_records = [record for _, record in kept]
+        superseded = [text for text, _ in dropped] + ([parsed.torn_tail] if parsed.torn_tail is not None else [])
+        if superseded:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.superseded_path = self.path.with_name(f"{self.path.name}.superseded-{stamp}")
+            if self.superseded_path.exists():
+                self.superseded_path = self.path.with_name(f"{self.superseded_path.name}-{uuid.uuid4().hex[:4]}")
+            self.superseded_path.write_text("".join(line + "\n" for line in superseded))
+            torn = " and a torn last line (a crash mid-write)" if parsed.torn_tail is not None else ""
+            print(f"[metrics] {self.path}: {len(dropped)} line(s) of steps >= {resume_step}{torn} moved to "
+                  f"{self.superseded_path} (the resumed run writes those steps again)", flush=True)
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "w") as f:
+            f.write("".join(text + "\n" for text, _ in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -151,7 +228,7 @@ class MetricsLogger:
         from typed_config import to_dict
 
         out = Path(cfg.run.output_dir)
-        jsonl = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step)
+        jsonl = MetricsWriter(out / METRICS_FILE, resume_step=resume_step)
         sinks: list[MetricsSink] = []
         log = cfg.logging
         if log.tensorboard:
@@ -178,7 +255,9 @@ class MetricsLogger:
 
 # ---------------------------------------------------------------------------------- reading back
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSONL metrics file; a torn last line (a run killed mid-write) is left out, a bad
+    line before it is :class:`MetricsFileError` naming the file and line."""
+    return parse_metrics_file(path).records
 
 
 # ---------------------------------------------------------------------------------- progress

@@ -15,6 +15,7 @@ Modules (one concept each):
   :class:`ServerLauncher` interface and :class:`LocalLauncher` (subprocesses on this node).
 - ``ray_launcher``: :class:`RayLauncher`, one Ray actor per server in a placement group (multi-node fleets).
 - ``router``: :class:`RouterProcess`, the real sglang-router with run-time worker add/remove.
+- ``die_with_parent``: how every process the fleet starts locally is killed when the trainer dies.
 - ``fleet``: :class:`Fleet`, M server processes (local or Ray) behind the router, supervised; fan-out
   control calls (weight versions, abort, pause/continue).
 - ``worker_pool``: :class:`WorkerPool`, requests that bypass the router (routed experts) to its healthy

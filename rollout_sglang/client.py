@@ -33,12 +33,15 @@ from rollout_sglang.types import Sample, parse_generate_item
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry a safe request."""
+    """How often and how patiently to retry a safe request: at most ``max_attempts`` attempts (None: no
+    count), and, with ``unavailable_s``, only while the failures have lasted less than that long — long
+    enough to cover a server (or router) restart, after which the request goes through."""
 
-    max_attempts: int = 6
+    max_attempts: Optional[int] = 6
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 4.0
     multiplier: float = 2.0
+    unavailable_s: Optional[float] = None
 
     def backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** attempt)
@@ -108,7 +111,8 @@ class SGLangClient:
         attempts = self.retry.max_attempts if retry else 1
         last_error = "no attempt made"
         attempt = 0
-        while attempt < attempts:
+        first_failure: Optional[float] = None
+        while attempts is None or attempt < attempts:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -126,7 +130,11 @@ class SGLangClient:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             attempt += 1
-            if attempt < attempts:
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            if retry and self.retry.unavailable_s is not None and now - first_failure >= self.retry.unavailable_s:
+                break
+            if attempts is None or attempt < attempts:
                 await asyncio.sleep(min(self.retry.backoff(attempt - 1), max(0.0, deadline - time.monotonic())))
         raise ServerUnavailableError(self.base_url, endpoint, attempt, time.monotonic() - start, last_error)
 

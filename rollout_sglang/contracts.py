@@ -66,11 +66,13 @@ class RolloutFleet(Protocol):
         ...
 
     def weight_versions(self) -> list[Optional[str]]:
-        """The weight version each healthy server reports (None where it gave none)."""
+        """The weight version each healthy server that answers reports (None where it gave none); a server
+        that does not answer is the fleet's to restart, at the current weights."""
         ...
 
     def abort_all(self) -> None:
-        """Abort every request in flight on every healthy server (they return their partial output)."""
+        """Abort every request in flight on every healthy server that answers (they return their partial
+        output)."""
         ...
 
     def pause_generation(self, mode: str = "in_place") -> None: ...

@@ -7,8 +7,16 @@ process handles they return, so supervision is the same for both.
 Lifecycle: launch every server, start the router, wait for each server's /health and register it.
 A supervisor thread polls each process and its /health; a server that exited (or failed
 ``health_failures_to_restart`` checks in a row) is removed from the router, restarted, brought to
-the fleet's current weights and version by the registered restorer, and re-added. Clients talking
-to the router retry the dead server's in-flight requests elsewhere (see client.py).
+the fleet's current weights and version by the registered restorer, and re-added. A router that
+exited is started again on its port and given every healthy server. Clients retry what a dead
+server or router did not answer (the same request id, hence the same sample) until one answers,
+for up to ``rollout.server_unavailable_s`` (see client.py and worker_pool.py).
+
+Every process the fleet starts locally (servers, router) dies with this process, however it dies:
+they are forked by one long-lived thread with a parent-death signal (:class:`launch.Spawner`).
+
+Control calls that fan out (abort, pause, continue, version reads) skip a server that does not
+answer: it is left to the supervisor, which restarts it at the current weights.
 
 Weight updates hold ``update_lock`` (see :meth:`Fleet.updating`), so a restart's restore step and an
 update never interleave: a restarted server always ends at the newest version. The supervisor never
@@ -33,7 +41,7 @@ from typing import Callable, Iterator, Optional
 from rollout_sglang import engine_api as api
 from rollout_sglang.config import FleetConfig, ServerConfig
 from rollout_sglang.errors import RolloutError
-from rollout_sglang.launch import LocalLauncher, ServerLauncher, ServerProcess
+from rollout_sglang.launch import LocalLauncher, ServerLauncher, ServerProcess, Spawner
 from rollout_sglang.net import http_json, is_healthy
 from rollout_sglang.router import RouterProcess
 
@@ -86,8 +94,10 @@ class Fleet:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.servers = [ManagedServer(index=i, cfg=s, port=s.port, log_path=self.log_dir / f"server_{i}.log")
                         for i, s in enumerate(cfg.servers)]
-        self.launcher = make_launcher(cfg)
-        self.router = RouterProcess(cfg.router, self.log_dir / "router.log")
+        self.spawner = Spawner()
+        self.launcher = make_launcher(cfg, self.spawner)
+        self.router = RouterProcess(cfg.router, self.log_dir / "router.log", spawner=self.spawner)
+        self.router_restarts = 0
         self.weights = WeightState()
         self.update_lock = threading.RLock()
         self._restorers: list[Restorer] = [self._restore_from_disk]
@@ -129,7 +139,8 @@ class Fleet:
         return any(s.samples_share_seed for s in self.servers)
 
     def healthy_servers(self) -> list[ManagedServer]:
-        return [s for s in self.servers if s.state == "healthy"]
+        """Registered servers whose process runs (one that just exited is the supervisor's, not ours)."""
+        return [s for s in self.servers if s.state == "healthy" and s.alive()]
 
     def _spawn(self, server: ManagedServer) -> None:
         server.proc, server.host, server.port = self.launcher.launch(server.index, server.cfg, server.port, server.log_path)
@@ -163,6 +174,7 @@ class Fleet:
             self.terminate(server)
             server.state = "stopped"
         self.launcher.shutdown()
+        self.spawner.close()
 
     @staticmethod
     def terminate(server: ManagedServer) -> None:
@@ -189,6 +201,8 @@ class Fleet:
 
     def _supervise(self) -> None:
         while not self._stop.wait(self.cfg.health_interval_s):
+            if not self.router.alive() and not self._stop.is_set():
+                self._restart_router()
             for server in self.servers:
                 if self._stop.is_set():
                     break
@@ -224,6 +238,25 @@ class Fleet:
             self.terminate(server)
             if server.state != "failed":
                 server.state = "dead"
+
+    def _restart_router(self) -> None:
+        """Start the router again on its port and give it every healthy server (under ``update_lock``, so
+        no restart's registration interleaves). Clients retry meanwhile."""
+        with self.update_lock:
+            if self.router_restarts >= self.cfg.max_restarts:
+                return  # past max_restarts it stays down; clients fail after server_unavailable_s
+            self.router_restarts += 1
+            logger.warning("sglang-router (%s) exited with code %s; restarting it (%d/%d)", self.router.url,
+                           self.router.proc.returncode if self.router.proc else None, self.router_restarts,
+                           self.cfg.max_restarts)
+            try:
+                self.router.start()
+                for server in self.servers:
+                    if server.state == "healthy":
+                        self.router.add_worker(server.url)
+            except (RolloutError, OSError) as exc:  # tried again at the next poll
+                logger.error("sglang-router restart failed: %s", exc)
+                self.router.stop()
 
     def restart(self, server: ManagedServer) -> None:
         """Remove from the router, relaunch, restore the current weights, re-add."""
@@ -294,33 +327,61 @@ class Fleet:
 
     def call_all(self, route: api.Route, body: Optional[dict] = None, timeout_s: float = 60.0,
                  servers: Optional[list[ManagedServer]] = None) -> list[tuple[int, object]]:
-        """The same call to every healthy server (or to ``servers``), concurrently; (status, body) per server."""
+        """The same call to every healthy server (or to ``servers``), concurrently; (status, body) per server.
+        Raises OSError when one is unreachable (see :meth:`call_reachable` for calls that may skip it)."""
         targets = self.healthy_servers() if servers is None else servers
         if not targets:
             return []
         with ThreadPoolExecutor(len(targets)) as pool:
             return list(pool.map(lambda s: self.call(s, route, body, timeout_s), targets))
 
+    def call_reachable(self, route: api.Route, body: Optional[dict] = None, timeout_s: float = 60.0,
+                       servers: Optional[list[ManagedServer]] = None) -> list[tuple[ManagedServer, int, object]]:
+        """Like :meth:`call_all`, but a server that does not answer is logged and left out of the result
+        (it died: the supervisor restarts it at the current weights)."""
+        targets = self.healthy_servers() if servers is None else servers
+
+        def one(server: ManagedServer) -> Optional[tuple[ManagedServer, int, object]]:
+            try:
+                return (server, *self.call(server, route, body, timeout_s))
+            except OSError as exc:
+                logger.warning("server %d (%s)%s: unreachable (%s); left to the supervisor", server.index,
+                               server.url, route.path, exc)
+                server.events.append(f"{route.path} unreachable: {exc}")
+                return None
+
+        if not targets:
+            return []
+        with ThreadPoolExecutor(len(targets)) as pool:
+            return [r for r in pool.map(one, targets) if r is not None]
+
     def weight_versions(self, servers: Optional[list[ManagedServer]] = None,
                         timeout_s: float = 60.0) -> list[Optional[str]]:
-        """The weight version each healthy server (or each of ``servers``) reports in /model_info; None where
-        it gave none."""
+        """The weight version each reachable healthy server (or each of ``servers``) reports in /model_info;
+        None where it gave none. A server that does not answer is left out (the supervisor restores it)."""
         return [api.weight_version_of(data) if status == 200 else None
-                for status, data in self.call_all(api.MODEL_INFO, servers=servers, timeout_s=timeout_s)]
+                for _, status, data in self.call_reachable(api.MODEL_INFO, servers=servers, timeout_s=timeout_s)]
 
     def abort_all(self) -> None:
         """Abort every request in flight on every healthy server (each returns its partial output)."""
-        self.call_all(api.ABORT_REQUEST, api.abort_body(), timeout_s=30)
+        self.call_reachable(api.ABORT_REQUEST, api.abort_body(), timeout_s=30)
 
-    def pause_generation(self, mode: str = "retract", servers: Optional[list[ManagedServer]] = None) -> None:
+    def pause_generation(self, mode: str = "retract", servers: Optional[list[ManagedServer]] = None
+                         ) -> list[ManagedServer]:
+        """Pause generation; returns the servers that paused (one that does not answer is not among them)."""
         targets = self.healthy_servers() if servers is None else servers
         for server in targets:  # before the call: from now on its /health may wait
             server.paused = True
-        self.call_all(api.PAUSE_GENERATION, api.pause_body(mode), servers=targets)
+        answered = {id(s) for s, _, _ in self.call_reachable(api.PAUSE_GENERATION, api.pause_body(mode),
+                                                               servers=targets)}
+        for server in targets:
+            if id(server) not in answered:
+                server.paused = False
+        return [s for s in targets if id(s) in answered]
 
     def continue_generation(self, servers: Optional[list[ManagedServer]] = None) -> None:
         targets = self.healthy_servers() if servers is None else servers
-        self.call_all(api.CONTINUE_GENERATION, api.continue_body(), servers=targets)
+        self.call_reachable(api.CONTINUE_GENERATION, api.continue_body(), servers=targets)
         for server in targets:
             server.paused = False
             server.health_failures = 0
@@ -354,8 +415,12 @@ class Fleet:
         Holds ``update_lock`` throughout, so the supervisor cannot restart or restore a server mid-update.
         """
         with self.update_lock:
-            targets = self.healthy_servers()
-            self.pause_generation(pause_mode, servers=targets)
+            candidates = self.healthy_servers()
+            targets = self.pause_generation(pause_mode, servers=candidates)
+            for server in candidates:
+                if server not in targets:  # it would miss this update: restart it at the new weights
+                    self.take_out(server)
+                    server.state = "dead"
             try:
                 yield targets
             finally:
@@ -365,10 +430,10 @@ class Fleet:
         self.weights = WeightState(version=str(version), disk_path=disk_path)
 
 
-def make_launcher(cfg: FleetConfig) -> ServerLauncher:
-    """The launcher ``cfg.placement.launcher`` names."""
+def make_launcher(cfg: FleetConfig, spawner: Spawner) -> ServerLauncher:
+    """The launcher ``cfg.placement.launcher`` names (local servers are forked through ``spawner``)."""
     if cfg.placement.launcher == "ray":
         from rollout_sglang.ray_launcher import RayLauncher  # Ray is imported only when asked for
 
         return RayLauncher(cfg.placement, cfg.servers)
-    return LocalLauncher()
+    return LocalLauncher(spawner)

@@ -7,7 +7,6 @@ of this process; ``rollout_sglang.ray_launcher.RayLauncher`` runs it from a Ray 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -136,38 +135,59 @@ class LocalServerProcess:
         return read_log_tail(self.log_path, chars)
 
 
-def _kill_me_when_parent_dies() -> None:
-    """preexec_fn: Linux PR_SET_PDEATHSIG, so a server never outlives the process that launched it."""
-    import ctypes
+def popen_owned(cmd: list[str], log, env: Optional[dict[str, str]] = None,
+                die_with_parent: bool = True) -> subprocess.Popen:
+    """Popen in its own session (a signal to our group never reaches it, and stopping it never signals
+    us); with ``die_with_parent`` (Linux) it is SIGKILLed when the launching *thread* exits (see
+    :mod:`rollout_sglang.die_with_parent`): call it from a thread that lives as long as the process,
+    e.g. through a :class:`Spawner`."""
+    if die_with_parent and sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-m", "rollout_sglang.die_with_parent", str(os.getpid()), *cmd]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+class Spawner:
+    """One long-lived thread that starts the fleet's processes (servers, router), so that the kernel
+    kills every one of them when this process dies, however it dies (SIGKILL included): the parent-death
+    signal fires when the thread that forked exits, and this thread lives until :meth:`close`."""
+
+    def __init__(self) -> None:
+        import concurrent.futures
+
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fleet-spawner")
+
+    def popen(self, cmd: list[str], log, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+        return self._thread.submit(popen_owned, cmd, log, env).result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
 
 def spawn_server(cfg: ServerConfig, port: int, log_path: Path, extra_env: Optional[dict[str, str]] = None,
-                 die_with_parent: bool = False) -> subprocess.Popen:
-    """Popen the server command in its own session (so a stop never signals us), logging to ``log_path``.
-
-    ``die_with_parent`` (Linux PR_SET_PDEATHSIG): the server is killed when the thread that launched it
-    exits, e.g. because its process was killed — for launchers that can vanish without stopping it (a
-    killed Ray actor), so an orphan cannot hold a port or GPU. Call it from a long-lived thread.
-    """
+                 die_with_parent: bool = False, spawner: Optional[Spawner] = None) -> subprocess.Popen:
+    """Popen the server command in its own session, logging to ``log_path``: through ``spawner`` (dies
+    with this process), or from the calling thread, killed when that thread exits if ``die_with_parent``
+    (for launchers that can vanish without stopping it, e.g. a killed Ray actor)."""
     cmd = build_server_command(cfg, port)
     env = {**os.environ, **cfg.env, **(extra_env or {})}
     log = open_server_log(log_path, cmd)
-    preexec = _kill_me_when_parent_dies if die_with_parent and sys.platform.startswith("linux") else None
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=preexec)
+        if spawner is not None:
+            return spawner.popen(cmd, log, env)
+        return popen_owned(cmd, log, env, die_with_parent=die_with_parent)
     finally:
         log.close()
 
 
 class LocalLauncher:
-    """Servers as subprocesses of this process, bound to ``cfg.host``."""
+    """Servers as subprocesses of this process, bound to ``cfg.host``; they die with it (``spawner``)."""
+
+    def __init__(self, spawner: Spawner):
+        self.spawner = spawner
 
     def launch(self, index: int, cfg: ServerConfig, port: int, log_path: Path) -> tuple[LocalServerProcess, str, int]:
         port = port or cfg.port or find_free_port(cfg.host)
-        return LocalServerProcess(spawn_server(cfg, port, log_path), log_path), cfg.host, port
+        return LocalServerProcess(spawn_server(cfg, port, log_path, spawner=self.spawner), log_path), cfg.host, port
 
     def shutdown(self) -> None:
         pass

@@ -18,7 +18,7 @@ from typing import Optional
 
 from rollout_sglang.config import RouterConfig
 from rollout_sglang.errors import RolloutError
-from rollout_sglang.launch import build_router_command, terminate_process
+from rollout_sglang.launch import Spawner, build_router_command, popen_owned, terminate_process
 from rollout_sglang.net import find_free_port, http_json
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 class RouterProcess:
     """Start/stop sglang-router and add/remove workers while it runs."""
 
-    def __init__(self, cfg: RouterConfig, log_path: str | Path):
+    def __init__(self, cfg: RouterConfig, log_path: str | Path, spawner: Optional[Spawner] = None):
         self.cfg = cfg
+        self.spawner = spawner  # the router dies with this process when started through it
         self.log_path = Path(log_path)
         self.port = cfg.port or find_free_port(cfg.host)
         self.prometheus_port = cfg.prometheus_port or find_free_port()
@@ -42,8 +43,11 @@ class RouterProcess:
         cmd = build_router_command(self.cfg, self.port, self.prometheus_port)
         logger.info("starting sglang-router: %s", " ".join(cmd))
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        try:
+            self.proc = self.spawner.popen(cmd, log) if self.spawner is not None else \
+                popen_owned(cmd, log, die_with_parent=False)
+        finally:
+            log.close()
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -94,6 +98,9 @@ class RouterProcess:
                 return True
             time.sleep(0.1)
         raise RolloutError(f"{self.url}: worker {url} still listed after {timeout_s}s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         terminate_process(self.proc)

@@ -32,6 +32,19 @@ def check_same_model(found: ModelConfig, expected: ModelConfig, where: str) -> N
         raise CheckpointError(f"{where}: the checkpoint's model does not match the run's model YAML: " + "; ".join(diff))
 
 
+def init_source_is_hf(src: Path) -> bool:
+    """Whether ``checkpoint.init_from`` names a Hugging Face directory (else a converted Megatron
+    checkpoint); CheckpointError when it is neither."""
+    if not src.is_dir():
+        raise CheckpointError(f"checkpoint.init_from: {src} is not a directory")
+    if is_hf_dir(src):
+        return True
+    if not (src / MODEL_CONFIG_FILE).is_file():
+        raise CheckpointError(f"checkpoint.init_from: {src} is neither a Hugging Face directory (config.json) "
+                              f"nor a converted Megatron checkpoint ({MODEL_CONFIG_FILE} missing)")
+    return False
+
+
 def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path) -> Path:
     """The dist checkpoint to load: ``path`` itself, or (HF input) its conversion under ``cache_dir``.
 
@@ -42,12 +55,7 @@ def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path) 
     from megatron_vespo.checkpoint.hf_to_mcore import convert_hf_to_mcore
 
     src = Path(path)
-    if not src.is_dir():
-        raise CheckpointError(f"checkpoint.init_from: {src} is not a directory")
-    if not is_hf_dir(src):
-        if not (src / MODEL_CONFIG_FILE).is_file():
-            raise CheckpointError(f"checkpoint.init_from: {src} is neither a Hugging Face directory (config.json) "
-                                  f"nor a converted Megatron checkpoint ({MODEL_CONFIG_FILE} missing)")
+    if not init_source_is_hf(src):
         return src
     out = cache_dir / f"{src.name}_mcore"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

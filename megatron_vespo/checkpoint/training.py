@@ -8,28 +8,56 @@ One checkpoint is a directory ``<checkpoint.dir>/step_<k>`` (k = rollout steps d
   parameters' keys (without the ChainedOptimizer prefix, so EP=1 and EP>1 layouts agree); the
   distributed optimizer uses Megatron's ``fully_reshardable`` format;
 - ``rng/rank_<r>.pt`` — per-rank RNG states (Python, NumPy, torch CPU, CUDA when present and
-  Megatron's model-parallel RNG tracker); restored only when the layout is unchanged (another
-  layout re-seeds, as a fresh run would);
-- ``state.pt`` — rank 0: the LR scheduler and the driver's state (optimizer steps, weight version,
-  next rollout step, data position, reward history, ...);
+  Megatron's model-parallel RNG tracker) as plain containers and uint8 tensors, read with
+  ``torch.load(weights_only=True)``; restored only when the layout is unchanged (another layout
+  re-seeds, as a fresh run would);
+- ``state.json`` (+ ``state_tensors.safetensors`` when it holds tensors or arrays) — rank 0: the LR
+  scheduler and the driver's state (optimizer steps, weight version, next rollout step, data
+  position, reward history, the asynchronous loop's buffered groups, ...), written by
+  :mod:`~megatron_vespo.checkpoint.state_codec`: JSON and safetensors, never a pickle;
 - ``model_config.yaml`` and ``checkpoint.json`` — the model the weights belong to, the layout that
-  wrote them, and a manifest of every file with its size (written last: a checkpoint whose manifest
-  does not match its files is rejected with the file named).
+  wrote them, and the manifest: every file with its size and SHA-256 (written last).
+
+Nothing in a checkpoint is unpickled with code execution: the driver state is JSON, the RNG files
+and Megatron's ``common.pt`` are read with ``weights_only=True``, and before torch reads the
+pickled ``dist/.metadata`` (and the small objects stored inside the ``.distcp`` files, which torch
+itself unpickles without restriction) they are read once with an allow-list of the classes a
+torch_dist checkpoint consists of; anything else is refused, naming the file.
+
+Integrity: the SHA-256 of every file is computed when it is saved and checked before it is
+loaded. The work is spread over the ranks (rank r hashes files i with i % world == r; only the hex
+digests travel), and the ranks agree on the verdict (all-gather of the mismatches), so every rank
+takes the same decision.
 
 Atomicity: everything is written into ``<dir>/.tmp-step_<k>-<nonce>``, fsynced, renamed to
 ``step_<k>``, and only then does ``<dir>/latest`` (a one-line text file naming the step
 directory) move, through a temporary file and ``os.replace``. Older step directories beyond
-``keep_last`` are deleted after that. A process killed at any moment therefore leaves ``latest``
-naming a complete checkpoint; temporary directories left by a crash are ignored and removed by the
-next save or load.
+``keep_last`` are deleted after that. Temporary directories left by a crash are ignored and
+removed by the next save or load.
+
+Choosing the checkpoint to resume (``checkpoint.resume: auto``, no ``load_dir``): the newest step
+directory that verifies (manifest, sizes, hashes). ``latest`` is a hint: when it is missing or names
+another directory the newest complete one is used, with a message. A newest directory that does not
+verify is reported (one line: the file, expected vs found size or hash) and, once an older one has
+verified, renamed aside to ``step_<k>.corrupt-<UTC time>`` (kept as evidence, and so that the run,
+re-doing step k, does not overwrite it; such names are no step directories: never loaded, never
+pruned). When step directories exist and none verifies, the run fails naming them, rather than
+starting over (``checkpoint.resume: never`` starts a new run on purpose). A checkpoint that verifies
+but holds something this version refuses to read (a pickle referring to other code, another model,
+another format) is an error, not a reason to fall back: it names the file.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import random
+import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -39,17 +67,24 @@ import torch
 import torch.distributed as dist
 
 from megatron_vespo.checkpoint.hf_io import CheckpointError
+from megatron_vespo.checkpoint.state_codec import encode_state, read_state
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, RunConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: sizes only, pickled state.pt (no longer read: unpickling it could run code)
 LATEST_FILE = "latest"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-step_"
+CORRUPT_INFIX = ".corrupt-"
 MANIFEST_FILE = "checkpoint.json"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.json"
+STATE_TENSORS_FILE = "state_tensors.safetensors"
 MODEL_CONFIG_FILE = "model_config.yaml"
 DIST_DIR = "dist"
 RNG_DIR = "rng"
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's (pickled) index of the .distcp files
+# Files every complete checkpoint lists (a manifest without them is not one of ours).
+REQUIRED_FILES = (STATE_FILE, MODEL_CONFIG_FILE, f"{DIST_DIR}/{DCP_METADATA_FILE}")
+_HASH_CHUNK = 8 << 20
 
 # Model fields that decide the weights' shapes or the function: a checkpoint must agree on all of them.
 MODEL_FIELDS_CHECKED = (
@@ -59,6 +94,11 @@ MODEL_FIELDS_CHECKED = (
     "decoder_sparse_step", "mlp_only_layers",
 )
 LAYOUT_FIELDS = ("tensor", "pipeline", "virtual_pipeline", "expert", "expert_tensor", "context", "sequence_parallel")
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The files of a checkpoint are not the ones that were saved: manifest missing or unreadable, a
+    file missing, of another size or with another SHA-256. The resume falls back to an older one."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,37 +126,99 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
-def write_manifest(directory: Path, info: dict[str, Any]) -> None:
-    """``checkpoint.json``: ``info`` plus every file under ``directory`` with its size (written last)."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST_FILE:
-            files[str(path.relative_to(directory))] = path.stat().st_size
-    manifest = {"format_version": FORMAT_VERSION, **info, "files": files}
+def checkpoint_files(directory: Path) -> list[str]:
+    """Every file under ``directory`` but the manifest, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of one file (the size is what was hashed)."""
+    digest, size = hashlib.sha256(), 0
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                break
+            digest.update(view[:n])
+            size += n
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def compare_file(directory: Path, name: str, expected: dict[str, Any]) -> Optional[str]:
+    """None when ``directory/name`` has the size and SHA-256 the manifest lists; else one line naming
+    the file with what was expected and what was found."""
+    path = directory / name
+    try:
+        found = file_entry(path)
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc})"
+    if found["size"] != expected["size"]:
+        return f"{path}: {found['size']} bytes, {MANIFEST_FILE} says {expected['size']}"
+    if found["sha256"] != expected["sha256"]:
+        return f"{path}: sha256 {found['sha256']}, {MANIFEST_FILE} says {expected['sha256']}"
+    return None
+
+
+def write_manifest(directory: Path, info: dict[str, Any], files: Optional[dict[str, dict[str, Any]]] = None) -> None:
+    """``checkpoint.json``: ``info`` plus every file under ``directory`` with its size and SHA-256
+    (written last). ``files`` are those entries when already computed (the checkpointer hashes on
+    every rank); without it they are computed here."""
+    if files is None:
+        files = {name: file_entry(directory / name) for name in checkpoint_files(directory)}
+    manifest = {"format_version": FORMAT_VERSION, **info, "files": dict(sorted(files.items()))}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64)
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; :class:`CheckpointError` naming the file otherwise."""
+    """The manifest of a complete checkpoint: present, readable, this format, every file it lists
+    present with its size (cheap: the content hashes are checked by :func:`verify_checkpoint` or the
+    checkpointer). :class:`CheckpointCorruptError` (or CheckpointError) naming the file otherwise."""
     path = directory / MANIFEST_FILE
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; {directory} is not a complete training checkpoint")
+        raise CheckpointCorruptError(f"{path}: missing; {directory} is not a complete training checkpoint")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is corrupt") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r}, "
-                              f"this version reads {FORMAT_VERSION}")
-    for name, size in manifest.get("files", {}).items():
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{path}: not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointCorruptError(f"{path}: no 'files' table; the checkpoint is corrupt")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise CheckpointError(f"{path}: format_version 1, written by an older version whose driver state is a "
+                              f"pickle ({directory / 'state.pt'}); it is not loaded, since unpickling can run code. "
+                              "Resume it with the version that wrote it, or start a new run (checkpoint.resume=never)")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r}, this version reads {FORMAT_VERSION}")
+    for name, entry in manifest["files"].items():
         file = directory / name
+        if not _valid_entry(entry) or ".." in Path(name).parts or Path(name).is_absolute():
+            raise CheckpointCorruptError(f"{path}: malformed entry for {name!r}; the checkpoint is corrupt")
         if not file.is_file():
-            raise CheckpointError(f"{file}: listed in {MANIFEST_FILE} but missing; the checkpoint is incomplete")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, {MANIFEST_FILE} says {size}; "
-                                  "the checkpoint is corrupt")
+            raise CheckpointCorruptError(f"{file}: listed in {MANIFEST_FILE} but missing; the checkpoint is incomplete")
+        if file.stat().st_size != entry["size"]:
+            raise CheckpointCorruptError(f"{file}: {file.stat().st_size} bytes, {MANIFEST_FILE} says {entry['size']}; "
+                                         "the checkpoint is corrupt")
+    return manifest
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """:func:`read_manifest` plus every file's SHA-256, in this process (tools and tests; the
+    checkpointer spreads the hashing over its ranks)."""
+    manifest = read_manifest(directory)
+    for name in sorted(manifest["files"]):
+        problem = compare_file(directory, name, manifest["files"][name])
+        if problem:
+            raise CheckpointCorruptError(f"{problem}; the checkpoint is corrupt")
     return manifest
 
 
@@ -147,22 +249,8 @@ def checkpoint_root(cfg: RunConfig) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
 
 
-def find_resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
-    """The checkpoint a run resumes from per ``checkpoint.resume`` / ``load_dir`` (None: a fresh start)."""
-    ck = cfg.checkpoint
-    if ck.resume == "never":
-        return None
-    if ck.load_dir:
-        return Path(ck.load_dir)
-    root = checkpoint_root(cfg)
-    found = read_latest(root)
-    if found is None and ck.resume == "must":
-        raise CheckpointError(f"{root / LATEST_FILE}: not found and checkpoint.resume is 'must'")
-    return found
-
-
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Complete-by-name step directories under ``root``, oldest first."""
+    """Complete-by-name step directories under ``root``, oldest first (``step_<k>.corrupt-*`` are not)."""
     found = []
     if root.is_dir():
         for path in root.iterdir():
@@ -170,6 +258,67 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
             if path.is_dir() and path.name.startswith(STEP_PREFIX) and suffix.isdigit():
                 found.append((int(suffix), path))
     return sorted(found)
+
+
+def latest_note(root: Path, chosen: Path) -> Optional[str]:
+    """A message when ``root/latest`` does not name ``chosen`` (missing, unreadable or elsewhere)."""
+    try:
+        latest = read_latest(root)
+    except (CheckpointError, OSError, UnicodeDecodeError) as exc:
+        return f"{root / LATEST_FILE} is unreadable ({exc}); using the newest complete step directory {chosen.name}"
+    if latest is None:
+        return f"{root / LATEST_FILE} is missing; using the newest complete step directory {chosen.name}"
+    if latest != chosen:
+        return (f"{root / LATEST_FILE} names {latest.name}, but the newest complete step directory is "
+                f"{chosen.name}; using {chosen.name}")
+    return None
+
+
+def no_complete_checkpoint(root: Path, rejected: Sequence[tuple[Path, str]]) -> CheckpointError:
+    """The error of a checkpoint directory that has step directories but no complete one."""
+    reasons = "; ".join(f"{path.name}: {reason}" for path, reason in rejected)
+    return CheckpointError(f"{root}: no complete training checkpoint to resume from ({reasons}). Nothing was "
+                           "started or overwritten; repair or move these directories, or set "
+                           "checkpoint.resume=never to start a new run (it rewrites metrics.jsonl)")
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
+    """The checkpoint a run resumes from per ``checkpoint.resume`` / ``load_dir`` (None: a fresh start),
+    by the cheap checks (manifest and sizes; the checkpointer also checks every file's hash and may
+    fall back further). CheckpointError when checkpoints exist but none is complete, or none exists
+    and ``checkpoint.resume`` is 'must'. Reads only: callable on any rank, before anything starts."""
+    ck = cfg.checkpoint
+    if ck.resume == "never":
+        return None
+    if ck.load_dir:
+        return Path(ck.load_dir)
+    root = checkpoint_root(cfg)
+    rejected = []
+    for _, path in reversed(step_dirs(root)):
+        try:
+            read_manifest(path)
+            return path
+        except CheckpointCorruptError as exc:
+            rejected.append((path, str(exc)))
+    if rejected:
+        raise no_complete_checkpoint(root, rejected)
+    if (root / LATEST_FILE).is_file():
+        raise CheckpointError(f"{root / LATEST_FILE}: names {(root / LATEST_FILE).read_text().strip()!r}, but {root} "
+                              "holds no step directory; set checkpoint.resume=never to start a new run")
+    if ck.resume == "must":
+        raise CheckpointError(f"{root}: no training checkpoint, and checkpoint.resume is 'must'")
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a rejected step directory to ``step_<k>.corrupt-<UTC time>`` (kept, never loaded or pruned)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}{CORRUPT_INFIX}{stamp}")
+    if target.exists():
+        target = path.with_name(f"{target.name}-{secrets.token_hex(2)}")
+    os.replace(path, target)
+    _fsync_path(path.parent)
+    return target
 
 
 def remove_stale_tmp_dirs(root: Path) -> list[Path]:
@@ -194,7 +343,7 @@ def publish(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
     """Make ``tmp`` the checkpoint of ``step``: fsync, rename, move ``latest``, prune. Returns the step dir."""
     fsync_tree(tmp)
     final = root / step_dir_name(step)
-    if final.exists():  # the same step saved again (e.g. after a resume): the new one replaces it
+    if final.exists():  # the same step saved again (e.g. resumed from an older load_dir): the new one replaces it
         old = root / f"{TMP_PREFIX}{step}-replaced-{secrets.token_hex(4)}"
         os.replace(final, old)
         os.replace(tmp, final)
@@ -212,13 +361,110 @@ def publish(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
+# Reading pickles without running code
+# ------------------------------------------------------------------------------------------------
+
+
+def load_plain(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: plain containers and tensors only. A file holding
+    anything else (or no torch file at all) is a one-line CheckpointError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(f"{path}: not loaded, it is not plain data ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative part of an exception as one line (torch's weights_only message is many lines
+    of advice on how to load the file anyway)."""
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if found:
+        return f"it refers to {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+# What torch.distributed.checkpoint's .metadata pickle consists of (torch 2.6-2.14): its dataclasses and
+# enums, torch.Size, dtypes and the layout helper. Anything else would be code, not an index.
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle refers to something outside the allow-list."""
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _Refused(f"it refers to {module}.{name}, which a torch_dist index never does (it would run code)")
+
+
+def check_dist_pickles(dist_dir: Path) -> None:
+    """Refuse a Megatron/torch_dist directory whose pickles would run code when torch reads them.
+
+    torch reads ``.metadata`` with a plain ``pickle.load`` and the non-tensor items inside the
+    ``.distcp`` files with ``torch.load(weights_only=False)``; Megatron reads ``*.pt`` with torch's
+    default. All of them are read here first, with an allow-list / ``weights_only=True``: what
+    passes is plain data, so the unrestricted reads that follow run nothing but the allowed
+    constructors. One-line CheckpointError naming the file otherwise.
+    """
+    meta_path = dist_dir / DCP_METADATA_FILE
+    try:
+        with open(meta_path, "rb") as f:
+            metadata = _DcpMetadataUnpickler(f).load()
+    except Exception as exc:  # noqa: BLE001 -- any failure: not an index torch could use either
+        raise CheckpointError(f"{meta_path}: not loaded, {exc if isinstance(exc, _Refused) else _first_line(exc)}") \
+            from None
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    items = getattr(metadata, "state_dict_metadata", None)
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(items, dict) or not isinstance(storage, dict):
+        raise CheckpointError(f"{meta_path}: not a torch_dist index (no state_dict_metadata / storage_data)")
+    for index, info in storage.items():
+        if not isinstance(items.get(getattr(index, "fqn", None)), BytesStorageMetadata):
+            continue
+        path = dist_dir / str(info.relative_path)
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{path}: item {index.fqn!r} is stored with transforms "
+                                  f"{list(info.transform_descriptors)}, which this version does not read")
+        with open(path, "rb") as f:
+            f.seek(int(info.offset))
+            blob = f.read(int(info.length))
+        try:
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: item {index.fqn!r} (bytes {info.offset}..{info.offset + info.length}) "
+                                  f"is not plain data, not loaded ({_first_line(exc)})") from None
+    for pt in sorted(dist_dir.rglob("*.pt")):
+        load_plain(pt)
+
+
+# ------------------------------------------------------------------------------------------------
 # RNG states
 # ------------------------------------------------------------------------------------------------
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """This process's RNG states: Python, NumPy, torch CPU, CUDA (if any) and Megatron's tracker."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states as plain containers and tensors (``torch.load(weights_only=True)``
+    reads them back): Python, NumPy (its key array as a list), torch CPU, CUDA (if any) and
+    Megatron's tracker."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": (str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -233,7 +479,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -364,6 +611,7 @@ def _unshare_adam_steps(optimizer: Any) -> None:
                 state["step"] = state["step"].clone()
 
 
+
 # ------------------------------------------------------------------------------------------------
 # The checkpointer
 # ------------------------------------------------------------------------------------------------
@@ -377,25 +625,55 @@ class LoadedCheckpoint:
     rng_restored: bool
 
 
-def on_every_rank(fn: Callable[[], Any], what: str) -> Any:
-    """``fn()`` on every rank; if it raised on any rank, every rank raises a CheckpointError naming
-    them (instead of the healthy ranks waiting at the next collective for one that left)."""
+@dataclass
+class VerifiedCheckpoint:
+    """A checkpoint whose files match its manifest, with what every rank reads besides Megatron's files."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    state: dict[str, Any]  # {"scheduler": ..., "driver": ...}
+    rng: Optional[dict[str, Any]]  # this rank's RNG states; None when the layout differs
+
+
+def _gather_errors(fn: Callable[[], Any]) -> tuple[Any, list[Optional[str]], Optional[BaseException]]:
+    """``fn()`` on this rank; its result, every rank's error text (None: fine) and this rank's exception."""
     try:
-        result, error = fn(), None
-    except Exception as exc:  # noqa: BLE001 -- reported to every rank below
-        result, error = None, f"{type(exc).__name__}: {exc}"
-    errors = [error]
+        result, error, exc = fn(), None, None
+    except Exception as caught:  # noqa: BLE001 -- reported to every rank by the caller
+        result, error, exc = None, str(caught) if isinstance(caught, CheckpointError) \
+            else f"{type(caught).__name__}: {caught}", caught
+    errors: list[Optional[str]] = [error]
     if dist.is_initialized() and dist.get_world_size() > 1:
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
+    return result, errors, exc
+
+
+def on_every_rank(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on every rank; if it raised on any rank, every rank raises a CheckpointError naming
+    them (instead of the healthy ranks waiting at the next collective for one that left)."""
+    result, errors, _ = _gather_errors(fn)
     failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
     if failed:
         raise CheckpointError(f"{what} failed on {len(failed)} rank(s): " + "; ".join(failed))
     return result
 
 
+def _same_on_every_rank(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank when it reads the same files everywhere: the first failure (same text on
+    every rank, since every rank gets the list) is raised everywhere as a CheckpointError."""
+    result, errors, exc = _gather_errors(fn)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        if exc is not None and isinstance(exc, CheckpointError) and str(exc) == failed[0]:
+            raise exc
+        raise CheckpointError(failed[0])
+    return result
+
+
 class TrainingCheckpointer:
-    """Saves and loads training checkpoints. ``save`` and ``load`` are collective over the world.
+    """Saves and loads training checkpoints. ``save``, ``verify``, ``resume_directory`` and ``load``
+    are collective over the world.
 
     ``model`` are the (wrapped) model chunks of this rank, ``optimizer`` Megatron's optimizer,
     ``scheduler`` Megatron's ``OptimizerParamScheduler``. Every rank must see the same checkpoint
@@ -410,10 +688,13 @@ class TrainingCheckpointer:
         self.scheduler = scheduler
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._verified: Optional[VerifiedCheckpoint] = None  # the one resume_directory chose
 
     # ---- collectives -------------------------------------------------------------------------
-    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on rank 0, its result (or its error, raised everywhere) on every rank."""
+    def on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, its result (or its error, raised everywhere) on every rank. A
+        CheckpointError keeps its class and message on every rank (so that every rank takes the same
+        decision, e.g. to fall back to an older checkpoint); other errors become CheckpointErrors."""
         box: list[Any] = [None]
         if self.rank == 0:
             try:
@@ -422,14 +703,47 @@ class TrainingCheckpointer:
                 box[0] = ("error", exc)
         if self.world_size > 1:
             if self.rank == 0 and box[0][0] == "error":
-                message = [("error", CheckpointError(f"rank 0: {type(box[0][1]).__name__}: {box[0][1]}"))]
-                dist.broadcast_object_list(message, src=0)
+                exc = box[0][1]
+                kind = ("corrupt" if isinstance(exc, CheckpointCorruptError)
+                        else "checkpoint" if isinstance(exc, CheckpointError) else "other")
+                text = str(exc) if kind != "other" else f"rank 0: {type(exc).__name__}: {exc}"
+                dist.broadcast_object_list([("error", kind, text)], src=0)
             else:
                 dist.broadcast_object_list(box, src=0)
-        kind, value = box[0]
-        if kind == "error":
-            raise value
-        return value
+        if box[0][0] == "error":
+            if self.rank == 0:
+                raise box[0][1]
+            _, kind, text = box[0]
+            raise (CheckpointCorruptError if kind == "corrupt" else CheckpointError)(text)
+        return box[0][1]
+
+    def _all_gather(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def _hash_files(self, directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Size and SHA-256 of ``names`` (the same sorted list on every rank): rank r hashes names i with
+        i % world == r; the small entries are gathered on every rank."""
+        mine = names[self.rank::self.world_size]
+        local = on_every_rank(lambda: {n: file_entry(directory / n) for n in mine}, f"hashing the files of {directory}")
+        files: dict[str, dict[str, Any]] = {}
+        for part in self._all_gather(local):
+            files.update(part)
+        return files
+
+    def _check_hashes(self, directory: Path, files: dict[str, dict[str, Any]]) -> None:
+        """Every file against its manifest entry, spread over the ranks like :meth:`_hash_files`; the
+        mismatches of all ranks are gathered, so every rank raises the same CheckpointCorruptError."""
+        names = sorted(files)
+        mine = names[self.rank::self.world_size]
+        local = [p for p in (compare_file(directory, n, files[n]) for n in mine) if p is not None]
+        problems = sorted(p for part in self._all_gather(local) for p in part)
+        if problems:
+            more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+            raise CheckpointCorruptError(f"{problems[0]}{more}; the checkpoint is corrupt")
 
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         """Megatron's layout-independent description of model and optimizer (Megatron-LM's keys)."""
@@ -450,52 +764,65 @@ class TrainingCheckpointer:
                                                     "chained_optim_avoid_prefix": True})
         return state
 
+    def _rng_file(self, directory: Path) -> Path:
+        return directory / RNG_DIR / f"rank_{self.rank:05d}.pt"
+
     # ---- save --------------------------------------------------------------------------------
     def save(self, step: int, driver_state: dict[str, Any]) -> Path:
-        """Write the checkpoint of ``step`` (rollout steps done); ``driver_state`` is taken from rank 0."""
+        """Write the checkpoint of ``step`` (rollout steps done); ``driver_state`` is taken from rank 0.
+
+        The driver state must be plain data, tensors, arrays and this project's dataclasses
+        (:mod:`~megatron_vespo.checkpoint.state_codec`); anything else fails here, before any file
+        is written, with its place in the state named."""
         from megatron.core import dist_checkpointing
 
         from megatron_vespo.checkpoint.hf_io import save_model_config
 
+        encoded: dict[str, Any] = {}  # rank 0: the state document, kept out of the broadcast
+
         def prepare() -> Path:
             remove_stale_tmp_dirs(self.root)
+            encoded["doc"], encoded["tensors"] = encode_state(
+                {"scheduler": self.scheduler.state_dict(), "driver": driver_state}, "checkpoint state")
             tmp = new_tmp_dir(self.root, step)
             (tmp / DIST_DIR).mkdir()
             (tmp / RNG_DIR).mkdir()
             return tmp
 
-        tmp = self._on_rank0(prepare)
+        tmp = self.on_rank0(prepare)
         # Per-rank write failures inside torch.distributed.checkpoint reach every rank already; the
-        # RNG file is this rank's own write, so its failure is shared explicitly (this also replaces
-        # the barrier before rank 0 publishes). The temporary directory is removed by the next save.
+        # RNG file is this rank's own write, so its failure is shared explicitly. The temporary
+        # directory is removed by the next save.
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(tmp / DIST_DIR))
-        on_every_rank(lambda: torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{self.rank:05d}.pt"),
+        on_every_rank(lambda: torch.save(capture_rng_state(), self._rng_file(tmp)),
                       f"writing the RNG states to {tmp / RNG_DIR}")
 
-        def finish() -> Path:
-            torch.save({"scheduler": self.scheduler.state_dict(), "driver": driver_state}, tmp / STATE_FILE)
+        def write_rank0_files() -> list[str]:
+            (tmp / STATE_FILE).write_text(json.dumps(encoded["doc"], allow_nan=False, separators=(",", ":")) + "\n")
+            if encoded["tensors"]:
+                from safetensors.torch import save_file
+
+                save_file(encoded["tensors"], str(tmp / STATE_TENSORS_FILE))
             save_model_config(self.cfg.model, tmp)
+            return checkpoint_files(tmp)
+
+        files = self._hash_files(tmp, self.on_rank0(write_rank0_files))
+
+        def finish() -> Path:
             write_manifest(tmp, {"step": step, "layout": layout_of(self.cfg.parallel, self.world_size),
                                  "params_dtype": self.cfg.precision.params_dtype,
-                                 "distributed_optimizer": self.cfg.optimizer.distributed})
+                                 "distributed_optimizer": self.cfg.optimizer.distributed}, files)
             return publish(tmp, self.root, step, self.cfg.checkpoint.keep_last)
 
-        return self._on_rank0(finish)
+        return self.on_rank0(finish)
 
-    # ---- load --------------------------------------------------------------------------------
-    def resume_directory(self) -> Optional[Path]:
-        """Which checkpoint to resume from, per ``checkpoint.resume`` / ``checkpoint.load_dir`` (rank 0 decides)."""
-        def decide() -> Optional[Path]:
-            remove_stale_tmp_dirs(self.root)
-            return find_resume_checkpoint(self.cfg)
-
-        return self._on_rank0(decide)
-
-    def validate(self, directory: Path) -> dict[str, Any]:
-        """The manifest of ``directory`` after checking completeness, the model and the dtype."""
+    # ---- verify and choose -------------------------------------------------------------------
+    def validate(self, directory: Path, manifest: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The manifest of ``directory`` after checking that it is for this run: the model, the dtype,
+        the optimizer kind (rank 0; no content hashes, see :meth:`verify`)."""
         from megatron_vespo.config.loader import load_model_config
 
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory) if manifest is None else manifest
         saved = load_model_config(directory / MODEL_CONFIG_FILE)
         diffs = model_config_differences(saved, self.cfg.model)
         if diffs:
@@ -509,20 +836,109 @@ class TrainingCheckpointer:
                                   f"{manifest.get('distributed_optimizer')}, the run uses {self.cfg.optimizer.distributed}")
         return manifest
 
+    def verify(self, directory: Path) -> VerifiedCheckpoint:
+        """Collective: check ``directory`` completely before anything of it is loaded.
+
+        Manifest and sizes (rank 0), every file's SHA-256 (spread over the ranks) —
+        :class:`CheckpointCorruptError` on every rank when they do not match; then, as plain
+        CheckpointErrors: the files torch would unpickle (rank 0, :func:`check_dist_pickles`), the
+        state document and this rank's RNG file (read here, kept for :meth:`load`), the model and
+        settings (:meth:`validate`)."""
+        directory = Path(directory)
+        manifest = self.on_rank0(lambda: read_manifest(directory))
+        files = manifest["files"]
+        missing = [name for name in REQUIRED_FILES if name not in files]
+        same_layout = manifest.get("layout") == layout_of(self.cfg.parallel, self.world_size)
+        if same_layout:
+            missing += [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(self.world_size)
+                        if f"{RNG_DIR}/rank_{r:05d}.pt" not in files]
+        if missing:
+            raise CheckpointCorruptError(f"{directory / MANIFEST_FILE}: does not list {missing[0]}"
+                                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                                         "the checkpoint is incomplete")
+        self._check_hashes(directory, files)
+        self.on_rank0(lambda: check_dist_pickles(directory / DIST_DIR))
+        state = _same_on_every_rank(lambda: read_state(
+            directory / STATE_FILE, directory / STATE_TENSORS_FILE if STATE_TENSORS_FILE in files else None))
+        if not (isinstance(state, dict) and "scheduler" in state and "driver" in state):
+            raise CheckpointError(f"{directory / STATE_FILE}: no 'scheduler' and 'driver' entries")
+        rng = on_every_rank(lambda: load_plain(self._rng_file(directory)),
+                            f"reading the RNG states of {directory}") if same_layout else None
+        self.on_rank0(lambda: self.validate(directory, manifest))
+        return VerifiedCheckpoint(directory=directory, manifest=manifest, state=state, rng=rng)
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[checkpoint] {message}", flush=True)
+
+    def resume_directory(self) -> Optional[Path]:
+        """Collective: the checkpoint to resume from per ``checkpoint.resume`` / ``load_dir``, verified
+        (see the module docstring for the choice and the fallback), or None for a fresh start."""
+        ck = self.cfg.checkpoint
+        if ck.resume == "never":
+            return None
+        self.on_rank0(lambda: remove_stale_tmp_dirs(self.root))
+        if ck.load_dir:  # named by the user: verified, never replaced by another
+            self._verified = self.verify(Path(ck.load_dir))
+            return self._verified.directory
+        candidates = self.on_rank0(lambda: [path for _, path in reversed(step_dirs(self.root))])
+        rejected: list[tuple[Path, str]] = []
+        for i, path in enumerate(candidates):
+            try:
+                verified = self.verify(path)
+            except CheckpointCorruptError as exc:
+                rejected.append((path, str(exc)))
+                then = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+                self._say(f"warning: not resuming from {path}: {exc}{then}")
+                continue
+
+            def settle() -> None:
+                for bad, _ in rejected:
+                    moved = move_aside(bad)
+                    print(f"[checkpoint] {bad.name} moved aside to {moved} (kept for inspection; "
+                          f"step {bad.name[len(STEP_PREFIX):]} will be trained and saved again)", flush=True)
+                note = latest_note(self.root, path)
+                if note is not None:
+                    print(f"[checkpoint] {note}", flush=True)
+                    write_latest(self.root, path.name)
+
+            self.on_rank0(settle)
+            self._verified = verified
+            return path
+        if rejected:
+            raise no_complete_checkpoint(self.root, rejected)
+        self.on_rank0(lambda: find_resume_checkpoint(self.cfg))  # no step directory: 'must' / stray 'latest'
+        return None
+
+    def driver_state(self, directory: Path) -> dict[str, Any]:
+        """Collective: the driver state saved in ``directory`` (verified first unless it was just chosen)."""
+        return self._verified_for(Path(directory)).state["driver"]
+
+    def _verified_for(self, directory: Path) -> VerifiedCheckpoint:
+        if self._verified is None or self._verified.directory != directory:
+            self._verified = self.verify(directory)
+        return self._verified
+
+    # ---- load --------------------------------------------------------------------------------
     def load(self, directory: Path) -> LoadedCheckpoint:
-        """Load model, optimizer, scheduler (and RNG states if the layout is unchanged) from ``directory``."""
+        """Load model, optimizer, scheduler (and RNG states if the layout is unchanged) from ``directory``,
+        verified first (:meth:`verify`) unless :meth:`resume_directory` just did."""
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException
 
         directory = Path(directory)
-        manifest = self._on_rank0(lambda: self.validate(directory))
+        verified = self._verified_for(directory)
+        self._verified = None  # used once: a later load of the same directory checks its files again
+        manifest = verified.manifest
         _allocate_distributed_optimizer_state(self.optimizer)
         target = self._sharded_state_dict(is_loading=True)
         try:
             loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), str(directory / DIST_DIR))
             saved_step = _common_step(dist_checkpointing.load_common_state_dict(str(directory / DIST_DIR)))
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+            first = str(exc).strip().splitlines()
             raise CheckpointError(f"{directory / DIST_DIR}: cannot load model/optimizer: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                                  f"{type(exc).__name__}: {first[0] if first else ''}") from exc
         for key in [k for k in target if k.startswith("model")]:
             chunk = self.model[0] if key == "model" else self.model[int(key[len("model"):])]
             _unwrap(chunk).load_state_dict(loaded[key])
@@ -534,22 +950,19 @@ class TrainingCheckpointer:
         self.optimizer.load_state_dict(optimizer_state)
         _unshare_adam_steps(self.optimizer)
 
-        state = torch.load(directory / STATE_FILE, weights_only=False)
         # Megatron's load_state_dict *advances* num_steps by the saved count (and sets lr / weight
         # decay in the param groups): start it from 0, not from the fresh scheduler's position.
         self.scheduler.num_steps = 0
         try:
-            self.scheduler.load_state_dict(state["scheduler"])
-        except AssertionError as exc:
+            self.scheduler.load_state_dict(verified.state["scheduler"])
+        except (AssertionError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{directory / STATE_FILE}: LR schedule differs from the run's optimizer "
-                                  f"settings ({exc})") from None
-        same_layout = manifest["layout"] == layout_of(self.cfg.parallel, self.world_size)
-        if same_layout:
-            rng_file = directory / RNG_DIR / f"rank_{self.rank:05d}.pt"
-            on_every_rank(lambda: restore_rng_state(torch.load(rng_file, weights_only=False)),
+                                  f"settings ({type(exc).__name__}: {exc})") from None
+        if verified.rng is not None:
+            on_every_rank(lambda: restore_rng_state(verified.rng),
                           f"restoring the RNG states from {directory / RNG_DIR}")
         elif self.rank == 0:
             print(f"[checkpoint] {directory} was written in layout {manifest['layout']}; "
                   "RNG states are not restored (re-seeded)", flush=True)
-        return LoadedCheckpoint(directory=directory, step=int(manifest["step"]), driver_state=state["driver"],
-                                rng_restored=same_layout)
+        return LoadedCheckpoint(directory=directory, step=int(manifest["step"]),
+                                driver_state=verified.state["driver"], rng_restored=verified.rng is not None)

@@ -18,7 +18,11 @@ def _read_yaml(path: Path, field_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(field_path, f"file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:  # the bare error names neither the file nor the line
+        line = path.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise ConfigError(field_path, f"{path} line {line} is not valid UTF-8 "
+                          f"({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -89,6 +89,19 @@ class ParallelConfig:
     collective_timeout_minutes: int = field(
         30, ge=1, help="how long a rank waits in a collective for a stuck or dead peer before the run fails")
 
+    def check_world_size(self, world_size: int, path: str = "parallel") -> None:
+        """ConfigError naming the model-parallel size (tensor, pipeline, context, in that order) that first
+        stops ``world_size`` from being a multiple of tensor*pipeline*context (e.g. ``context=2`` on one
+        process names ``parallel.context``, not the product's first factor)."""
+        product = 1
+        for name in ("tensor", "pipeline", "context"):
+            size = getattr(self, name)
+            if size > 1 and world_size % (product * size):
+                raise ConfigError(f"{path}.{name}", f"{name}={size} does not fit the trainer world size {world_size}: "
+                                  f"it must be a multiple of tensor*pipeline*context={self.tensor}*{self.pipeline}*"
+                                  f"{self.context} (run under torchrun with that many processes, or lower {name})")
+            product *= size
+
 
 @dataclass(kw_only=True)
 class FP8Config:
@@ -208,7 +221,8 @@ class AdvantageConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    seed: int = field(1234, ge=0)
+    # NumPy seeds take 32 bits (np.random.seed raises beyond): bounded here, not deep in the launch.
+    seed: int = field(1234, ge=0, le=2**32 - 1)
     micro_batch_tokens: int = field(16384, gt=0, help="token budget of one packed micro-batch per GPU")
     mini_batch_prompts: int = field(256, gt=0, help="prompts per optimizer step (x n samples)")
     staleness: int = field(1, ge=1, help="N: optimizer steps per rollout batch; mini-batch j trains at lag j")
@@ -254,12 +268,15 @@ class RolloutConfig:
     n_samples: int = field(8, ge=1, help="responses per prompt (one GRPO group)")
     temperature: float = field(1.0, gt=0, help="sampling temperature; the trainer's log-probs use the same")
     top_p: float = field(1.0, gt=0, le=1)
-    top_k: int = field(-1, ge=-1, help="-1: no top-k filtering")
+    top_k: int = field(-1, ge=-1, help="-1: no top-k filtering; else >= 1 (SGLang refuses 0)")
     max_prompt_len: int = field(1024, gt=0, help="longer prompts are dropped from the dataset (and counted)")
     max_response_len: int = field(15360, gt=0, help="max_new_tokens of every request")
     stop_token_ids: list[int] = field(default_factory=list, help="token ids that end a response")
     max_concurrency: int = field(256, gt=0, help="prompts in flight at once")
     request_timeout_s: float = field(600.0, gt=0, help="per-attempt HTTP timeout of a /generate call")
+    server_unavailable_s: float = field(
+        900.0, gt=0, help="how long generation keeps retrying while no server answers (a restart of the only "
+        "server, or of the router) before the run fails")
     fleet: Optional[FleetConfig] = field(
         None, help="servers + router to start; null: cpu_servers CPU servers booted from the initial weights")
     cpu_servers: int = field(1, ge=1, help="number of local CPU rollout servers when fleet is null")
@@ -274,6 +291,10 @@ class RolloutConfig:
         default_factory=lambda: WeightSyncConfig(transport="disk"),
         help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
 
+    def validate(self, path: str) -> None:
+        if self.top_k == 0:  # every server would answer 400 to every request
+            raise ConfigError(f"{path}.top_k", "must be -1 (no top-k filtering) or >= 1; got 0")
+
 
 @dataclass(kw_only=True)
 class RunLoopConfig:
@@ -284,6 +305,9 @@ class RunLoopConfig:
     output_dir: str = field("outputs/run", help="metrics.jsonl, plot, initial HF weights, weight-sync versions")
     stop_at_reward: Optional[float] = field(None, help="stop early once a rollout batch's mean reward reaches this")
     plot: bool = field(True, help="write reward / W / phi curves (metrics.png) at the end")
+    max_failed_steps: int = field(
+        3, ge=1, help="stop with an error after this many consecutive rollout batches in which every response "
+        "failed verification or was aborted (a run that cannot learn)")
 
 
 @dataclass(kw_only=True)
@@ -333,6 +357,15 @@ class EvalConfig:
     top_p: float = field(1.0, gt=0, le=1)
     max_response_len: int = field(0, ge=0, help="0: rollout.max_response_len")
     sets: list[EvalSetConfig] = field(default_factory=list, help="benchmarks")
+
+    def check_set_names(self) -> None:
+        """Set names become metric names (``eval/<name>/...``): non-empty, no '/', unique."""
+        names = [s.name for s in self.sets]
+        for i, name in enumerate(names):
+            if not name or "/" in name:
+                raise ConfigError(f"eval.sets[{i}].name", f"must be a non-empty metric name without '/'; got {name!r}")
+            if name in names[:i]:
+                raise ConfigError(f"eval.sets[{i}].name", f"duplicate eval set name {name!r}")
 
 
 @dataclass(kw_only=True)
@@ -392,15 +425,30 @@ class RunConfig:
             raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:
             raise ConfigError("loss.norm_constant", "is required for aggregation 'seq-mean-token-sum-norm'")
+        # A stop token the model cannot emit is a typo (or the wrong model), found otherwise only by the server.
+        for i, token in enumerate(self.rollout.stop_token_ids):
+            if not 0 <= token < self.model.vocab_size:
+                raise ConfigError(f"rollout.stop_token_ids[{i}]", f"token id {token} is outside the vocabulary "
+                                  f"[0, model.vocab_size={self.model.vocab_size})")
 
     def check_trainable(self) -> None:
-        """Rules that only a training run needs (``megatron-vespo check`` accepts partial configs, e.g. for
-        evaluation); run by the launch before any process group exists."""
+        """Rules that only a training run needs (tools that merely read a run config, e.g. evaluation, do
+        not); run by the launch before any process group exists and by ``megatron-vespo check``."""
         longest = self.rollout.max_prompt_len + self.rollout.max_response_len
         if longest > self.model.max_position_embeddings:
             raise ConfigError("rollout.max_response_len",
                               f"max_prompt_len + max_response_len = {longest} exceeds the model's "
                               f"max_position_embeddings={self.model.max_position_embeddings}")
+        if self.eval.sets and self.eval.every_steps and self.eval.max_response_len:
+            longest = self.rollout.max_prompt_len + self.eval.max_response_len
+            if longest > self.model.max_position_embeddings:
+                raise ConfigError("eval.max_response_len",
+                                  f"rollout.max_prompt_len + eval.max_response_len = {longest} exceeds the model's "
+                                  f"max_position_embeddings={self.model.max_position_embeddings}")
+        if self.parallel.context > 1:
+            # PolicyTrainer refuses it after the model is built: say so before anything starts.
+            raise ConfigError("parallel.context", f"context parallelism is not supported by the train step yet "
+                              f"(packed sequences are not split over CP ranks); got {self.parallel.context}")
         if self.rollout.n_samples < 2:
             raise ConfigError("rollout.n_samples", "GRPO needs at least 2 responses per prompt")
         if self.train.mode == "async" and \

@@ -6,14 +6,17 @@ the file and row; prompts longer than ``rollout.max_prompt_len`` are dropped and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from megatron_vespo.config.schema import DataConfig
+from megatron_vespo.config.schema import DataConfig, RunConfig
 from megatron_vespo.data.synthetic import synthetic_rows
+from typed_config import ConfigError
 
 
 class DataError(ValueError):
@@ -34,13 +37,25 @@ class PromptDataset:
     num_filtered_too_long: int = 0
 
 
+def _decode_utf8(path: Path) -> str:
+    """The text of ``path``; DataError naming the file, line and byte when it is not UTF-8 (a traceback
+    from ``read_text`` names neither)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "save the file as UTF-8") from None
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl`` or ``.parquet`` file as dicts."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(_decode_utf8(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -52,9 +67,13 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             rows.append(row)
         return rows
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
@@ -66,9 +85,21 @@ def _tokenize(tokenizer: Any, text: str, cfg: DataConfig) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _check_vocab(ids: list[int], vocab_size: Optional[int], where: str, what: str) -> None:
+    """DataError for the first id outside ``[0, vocab_size)``: the server would reject it (or index out
+    of its embedding) only at the first request, long after the launch."""
+    if vocab_size is None:
+        return
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise DataError(f"{where}: token id {token} at position {position} of {what} is outside the model's "
+                            f"vocabulary [0, {vocab_size}) (model.vocab_size)")
+
+
 def build_rows(raw_rows: Iterable[dict[str, Any]], source: str, cfg: DataConfig, max_prompt_len: int,
-               tokenizer: Any = None) -> PromptDataset:
-    """Validate and tokenise raw rows; drop (and count) prompts longer than ``max_prompt_len``."""
+               tokenizer: Any = None, vocab_size: Optional[int] = None) -> PromptDataset:
+    """Validate and tokenise raw rows; drop (and count) prompts longer than ``max_prompt_len``. With
+    ``vocab_size`` (the model's) every token id must lie in ``[0, vocab_size)``."""
     rows: list[PromptRow] = []
     too_long = 0
     for i, raw in enumerate(raw_rows):
@@ -78,15 +109,18 @@ def build_rows(raw_rows: Iterable[dict[str, Any]], source: str, cfg: DataConfig,
                             f"fields: {sorted(raw)}")
         if raw.get("prompt_ids") is not None:
             ids = raw["prompt_ids"]
-            if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            if not isinstance(ids, (list, tuple)) or not ids or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise DataError(f"{where}: 'prompt_ids' must be a non-empty list of token ids")
             ids = list(ids)
+            _check_vocab(ids, vocab_size, where, "'prompt_ids'")
         elif raw.get("prompt") is not None:
             if not isinstance(raw["prompt"], str):
                 raise DataError(f"{where}: 'prompt' must be text; got {type(raw['prompt']).__name__}")
             if tokenizer is None:
                 raise DataError(f"{where}: text 'prompt' needs a tokenizer (set data.tokenizer)")
             ids = _tokenize(tokenizer, raw["prompt"], cfg)
+            _check_vocab(ids, vocab_size, where, "the tokenised 'prompt' (data.tokenizer)")
         else:
             raise DataError(f"{where}: missing field 'prompt' or 'prompt_ids'; fields: {sorted(raw)}")
         if len(ids) > max_prompt_len:
@@ -100,21 +134,55 @@ def build_rows(raw_rows: Iterable[dict[str, Any]], source: str, cfg: DataConfig,
 
 
 def load_tokenizer(cfg: DataConfig) -> Optional[Any]:
+    """The tokenizer ``data.tokenizer`` names (None when empty); ConfigError naming the field when it
+    cannot be loaded."""
     if not cfg.tokenizer:
         return None
+    name = os.path.expanduser(cfg.tokenizer)
+    # A path that does not exist would otherwise be tried as a Hub repository id (a slow network
+    # failure with a long traceback).
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # Hub ids are "org/name"
+    if looks_like_path and not Path(name).exists():
+        raise ConfigError("data.tokenizer", f"{cfg.tokenizer}: no such tokenizer directory")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(cfg.tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("data.tokenizer", f"cannot load a tokenizer from {cfg.tokenizer!r}: {first}") from None
 
 
-def load_prompt_dataset(cfg: DataConfig, max_prompt_len: int, tokenizer: Any = None) -> PromptDataset:
-    """The dataset named by ``cfg`` (file, or the synthetic task when ``cfg.path`` is empty)."""
+def load_prompt_dataset(cfg: DataConfig, max_prompt_len: int, tokenizer: Any = None,
+                        vocab_size: Optional[int] = None) -> PromptDataset:
+    """The dataset named by ``cfg`` (file, or the synthetic task when ``cfg.path`` is empty); with
+    ``vocab_size`` every token id is checked against the model's vocabulary."""
     if not cfg.path:
         task = cfg.synthetic
         return build_rows(synthetic_rows(task.task, task.num_digits), f"synthetic:{task.task}{task.num_digits}",
-                          cfg, max_prompt_len)
+                          cfg, max_prompt_len, vocab_size=vocab_size)
     path = Path(cfg.path)
-    return build_rows(read_rows(path), str(path), cfg, max_prompt_len, tokenizer)
+    return build_rows(read_rows(path), str(path), cfg, max_prompt_len, tokenizer, vocab_size=vocab_size)
+
+
+def check_run_data(cfg: RunConfig) -> list[str]:
+    """Everything a training run reads from its data before the first request, read now: the
+    tokenizer, the training prompts and every eval set's file, each token id checked against
+    ``model.vocab_size``. Raises DataError / ConfigError naming the file, row or field; returns one
+    summary line per dataset. ``megatron-vespo check`` and ``train`` run it before launching."""
+    tokenizer = load_tokenizer(cfg.data)
+    vocab = cfg.model.vocab_size
+    max_prompt_len = cfg.rollout.max_prompt_len
+    train = load_prompt_dataset(cfg.data, max_prompt_len, tokenizer, vocab_size=vocab)
+    lines = [f"data: {train.source}: {len(train.rows)} prompts ({train.num_filtered_too_long} longer than "
+             f"rollout.max_prompt_len={max_prompt_len} dropped)"]
+    if cfg.eval.sets and cfg.eval.every_steps:  # the trainer loads eval sets only when it evaluates
+        for i, set_cfg in enumerate(cfg.eval.sets):  # an empty path: the synthetic task's prompts
+            found = load_prompt_dataset(dataclasses.replace(cfg.data, path=set_cfg.path), max_prompt_len,
+                                        tokenizer, vocab_size=vocab)
+            used = min(set_cfg.num_prompts or len(found.rows), len(found.rows))
+            lines.append(f"eval.sets[{i}] ({set_cfg.name}): {used} prompts of {found.source}")
+    return lines
 
 
 class PromptSampler:

@@ -162,6 +162,10 @@ class AsyncRLDriver(RLDriver):
             "time/push_drain_s": self._push_drain_s,
         }
         metrics["lag"] = metrics["async/lag_max"]
+        errors = [p.reward_stats["reward/first_error"] for p in payloads if "reward/first_error" in p.reward_stats]
+        if errors:
+            metrics["reward/first_error"] = errors[0]
+        self.guard.observe(metrics)
         self._fleet_idle_mark = fleet_idle
         self._push_drain_s = 0.0
         return {"samples": trainable(batch.groups), "metrics": metrics}

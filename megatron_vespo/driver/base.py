@@ -29,7 +29,9 @@ from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
 from megatron_vespo.driver.publisher import NamedTensors, WeightPublisher
 from megatron_vespo.driver.rollout_side import RolloutSide
+from megatron_vespo.driver.run_health import LearningGuard, check_finite_weights
 from megatron_vespo.driver.run_state import RunCheckpoints, RunState, RunSummary
+from megatron_vespo.driver.signals import sigterm_raises
 from megatron_vespo.models.trainable import build_model_and_optimizer
 from megatron_vespo.train.lr_schedule import build_lr_scheduler
 from megatron_vespo.train.sample import TrainSample
@@ -61,6 +63,7 @@ class RLDriver:
         self.publisher = WeightPublisher(HFWeightExporter(trainable.model, cfg.model, bucket_bytes=bucket_bytes),
                                          bucket_bytes)
         self.state = RunState()
+        self.guard = LearningGuard(cfg.run.max_failed_steps)  # rank 0: stops a run that cannot learn
         self.checkpoints = RunCheckpoints(TrainingCheckpointer(cfg, trainable.model, trainable.optimizer, scheduler),
                                           cfg.checkpoint.save_every_steps, self.is_driver)
         self.rollout: Optional[RolloutSide] = None  # rank 0, once the fleet runs
@@ -168,7 +171,9 @@ class RLDriver:
 
     def open_rollout(self, initial: NamedTensors) -> None:
         """Rank 0: data, verifier, evaluator, the fleet (at the trainer's weights) and its weight sync."""
-        self.rollout = RolloutSide.open(self.cfg, initial, self.publisher.version, self.publisher.latest_buckets,
+        check_finite_weights(initial, f"the {'resumed' if self.state.next_rollout_step else 'initial'} weights"
+                             f" ({self.cfg.checkpoint.init_from or 'random init'})")
+        self.rollout = RolloutSide.open(self.cfg, initial, self.publisher.version, self.publisher.buckets_of,
                                         sampler_state=self._resumed_sampler)
         self.publisher.connect(self.rollout.fleet, self.rollout.weight_sync)
         if self.cfg.rollout.fleet is not None:
@@ -223,11 +228,12 @@ class RLDriver:
 
     @classmethod
     def launch(cls, cfg: RunConfig) -> Optional[RunSummary]:
-        """Check, initialise (torchrun or single process), run the loop (:meth:`run`), tear down.
-        The summary on rank 0."""
+        """Check, initialise (torchrun or single process), run the loop (:meth:`run`), tear down
+        (on SIGTERM too). The summary on rank 0."""
         cfg.check_trainable()
-        ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
-        try:
-            return cls(cfg, ctx).run()
-        finally:
-            destroy_distributed()
+        with sigterm_raises():
+            ctx = init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
+            try:
+                return cls(cfg, ctx).run()
+            finally:
+                destroy_distributed()

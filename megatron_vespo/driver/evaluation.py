@@ -112,12 +112,7 @@ class Evaluator:
         self.eval_cfg = cfg.eval
         self.tokenizer = tokenizer
         self.seed = cfg.train.seed if seed is None else seed
-        names = [s.name for s in self.eval_cfg.sets]
-        for i, name in enumerate(names):
-            if not name or "/" in name:
-                raise ConfigError(f"eval.sets[{i}].name", f"must be a non-empty metric name without '/'; got {name!r}")
-            if name in names[:i]:
-                raise ConfigError(f"eval.sets[{i}].name", f"duplicate eval set name {name!r}")
+        self.eval_cfg.check_set_names()
         self.sets = [load_eval_set(s, i, cfg, self.seed, tokenizer) for i, s in enumerate(self.eval_cfg.sets)]
         self.params = eval_sampling_params(self.eval_cfg, cfg)
         self.last_step: Optional[int] = None  # the optimizer step evaluated last (never twice)

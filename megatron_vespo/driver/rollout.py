@@ -65,7 +65,7 @@ def open_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tup
     request when the fleet says so (``RolloutFleet.one_request_per_sample``)."""
     return generation_target(url, return_routed_experts=cfg.return_routed_experts,
                              request_timeout_s=cfg.request_timeout_s, routed_experts_shape=routed_experts_shape,
-                             one_request_per_sample=one_request_per_sample)
+                             one_request_per_sample=one_request_per_sample, unavailable_s=cfg.server_unavailable_s)
 
 
 async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
@@ -111,26 +111,36 @@ def response_text(tokenizer: Any, response: RolloutSample) -> Optional[str]:
 
 
 def score_groups(groups: Sequence[RolloutGroup], verifier: Verifier, reward_cfg: RewardConfig,
-                 tokenizer: Any = None) -> tuple[list[float], dict[str, float]]:
+                 tokenizer: Any = None) -> tuple[list[float], dict[str, Any]]:
     requests = [ScoreRequest(response_ids=list(r.output_ids), response_text=response_text(tokenizer, r),
                              ground_truth=g.row.ground_truth, prompt_ids=list(g.row.prompt_ids))
                 for g in groups for r in g.responses]
     scores, stats = score_all(verifier, requests, reward_cfg.timeout_s)
-    return scores, {"reward/verifier_errors": float(stats.errors), "reward/verifier_timeouts": float(stats.timeouts)}
+    metrics: dict[str, Any] = {"reward/verifier_errors": float(stats.errors),
+                               "reward/verifier_timeouts": float(stats.timeouts)}
+    if stats.first_error:  # kept with the metrics (JSONL), shown when a run stops for it (run_health.py)
+        metrics["reward/first_error"] = stats.first_error
+    return scores, metrics
 
 
 def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float],
                         advantage_cfg: AdvantageConfig) -> RolloutBatch:
     """Training samples (GRPO advantage per response over its prompt's group) and rollout metrics.
 
-    Aborted responses (a server died mid-request and the retry was not used) carry partial
-    log-probs; they are still valid samples of μ and are trained on like the others.
+    An aborted response (finish reason ``abort``: the server stopped it before it ended, and it was not
+    continued) is cut short: its reward scores an unfinished answer. It is never trained on, and its
+    group's advantages are computed over the group's complete responses only
+    (``rollout/aborted_excluded`` counts them).
     """
     group_size = len(groups[0].responses)
     if any(len(g.responses) != group_size for g in groups):
         raise ValueError("every prompt must have the same number of responses")
     reward_t = torch.tensor(rewards, dtype=torch.float32)
-    advantages, adv_stats = grpo_advantages(reward_t, group_size, advantage_cfg)
+    complete = torch.tensor([r.finish_reason.type != "abort" for g in groups for r in g.responses], dtype=torch.bool)
+    group_ids = torch.arange(len(groups)).repeat_interleave(group_size)
+    advantages = torch.zeros_like(reward_t)
+    kept_advantages, adv_stats = grpo_advantages(reward_t[complete], group_ids[complete], advantage_cfg)
+    advantages[complete] = kept_advantages
     sample_groups: list[list[TrainSample]] = []
     lengths, finishes, versions = [], Counter(), Counter()
     k = 0
@@ -140,14 +150,17 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
             if r.output_logprobs is None or len(r.output_logprobs) != len(r.output_ids):
                 raise ValueError(f"response {r.rid} has {len(r.output_ids)} tokens but "
                                  f"{0 if r.output_logprobs is None else len(r.output_logprobs)} log-probs")
-            routed = response_routed_experts(r, len(g.row.prompt_ids)) if r.routed_experts is not None else None
-            sample_groups[-1].append(TrainSample(
-                prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
-                rollout_logp=list(r.output_logprobs), advantage=float(advantages[k]), rollout_routed_experts=routed))
             lengths.append(len(r.output_ids))
             finishes[r.finish_reason.type] += 1
             versions[r.weight_version] += 1
             k += 1
+            if not complete[k - 1]:
+                continue
+            routed = response_routed_experts(r, len(g.row.prompt_ids)) if r.routed_experts is not None else None
+            sample_groups[-1].append(TrainSample(
+                prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
+                rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
+                rollout_routed_experts=routed))
     n = float(len(rewards))
     metrics = {
         "rollout/reward_mean": float(reward_t.mean()),
@@ -160,6 +173,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
         "rollout/num_prompts": float(len(groups)),
         "rollout/num_responses": n,
         "adv/abs_mean": adv_stats.get("adv/abs_mean", 0.0),
+        "rollout/aborted_excluded": float(int((~complete).sum())),
     }
     for kind in ("stop", "length", "abort"):
         metrics[f"rollout/finish_{kind}"] = float(finishes.get(kind, 0))

@@ -61,10 +61,10 @@ class RolloutSide:
 
     @classmethod
     def open(cls, cfg: RunConfig, initial: list[tuple[str, torch.Tensor]], version: str,
-             latest_buckets: Callable[[], Iterable[Bucket]], sampler_state: Optional[dict] = None) -> "RolloutSide":
+             buckets_of: Callable[[str], Iterable[Bucket]], sampler_state: Optional[dict] = None) -> "RolloutSide":
         """Load the data (continuing at ``sampler_state``, a resumed run's data position), start the fleet
-        (CPU servers boot from ``initial`` at ``version``) and its weight sync (``latest_buckets``: the
-        last pushed weights, for a server the fleet restarts)."""
+        (CPU servers boot from ``initial`` at ``version``) and its weight sync (``buckets_of``: the
+        weights of a pushed version, for a server the fleet restarts)."""
         output_dir = Path(cfg.run.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(cfg.data)
@@ -92,7 +92,7 @@ class RolloutSide:
             ws = dataclasses.replace(ws, disk_dir=str(output_dir / "weights"))
         try:
             weight_sync = make_weight_sync(fleet, ws, config_dir=str(config_dir) if config_dir.is_dir() else None,
-                                           state_provider=latest_buckets)
+                                           state_provider=buckets_of)
         except BaseException:
             fleet.stop()
             raise

@@ -4,7 +4,11 @@ driver; when to save one; and the summary at the end.
 :class:`RunState` is kept on every rank (the reward history only on rank 0, which saves it).
 :class:`RunCheckpoints` decides when to save (``checkpoint.save_every_steps``, the end of the run)
 and resumes the latest checkpoint before the fleet boots, so the servers start from the resumed
-weights at the resumed version.
+weights at the resumed version. Everything about the resume is checked before the fleet boots: the
+checkpoint (files, hashes, model; see ``checkpoint/training.py``), whether the run had already
+finished (then :class:`RunAlreadyFinished`: a message and exit status 0, nothing started), and the
+run's ``metrics.jsonl`` (a torn last line is tolerated, a corrupt line elsewhere is an error naming
+the file and line; see :class:`~megatron_vespo.logging_utils.MetricsWriter` for what is kept).
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megatron_vespo.checkpoint.hf_io import CheckpointError
 from megatron_vespo.checkpoint.training import TrainingCheckpointer
-from megatron_vespo.logging_utils import format_duration
+from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.logging_utils import METRICS_FILE, MetricsFileError, check_metrics_file, format_duration
 
 
 @dataclass
@@ -106,6 +112,47 @@ class RunState:
                           plot_path=plot_path)
 
 
+class RunAlreadyFinished(SystemExit):
+    """A relaunch of a run whose last checkpoint is its end: nothing to train. A SystemExit with status
+    0, raised on every rank before anything starts, so that ``megatron-vespo train`` (and torchrun)
+    exit successfully after the message; code that embeds the driver can catch it."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def loop_steps(cfg: RunConfig) -> int:
+    """Loop steps of the whole run as configured (the unit of ``rollout_step`` in the driver state):
+    rollout steps, or mini-batches in async mode (as ``SyncRLDriver`` / ``AsyncRLDriver.total_steps``)."""
+    return cfg.run.rollout_steps * (cfg.train.staleness if cfg.train.mode == "async" else 1)
+
+
+def finished_reason(state: dict[str, Any], cfg: RunConfig) -> Optional[str]:
+    """Why a checkpoint's driver state is the end of the run configured by ``cfg`` (None: it is not).
+
+    Every step done (a larger ``run.rollout_steps`` continues the run), or the save at the end of a
+    run that reached ``run.stop_at_reward`` (``run.stop_at_reward=null`` continues it)."""
+    total = loop_steps(cfg)
+    if int(state["rollout_step"]) >= total:
+        return f"all {total} steps done"
+    if state.get("finished") and state.get("seconds_to_target") is not None and cfg.run.stop_at_reward is not None:
+        return f"it reached run.stop_at_reward={cfg.run.stop_at_reward}"
+    return None
+
+
+def check_metrics_for_resume(path: Path) -> None:
+    """Rank 0, before the fleet boots: ``metrics.jsonl`` can be continued (CheckpointError naming the file
+    and line otherwise; a torn last line is fine, the writer drops it)."""
+    try:
+        check_metrics_file(path)
+    except MetricsFileError as exc:
+        raise CheckpointError(f"{exc}; the run was not resumed, nothing was changed") from None
+
+
 class RunCheckpoints:
     """When to save a training checkpoint, and resuming one (collective calls, every rank)."""
 
@@ -117,10 +164,26 @@ class RunCheckpoints:
 
     def resume(self) -> Optional[dict[str, Any]]:
         """Load the checkpoint ``checkpoint.resume`` / ``load_dir`` name (model, optimizer, scheduler, RNG);
-        the driver state it carries, or None for a fresh start."""
+        the driver state it carries, or None for a fresh start. Collective; before the fleet boots.
+
+        Raises :class:`RunAlreadyFinished` (exit status 0) when the checkpoint is the end of the run
+        as configured, and a CheckpointError naming the file and line when ``metrics.jsonl`` is
+        corrupt before its last line (on every rank, so none is left waiting)."""
         directory = self.checkpointer.resume_directory()
         if directory is None:
             return None
+        cfg = self.checkpointer.cfg
+        state = dict(self.checkpointer.driver_state(directory))
+        reason = finished_reason(state, cfg)
+        if reason is not None:
+            message = (f"the run already finished at step {state['rollout_step']} ({reason}); its last checkpoint is "
+                       f"{directory} (checkpoint.dir {self.checkpointer.root}). Nothing to do. To train further "
+                       "raise run.rollout_steps; to start over use another run.output_dir or checkpoint.resume=never")
+            if self.is_driver:
+                print(f"[checkpoint] {message}", flush=True)
+            raise RunAlreadyFinished(message)
+        metrics = Path(cfg.run.output_dir) / METRICS_FILE
+        self.checkpointer.on_rank0(lambda: check_metrics_for_resume(metrics))
         t0 = time.monotonic()
         loaded = self.checkpointer.load(directory)
         self.last_saved_step = loaded.step
@@ -140,7 +203,9 @@ class RunCheckpoints:
         if every == 0 or done == self.last_saved_step or (not final and done % every):
             return
         t0 = time.monotonic()
-        path = self.checkpointer.save(done, driver_state(done))
+        # "finished": the run ends with this step (its last one, or run.stop_at_reward reached), so
+        # that a relaunch says so instead of training on (see finished_reason).
+        path = self.checkpointer.save(done, {**driver_state(done), "finished": bool(final)})
         self.last_saved_step = done
         if self.is_driver:
             print(f"[checkpoint] saved {path} ({time.monotonic() - t0:.1f}s)", flush=True)

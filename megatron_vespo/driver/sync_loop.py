@@ -78,6 +78,7 @@ class SyncRLDriver(RLDriver):
                    "rollout/stale_version_responses": float(sum(
                        1 for g in groups for r in g.responses if r.weight_version != self.publisher.version)),
                    "time/generate_s": t1 - t0, "time/score_s": time.monotonic() - t1}
+        self.guard.observe(metrics)
         return {"mini_batches": split_mini_batches(batch.groups, cfg.train.staleness), "metrics": metrics}
 
     def _train(self, mini_batches: list[list[TrainSample]], rollout_metrics: dict[str, float]) -> list[dict]:

@@ -30,6 +30,7 @@ Rollout engine (one SGLang server with --tp T GPUs), per GPU:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -217,14 +218,22 @@ def estimate_fleet(cfg: RunConfig, gpu_memory_bytes: float) -> FleetEstimate:
 
 def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib: float = 80.0,
              recompute: str = "none", overhead_gib: float = 2.0) -> RunPlan:
-    """Estimate the run; raise ConfigError for an impossible layout, PlanError when memory does not fit.
+    """Estimate the run; raise ConfigError for an impossible layout or argument, PlanError when memory
+    does not fit.
 
+    ``trainer_gpus``: None plans the smallest valid world size (0 is an error, not "not given").
     ``recompute``: the activation recompute to assume, ``none`` or ``full`` (``plan --recompute``)."""
-    world = trainer_gpus or minimal_world_size(cfg)
-    if world < 1:
-        raise ConfigError("trainer_gpus", f"must be >= 1; got {world}")
+    if trainer_gpus is not None and (isinstance(trainer_gpus, bool) or trainer_gpus < 1):
+        raise ConfigError("trainer_gpus", f"must be >= 1; got {trainer_gpus}")
+    # NaN compares false with everything: without these a NaN or negative size "fits" or yields nonsense.
+    if not (math.isfinite(gpu_memory_gib) and gpu_memory_gib > 0):
+        raise ConfigError("gpu_memory_gib", f"must be a finite number > 0; got {gpu_memory_gib}")
+    if not (math.isfinite(overhead_gib) and overhead_gib >= 0):
+        raise ConfigError("overhead_gib", f"must be a finite number >= 0; got {overhead_gib}")
+    world = minimal_world_size(cfg) if trainer_gpus is None else trainer_gpus
     if recompute not in ("none", "full"):
         raise ConfigError("recompute", f"the planner knows 'none' and 'full'; got {recompute!r}")
+    cfg.parallel.check_world_size(world)  # names the parallel size at fault before validate_layout's checks
     gpu_memory = gpu_memory_gib * GIB
     trainer = estimate_trainer(cfg, world, recompute, overhead_gib)
     fleet = estimate_fleet(cfg, gpu_memory)

@@ -7,6 +7,8 @@ import os
 
 from aiohttp import web
 
+from rollout_sglang.cpu_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_REQUEST_SAMPLES
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rollout_sglang.cpu_server",
@@ -23,6 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="as SGLang's: every sample of a request is sampled with the request's sampling_seed")
     parser.add_argument("--log-requests", action="store_true",
                         help="log the method and path of every request except /generate and /health (the protocol)")
+    # Limits: one request must not be able to stall or starve the others.
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="as SGLang's: the longest prompt + output in tokens (default and maximum: the model's "
+                             "max_position_embeddings)")
+    parser.add_argument("--max-request-samples", type=int, default=DEFAULT_MAX_REQUEST_SAMPLES,
+                        help=f"most samples (prompts x n) one /generate request may ask for "
+                             f"(default {DEFAULT_MAX_REQUEST_SAMPLES})")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"largest request body; larger ones get 413 before being read "
+                             f"(default {DEFAULT_MAX_BODY_BYTES >> 20} MiB)")
     return parser.parse_args(argv)
 
 
@@ -46,9 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("aiohttp.server").addFilter(_drop_http2_probes)
     log.info("%s starting: model %s, dtype %s, %s:%d", SERVER_NAME, args.model_path, args.dtype, args.host, args.port)
     engine = CpuEngine(args.model_path, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                       weight_version=args.weight_version, threads=threads)
+                       weight_version=args.weight_version, threads=threads, context_length=args.context_length)
     app = CpuRolloutApp(engine, log_requests=args.log_requests,
-                        deterministic_inference=args.enable_deterministic_inference)
+                        deterministic_inference=args.enable_deterministic_inference,
+                        max_request_samples=args.max_request_samples, max_body_bytes=args.max_body_bytes)
+    log.info("limits: context %d tokens, %d samples per request, %d-byte bodies", engine.context_length,
+             args.max_request_samples, args.max_body_bytes)
     log.info("%s ready on http://%s:%d", SERVER_NAME, args.host, args.port)
     web.run_app(app.app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=2)
 

@@ -16,22 +16,42 @@ in its dialect, so that CPU runs exercise the protocol a GPU run uses:
 
 Every handler validates its body and answers 400 with a message naming the bad field; the engine
 does the generation, the weight receiver the distributed updates. Blocking work (weight loading,
-process-group rendezvous, broadcasts) runs in worker threads so /health keeps answering.
+process-group rendezvous, broadcasts, and /generate's body parsing and response building) runs in
+worker threads so /health keeps answering.
+
+One bad request or update never hurts anybody else:
+
+- sampling_params are checked with SGLang 0.5.23's rules (finite, in range, right type) before
+  anything is queued, so nothing invalid reaches the shared batch (and the engine isolates the rows
+  that fail anyway);
+- limits: a body over ``max_body_bytes`` is refused with 413 from its Content-Length, before it is
+  read (a chunked one when it passes the limit); a request over ``max_request_samples`` samples
+  (prompts x n) is refused; as SGLang does, a prompt of ``context_length`` tokens or more is refused,
+  an explicit max_new_tokens that overflows the context is refused, and the default or null one is
+  clipped to it;
+- weight updates are all-or-nothing (see the engine): a failed one leaves the served weights and
+  ``weight_version`` as they were;
+- an aborted sample says so: ``meta_info.finish_reason`` is SGLang's abort, ``{"type": "abort",
+  "message", "status_code", "err_type"}``.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import os
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 from aiohttp import web
 
+from rollout_sglang.cpu_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_REQUEST_SAMPLES
 from rollout_sglang.cpu_server.engine import CpuEngine, Sequence
 from rollout_sglang.cpu_server.sampling import SamplingParams
 from rollout_sglang.cpu_server.weight_receiver import WeightReceiver
@@ -73,16 +93,23 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}, "success": False, "message": message}, status=status)
 
 
-async def _json_body(request: web.Request) -> dict:
-    if not request.can_read_body:
+def _decode_json(raw: bytes) -> dict:
+    if not raw.strip():
         return {}
     try:
-        body = await request.json()
-    except ValueError as exc:
-        raise BadRequest(f"body: not valid JSON ({exc})") from None
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+        raise BadRequest(f"body: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(body, dict):
         raise BadRequest("body: expected a JSON object")
     return body
+
+
+async def _json_body(request: web.Request) -> dict:
+    """A small control body, parsed on the event loop (its size is capped by the app)."""
+    if not request.can_read_body:
+        return {}
+    return _decode_json(await request.read())
 
 
 def _field(body: dict, key: str, kind: type | tuple, required: bool = True, default: Any = None) -> Any:
@@ -98,17 +125,35 @@ def _field(body: dict, key: str, kind: type | tuple, required: bool = True, defa
     return value
 
 
+@dataclass
+class _Generation:
+    """One /generate request, parsed and validated (off the event loop)."""
+
+    sequences: list[Sequence]
+    batched: bool
+    n: int
+    return_logprob: bool
+    return_experts: bool
+
+
 class CpuRolloutApp:
     """Binds a :class:`CpuEngine` and a :class:`WeightReceiver` to aiohttp routes."""
 
-    def __init__(self, engine: CpuEngine, log_requests: bool = False, deterministic_inference: bool = False):
+    def __init__(self, engine: CpuEngine, log_requests: bool = False, deterministic_inference: bool = False,
+                 max_request_samples: int = DEFAULT_MAX_REQUEST_SAMPLES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        if max_request_samples < 1 or max_body_bytes < 1024:
+            raise ValueError(f"limits: max_request_samples >= 1 and max_body_bytes >= 1024; "
+                             f"got {max_request_samples}, {max_body_bytes}")
         self.engine = engine
         self.log_requests = log_requests
         self.deterministic_inference = deterministic_inference
+        self.max_request_samples = max_request_samples
+        self.max_body_bytes = max_body_bytes
         self.receiver = WeightReceiver()
         self.session_open = False  # SGLang's weight-update session (begin_weight_update .. end_weight_update)
         self.tokenizer = self._load_tokenizer(engine.model_path)
-        self.app = web.Application(client_max_size=1 << 30, middlewares=[self._errors])
+        # client_max_size stops a chunked body at the limit (413); a declared one is refused earlier (_errors).
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         routes = [
             ("POST", "/generate", self.generate),
             ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
@@ -146,6 +191,10 @@ class CpuRolloutApp:
     async def _errors(self, request: web.Request, handler):
         if self.log_requests and request.path not in ("/generate", "/health"):
             logger.info("request %s %s", request.method, request.path)
+        size = request.content_length
+        if size is not None and size > self.max_body_bytes:  # refused from the header: nothing is read
+            return _error(413, f"body: {size} bytes is over this server's limit of {self.max_body_bytes} bytes "
+                               f"(--max-body-bytes)")
         try:
             return await handler(request)
         except BadRequest as exc:
@@ -166,34 +215,66 @@ class CpuRolloutApp:
         batched = isinstance(raw[0], list)
         prompts = raw if batched else [raw]
         vocab = self.engine.config.vocab_size
+        context = self.engine.context_length
         for i, prompt in enumerate(prompts):
             where = f"input_ids[{i}]" if batched else "input_ids"
             if not isinstance(prompt, list) or not prompt:
                 raise BadRequest(f"{where}: expected a non-empty list of token ids")
+            if len(prompt) >= context:  # SGLang's check and words (tokenizer manager), before the O(len) one
+                raise BadRequest(f"{where}: The input ({len(prompt)} tokens) is longer than the model's context "
+                                 f"length ({context} tokens).")
             for t in prompt:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise BadRequest(f"{where}: token {t!r} is not an id in [0, {vocab})")
+                    raise BadRequest(f"{where}: token {t!r:.40} is not an id in [0, {vocab})")
         return prompts, batched
 
-    async def generate(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+    def _check_budget(self, prompt: list[int], params: SamplingParams, where: str) -> None:
+        """SGLang refuses an explicit max_new_tokens that overflows the context (its default and null
+        budgets are clipped instead: :meth:`CpuEngine.budget`)."""
+        context = self.engine.context_length
+        if params.max_new_tokens_explicit and len(prompt) + params.max_new_tokens > context:
+            raise BadRequest(
+                f"{where}.max_new_tokens: Requested token count exceeds the model's maximum context length of "
+                f"{context} tokens. You requested a total of {len(prompt) + params.max_new_tokens} tokens: "
+                f"{len(prompt)} tokens from the input messages and {params.max_new_tokens} tokens for the "
+                f"completion. Please reduce the number of tokens in the input messages or the completion to fit "
+                f"within the limit.")
+
+    def _plan(self, raw: bytes) -> _Generation:
+        """Parse and validate a /generate body and build its sequences; raises BadRequest. Runs in a worker
+        thread: its cost grows with the body, which must not stall the event loop."""
+        body = _decode_json(raw)
         if body.get("stream"):
             raise BadRequest("stream: streaming is not supported by the CPU rollout server")
-        prompts, batched = self._parse_prompts(body)
         raw_params = body.get("sampling_params")
+        # The sample count is checked before anything of its size is built.
+        first = raw_params[0] if isinstance(raw_params, list) and raw_params else raw_params
+        n = first.get("n") if isinstance(first, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > self.max_request_samples:
+            raise BadRequest(f"sampling_params.n: at most {self.max_request_samples} samples per request "
+                             f"(--max-request-samples); got {n}")
+        prompts, batched = self._parse_prompts(body)
         if isinstance(raw_params, list):  # one per prompt of a batch (SGLang: all with the same n)
             if not batched or len(raw_params) != len(prompts):
                 raise BadRequest(f"sampling_params: a list needs a batch of input_ids of the same length "
                                  f"({len(prompts)} prompt(s); got {len(raw_params)})")
+            try:
+                per_prompt = [SamplingParams.from_json(p, f"sampling_params[{i}]") for i, p in enumerate(raw_params)]
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
         else:
-            raw_params = [raw_params] * len(prompts)
-        try:
-            per_prompt = [SamplingParams.from_json(p) for p in raw_params]
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            try:
+                per_prompt = [SamplingParams.from_json(raw_params)] * len(prompts)  # never mutated: shared
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
         if len({p.n for p in per_prompt}) != 1:
             raise BadRequest("sampling_params: n must be the same for every prompt of a batch")
-        params = per_prompt[0]
+        n = per_prompt[0].n
+        if len(prompts) * n > self.max_request_samples:
+            raise BadRequest(f"input_ids: {len(prompts)} prompts x n={n} is over {self.max_request_samples} samples "
+                             f"per request (--max-request-samples)")
+        for i, (prompt, params) in enumerate(zip(prompts, per_prompt)):
+            self._check_budget(prompt, params, f"sampling_params[{i}]" if isinstance(raw_params, list) else "sampling_params")
         return_logprob = bool(body.get("return_logprob", False))
         return_experts = bool(body.get("return_routed_experts", False))
         if return_experts and not self.engine.is_moe:
@@ -205,38 +286,51 @@ class CpuRolloutApp:
             rids, single = rid, False
         elif rid is None or isinstance(rid, str):
             base = rid or uuid.uuid4().hex
-            if batched and params.n == 1:
+            if batched and n == 1:
                 rids, single = [f"{base}_{i}" for i in range(len(prompts))], False
             else:
                 rids, single = [base], True
         else:
             raise BadRequest(f"rid: expected a string or a list of strings; got {rid!r:.60}")
+        sequences = [
+            Sequence(rid=_sample_rid(rids, single, i, j, len(prompts), n), index=j, prompt_ids=prompt, params=params,
+                     seed=_seed(params.sampling_seed, i, j, shared=self.deterministic_inference),
+                     return_routed_experts=return_experts)
+            for i, (prompt, params) in enumerate(zip(prompts, per_prompt)) for j in range(n)
+        ]
+        return _Generation(sequences, batched, n, return_logprob, return_experts)
 
-        loop = asyncio.get_running_loop()
+    async def generate(self, request: web.Request) -> web.Response:
         start = time.monotonic()
-        sequences, futures = [], []
-        for i, (prompt, prompt_params) in enumerate(zip(prompts, per_prompt)):
-            for j in range(params.n):
-                fut = loop.create_future()
-                seq = Sequence(rid=_sample_rid(rids, single, i, j, len(prompts), params.n), index=j, prompt_ids=prompt,
-                               params=prompt_params,
-                               seed=_seed(prompt_params.sampling_seed, i, j, shared=self.deterministic_inference),
-                               return_routed_experts=return_experts,
-                               on_done=lambda s, f=fut: loop.call_soon_threadsafe(_resolve, f, s))
-                sequences.append(seq)
-                futures.append(fut)
-        self.engine.submit(sequences)
-        pending = set(futures)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=0.25)
+        raw = await request.read() if request.can_read_body else b""  # capped at max_body_bytes
+        plan = await asyncio.to_thread(self._plan, raw)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        remaining = [len(plan.sequences)]
+        lock = threading.Lock()
+
+        def on_done(seq: Sequence) -> None:  # engine thread: one wake-up of the loop per request, not per sample
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                loop.call_soon_threadsafe(_resolve, done, None)
+
+        for seq in plan.sequences:
+            seq.on_done = on_done
+        self.engine.submit(plan.sequences)
+        while not done.done():
+            await asyncio.wait([done], timeout=0.25)
             transport = request.transport
-            if pending and (transport is None or transport.is_closing()):
+            if not done.done() and (transport is None or transport.is_closing()):
                 # The client went away (timeout or retry elsewhere): stop spending compute on it.
-                self.engine.abort_sequences(sequences, message="client disconnected")
-        items = [self._item(seq, return_logprob, return_experts, start) for seq in sequences]
-        if not batched and params.n == 1:
-            return web.json_response(items[0])
-        return web.json_response(items)
+                self.engine.abort_sequences(plan.sequences, message="client disconnected")
+        body = await asyncio.to_thread(self._render, plan, start)
+        return web.Response(body=body, content_type="application/json")
+
+    def _render(self, plan: _Generation, start: float) -> bytes:
+        items = [self._item(seq, plan.return_logprob, plan.return_experts, start) for seq in plan.sequences]
+        return json.dumps(items[0] if not plan.batched and plan.n == 1 else items).encode()
 
     def _item(self, seq: Sequence, return_logprob: bool, return_experts: bool, start: float) -> dict:
         ids = list(seq.output_ids)
@@ -246,9 +340,13 @@ class CpuRolloutApp:
             if not seq.params.no_stop_trim and seq.finish.type == "stop" and ids:
                 text_ids = ids[:-1]  # like SGLang, the matched stop token is trimmed from the text only
             text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        finish = seq.finish.to_json()
+        if finish["type"] == "abort":  # SGLang's FINISH_ABORT carries these two as well (null unless an HTTP error)
+            finish.setdefault("status_code", None)
+            finish.setdefault("err_type", None)
         meta: dict[str, Any] = {
             "id": seq.rid,
-            "finish_reason": seq.finish.to_json(),
+            "finish_reason": finish,
             "prompt_tokens": len(seq.prompt_ids),
             "completion_tokens": len(ids),
             "cached_tokens": 0,
@@ -293,6 +391,8 @@ class CpuRolloutApp:
         return web.json_response({
             "engine": SERVER_NAME, "version": TESTED_SGLANG, "model_path": e.model_path,
             "dtype": e.dtype, "weight_version": e.weight_version, "max_batch_size": e.max_batch_size,
+            "context_length": e.context_length, "max_request_samples": self.max_request_samples,
+            "max_body_bytes": self.max_body_bytes,
             "tp_size": 1, "dp_size": 1, "paused": e.paused, "enable_deterministic_inference": self.deterministic_inference,
             **e.load(),
         })
@@ -366,10 +466,12 @@ class CpuRolloutApp:
         version = _field(body, "weight_version", (str, int), required=False)
         if not os.path.isdir(path):
             raise BadRequest(f"model_path: {path!r} is not a directory")
-        try:
+        try:  # all-or-nothing: on any error the served weights and weight_version are the old ones
             count = await asyncio.to_thread(self.engine.update_weights_from_disk, path, version)
-        except (ValueError, FileNotFoundError) as exc:
-            return web.json_response({"success": False, "message": f"Failed to update weights: {exc}"}, status=400)
+        except Exception as exc:  # a bad tensor, a missing or corrupt file: the update's fault, not the server's
+            logger.warning("update_weights_from_disk(%s) failed, weights unchanged: %s", path, exc)
+            return web.json_response({"success": False, "message": f"Failed to update weights: {type(exc).__name__}: "
+                                      f"{exc}. The weights were not changed."}, status=400)
         return self._updated(body, f"Succeeded to update {count} weights from {path}")
 
     async def init_group(self, request: web.Request) -> web.Response:
@@ -399,16 +501,15 @@ class CpuRolloutApp:
         load_format = body.get("load_format")
 
         def receive_and_load() -> int:
-            with self.engine.model_lock:  # no forward step runs while parameters are being overwritten
-                tensors = self.receiver.receive(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name,
-                                                load_format=load_format, destination=self.engine.weight_destination)
-                self.engine.update_weights(tensors, version)
-            return len(names)
+            # Received into staging buffers (generation goes on meanwhile), then swapped in all-or-nothing.
+            tensors = self.receiver.receive(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name,
+                                            load_format=load_format, max_numel=self.engine.max_update_numel)
+            return self.engine.update_weights(tensors, version)
 
         try:
             count = await asyncio.to_thread(receive_and_load)
         except Exception as exc:
-            msg = f"Failed to update parameter online: {exc}. The weights may be partially updated; restart the server."
+            msg = f"Failed to update parameter online: {type(exc).__name__}: {exc}. The weights were not changed."
             return web.json_response({"success": False, "message": msg}, status=400)
         return self._updated(body, f"Succeeded to update {count} tensors")
 

@@ -7,7 +7,15 @@ runs wait for the next batch. Simple and exact: each row sees only its own token
 and per-row positions), so log-probs match a teacher-forced forward of the same weights.
 
 Weight updates take ``model_lock``, which every forward step also holds, so an update never lands
-in the middle of a forward pass.
+in the middle of a forward pass. They are all-or-nothing: every tensor is checked against the model
+(and converted) first, and the model is written only when all of them are valid, so a failed update
+leaves the served weights and ``weight_version`` exactly as they were.
+
+A failure while running a batch fails only the sequences that cause it: sampling isolates rows
+(``sample_tokens(..., errors=)``), a prefill that fails is retried one sequence at a time, and any
+other step failure re-prefills every running sequence on its own (as a retraction does, from its
+tokens so far); a sequence that still fails alone is finished as ``abort`` with ``engine error: ...``.
+No sequence outgrows the model's context (``context_length``): prompt plus output tokens stop there.
 
 Pausing follows SGLang's modes: ``abort`` finishes everything in flight as aborted; ``in_place`` holds
 the running rows with their KV cache; ``retract`` moves them back to the front of the queue, keeping
@@ -30,7 +38,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from rollout_sglang.cpu_server.sampling import SamplingParams, sample_tokens
-from rollout_sglang.cpu_server.weights import iter_safetensors_dir, load_hf_named_tensors, weight_destination
+from rollout_sglang.cpu_server.weights import commit_staged, iter_safetensors_dir, stage_hf_named_tensors, \
+    weight_destination
 from rollout_sglang.types import FinishReason
 
 logger = logging.getLogger(__name__)
@@ -65,7 +74,8 @@ class CpuEngine:
     default: ``OMP_NUM_THREADS`` or 1)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", max_batch_size: int = 256,
-                 weight_version: str = "default", threads: Optional[int] = None):
+                 weight_version: str = "default", threads: Optional[int] = None,
+                 context_length: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}; got {dtype!r}")
         self.model_path = model_path
@@ -75,6 +85,7 @@ class CpuEngine:
         self.threads = threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
         self.config = self.model.config
+        self.context_length = self._context_length(context_length)
         self._params = dict(self.model.named_parameters())
         self.model_lock = threading.RLock()
         eos = getattr(self.config, "eos_token_id", None)
@@ -94,6 +105,37 @@ class CpuEngine:
         self._thread.start()
 
     # ---- model facts -------------------------------------------------------------------------
+    def _context_length(self, requested: Optional[int]) -> int:
+        """The model's context (``max_position_embeddings``), or a shorter ``--context-length``; like
+        SGLang, a longer one is refused (positions past the trained range give garbage, not errors)."""
+        derived = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        if requested is None:
+            if derived <= 0:
+                raise ValueError("the model config has no max_position_embeddings; pass --context-length")
+            return derived
+        if requested < 2 or (derived > 0 and requested > derived):
+            raise ValueError(f"--context-length: expected 2..{derived} (the model's max_position_embeddings); "
+                             f"got {requested}")
+        return requested
+
+    @property
+    def max_update_numel(self) -> int:
+        """A bound on the elements one distributed update may declare, checked before anything is
+        allocated: twice the model (a valid update carries each parameter at most once, plus a tied
+        lm_head), so a wrong but plausible update is still received and then refused by name (the sender
+        is not left waiting), while an absurd shape cannot allocate without bound."""
+        total = sum(p.numel() for p in self._params.values())
+        if getattr(self.config, "tie_word_embeddings", False):
+            total += self.model.get_input_embeddings().weight.numel()
+        return 2 * total
+
+    def budget(self, seq: "Sequence") -> int:
+        """How many tokens ``seq`` may generate: its max_new_tokens (None: no limit of its own), never
+        past the context length."""
+        room = max(0, self.context_length - len(seq.prompt_ids))
+        limit = seq.params.max_new_tokens
+        return room if limit is None else min(limit, room)
+
     def _find_routers(self) -> list[torch.nn.Module]:
         routers = []
         for layer in self.model.model.layers:
@@ -193,11 +235,18 @@ class CpuEngine:
         self.abort(None, message="Server shutting down")
 
     # ---- weights ---------------------------------------------------------------------------
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: Optional[str]) -> int:
-        with self.model_lock:
-            count = load_hf_named_tensors(self.model, named_tensors)
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: Optional[str],
+                       model_path: Optional[str] = None) -> int:
+        """Load (HF name, tensor) pairs all-or-nothing: everything is read and checked before the model is
+        written (generation goes on meanwhile); on any error the model, ``weight_version`` and
+        ``model_path`` are untouched. Returns how many tensors were loaded."""
+        staged, count = stage_hf_named_tensors(self.model, named_tensors, self._params)
+        with self.model_lock:  # the swap: plain same-shape, same-dtype copies, between two forward steps
+            commit_staged(staged)
             if weight_version is not None:
                 self.weight_version = str(weight_version)
+            if model_path is not None:
+                self.model_path = model_path
         return count
 
     def weight_destination(self, name: str) -> Optional[torch.Tensor]:
@@ -205,9 +254,7 @@ class CpuEngine:
         return weight_destination(self.model, name, self._params)
 
     def update_weights_from_disk(self, model_path: str, weight_version: Optional[str]) -> int:
-        count = self.update_weights(iter_safetensors_dir(model_path), weight_version)
-        self.model_path = model_path
-        return count
+        return self.update_weights(iter_safetensors_dir(model_path), weight_version, model_path=model_path)
 
     # ---- generation thread -------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -215,7 +262,10 @@ class CpuEngine:
         seq.weight_version = self.weight_version
         seq.finished_at = time.monotonic()
         if seq.on_done is not None:
-            seq.on_done(seq)
+            try:
+                seq.on_done(seq)
+            except Exception:  # e.g. the event loop closed at shutdown: never let it reach other sequences
+                logger.exception("completion callback of %s failed", seq.rid)
 
     def _loop(self) -> None:
         torch.set_num_threads(self.threads)
@@ -246,12 +296,15 @@ class CpuEngine:
                 self._running = (batch.rows if batch else []) + new
             try:
                 batch = self._step(batch, new)
-            except Exception as exc:  # a bug or bad input must not kill the server: abort the batch
-                logger.exception("generation step failed")
+            except Exception:  # a bug or bad input must not kill the server, nor fail the other rows
+                logger.exception("generation step failed; re-running its sequences one by one to find the cause")
+                rows, seen = [], set()
                 for seq in (batch.rows if batch else []) + new:
-                    if seq.finish is None:
-                        self._finish(seq, FinishReason("abort", message=f"engine error: {exc}"))
-                batch = None
+                    if seq.finish is None and id(seq) not in seen:
+                        seen.add(id(seq))
+                        rows.append(seq)
+                # The batch's KV cache may be half-written: rebuild each row's from its own tokens.
+                batch = self._prefill_isolated(rows)
             finally:
                 with self._cond:
                     self._running = list(batch.rows) if batch else []
@@ -279,6 +332,26 @@ class CpuEngine:
             b, s = input_ids.shape
             experts = torch.stack(self._captured).reshape(len(self._captured), b, s, -1)
         return out.logits[:, -1, :], experts
+
+    def _prefill_isolated(self, rows: list[Sequence]) -> Optional["_Batch"]:
+        """Prefill ``rows`` together; if that fails, each alone, finishing as ``abort`` only the rows
+        that fail on their own."""
+        if not rows:
+            return None
+        try:
+            return self._prefill(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                logger.warning("sequence %s failed alone: %s", rows[0].rid, exc)
+                self._finish(rows[0], FinishReason("abort", message=f"engine error: {type(exc).__name__}: {exc}"))
+                return None
+            logger.warning("prefill of %d sequences failed (%s); retrying each alone", len(rows), exc)
+        batch: Optional[_Batch] = None
+        for seq in rows:
+            one = self._prefill_isolated([seq])
+            if one is not None:
+                batch = one if batch is None else batch.merge(one)
+        return batch
 
     def _prefill(self, rows: list[Sequence]) -> "_Batch":
         """Prefill new (or retracted) sequences together: prompt plus the tokens generated so far, left
@@ -317,26 +390,32 @@ class CpuEngine:
                     keep.append(r)
             batch = batch.select(keep)
         for seq in new:
-            if seq.finish is None and seq.params.max_new_tokens == 0:
-                self._finish(seq, FinishReason("length", length=0))
+            if seq.finish is None and self.budget(seq) <= len(seq.output_ids):
+                self._finish(seq, FinishReason("length", length=self.budget(seq)))
         new = [s for s in new if s.finish is None]
         if new:
-            fresh = self._prefill(new)
-            batch = fresh if batch is None else batch.merge(fresh)
+            fresh = self._prefill_isolated(new)  # a row that cannot be prefilled fails alone
+            if fresh is not None:
+                batch = fresh if batch is None else batch.merge(fresh)
         if batch is None or self._paused:
             return batch  # paused in place: hold the KV cache and the pending logits
 
-        tokens, logprobs = sample_tokens(batch.logits, [s.params for s in batch.rows], batch.generators)
+        errors: dict[int, str] = {}
+        tokens, logprobs = sample_tokens(batch.logits, [s.params for s in batch.rows], batch.generators, errors)
         keep = []
         for r, s in enumerate(batch.rows):
+            if r in errors:  # this row's numbers broke sampling; the others are unaffected
+                logger.warning("sequence %s failed: %s", s.rid, errors[r])
+                self._finish(s, FinishReason("abort", message=f"engine error: {errors[r]}"))
+                continue
             tok = int(tokens[r])
             s.output_ids.append(tok)
             s.logprobs.append(float(logprobs[r]))
             self.total_generated_tokens += 1
             if tok in s.params.stop_token_ids or (not s.params.ignore_eos and tok in self.eos_ids):
                 self._finish(s, FinishReason("stop", matched=tok))
-            elif len(s.output_ids) >= s.params.max_new_tokens:
-                self._finish(s, FinishReason("length", length=s.params.max_new_tokens))
+            elif len(s.output_ids) >= self.budget(s):
+                self._finish(s, FinishReason("length", length=self.budget(s)))
             else:
                 keep.append(r)
         batch = batch.select(keep, tokens=tokens)

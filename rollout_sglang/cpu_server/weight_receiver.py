@@ -3,12 +3,16 @@
 Every update names its tensors in HF checkpoint naming with dtypes and shapes; rank 0 (the trainer)
 broadcasts them one by one, or, with ``load_format == "flattened_bucket"``, as one uint8 buffer that
 concatenates each tensor's bytes in order (SGLang's FlattenedTensorBucket layout).
+
+Tensors are always received into buffers of their own, never straight into the model's parameters:
+the caller checks the whole update and swaps it in only when every tensor is valid, so a bad name or
+shape, or a broadcast that dies half-way, leaves the served weights untouched.
 """
 from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -59,15 +63,22 @@ class WeightReceiver:
             destroy_custom_process_group(group)
 
     def receive(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str,
-                load_format: Optional[str] = None,
-                destination: Optional[Callable[[str], Optional[torch.Tensor]]] = None) -> list[tuple[str, torch.Tensor]]:
-        """Receive one update's tensors from rank 0 of ``group_name``.
+                load_format: Optional[str] = None, max_numel: Optional[int] = None) -> list[tuple[str, torch.Tensor]]:
+        """Receive one update's tensors from rank 0 of ``group_name`` into staging buffers.
 
-        Returns the (name, tensor) pairs still to be loaded; tensors received in place through
-        ``destination(name)`` are already in the model (the caller holds the model lock).
+        Returns every (name, tensor) pair; nothing is loaded into the model here. ``max_numel`` bounds
+        the elements an update may declare, so an absurd shape is refused before anything is allocated
+        (then without taking part in the broadcast: such a sender is broken anyway).
         """
         if not (len(names) == len(dtypes) == len(shapes)):
             raise ValueError(f"names/dtypes/shapes: lengths differ ({len(names)}, {len(dtypes)}, {len(shapes)})")
+        for name, shape in zip(names, shapes):
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise ValueError(f"shapes: {name!r} has shape {shape!r:.80}; expected a list of sizes >= 0")
+        total = sum(math.prod(s) for s in shapes)
+        if max_numel is not None and total > max_numel:
+            raise ValueError(f"shapes: the update declares {total} elements, over this server's bound of {max_numel}")
         with self._lock:
             group = self._groups.get(group_name)
         if group is None:
@@ -89,21 +100,10 @@ class WeightReceiver:
             return out
         if load_format not in (None, "direct"):
             raise ValueError(f"load_format: expected null or 'flattened_bucket'; got {load_format!r}")
-        # Receive straight into the model's parameters where layout and dtype allow (no extra copy);
-        # anything else lands in a temporary that the caller copies in.
-        tensors, buffers = [], []
-        for name, shape, dtype in zip(names, shapes, torch_dtypes):
-            try:
-                dst = destination(name) if destination is not None else None
-            except ValueError:
-                dst = None  # still take part in the broadcast; loading reports the bad name afterwards
-            if dst is not None and dst.dtype == dtype and list(dst.shape) == list(shape) and dst.is_contiguous():
-                buffers.append(dst)
-            else:
-                tmp = torch.empty(shape, dtype=dtype)
-                tensors.append((name, tmp))
-                buffers.append(tmp)
-        handles = [dist.broadcast(b, group=group, group_src=0, async_op=True) for b in buffers]
+        # Every tensor, even one with a name the model lacks, takes part in the broadcast (the sender
+        # would wait forever otherwise); the caller's check reports the bad one afterwards.
+        tensors = [(name, torch.empty(shape, dtype=dtype)) for name, shape, dtype in zip(names, shapes, torch_dtypes)]
+        handles = [dist.broadcast(t, group=group, group_src=0, async_op=True) for _, t in tensors]
         for handle in handles:
             handle.wait()
         return tensors

@@ -4,6 +4,10 @@ Checkpoints (and weight-sync senders) use per-expert keys, e.g.
 ``model.layers.0.mlp.experts.3.gate_proj.weight``, while transformers 5 holds a Qwen3-MoE layer's
 experts fused: ``mlp.experts.gate_up_proj[e] = cat(gate_proj, up_proj)`` and
 ``mlp.experts.down_proj[e] = down_proj``. This module maps the former onto the latter.
+
+Loading is two-phase so that an update is all-or-nothing: :func:`stage_hf_named_tensors` checks every
+tensor (name, shape, dtype conversion) without touching the model, :func:`commit_staged` then only
+copies same-shape, same-dtype tensors into place.
 """
 from __future__ import annotations
 
@@ -15,12 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"weight {name!r}: shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
-    dst.copy_(src.to(dtype=dst.dtype))
 
 
 def weight_destination(model: torch.nn.Module, name: str, params: dict | None = None) -> torch.Tensor | None:
@@ -50,21 +48,49 @@ def weight_destination(model: torch.nn.Module, name: str, params: dict | None = 
     raise ValueError(f"weight {name!r}: not a parameter of {type(model).__name__}")
 
 
-@torch.no_grad()
-def load_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Copy each (HF checkpoint name, tensor) into ``model``; returns how many tensors were loaded.
+Staged = list[tuple[torch.Tensor, torch.Tensor]]  # (destination in the model, value to copy there)
 
-    Raises ValueError naming the first unknown key or mismatched shape (the model may then be
-    half-updated; callers treat that as fatal for the server's weights).
+
+@torch.no_grad()
+def stage_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                           params: dict | None = None) -> tuple[Staged, int]:
+    """Check every (HF checkpoint name, tensor) against ``model`` and convert it to its destination's
+    dtype, without writing the model. Returns the staged copies and how many tensors were given.
+
+    Raises ValueError naming the first unknown name, non-tensor or mismatched shape; whatever
+    ``named_tensors`` raises (a missing or corrupt file) propagates. Either way the model is untouched.
     """
-    params = dict(model.named_parameters())
-    loaded = 0
+    params = dict(model.named_parameters()) if params is None else params
+    staged: Staged = []
+    count = 0
     for name, tensor in named_tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"weight {name!r}: expected a tensor; got {type(tensor).__name__}")
         dst = weight_destination(model, name, params)
-        if dst is not None:
-            _copy(dst, tensor, name)
-        loaded += 1
-    return loaded
+        count += 1
+        if dst is None:  # a tied lm_head: it arrives as the embedding
+            continue
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(dst.shape)}")
+        staged.append((dst, tensor.to(dtype=dst.dtype)))
+    return staged, count
+
+
+@torch.no_grad()
+def commit_staged(staged: Staged) -> None:
+    """Write staged tensors into the model (same shapes and dtypes: plain copies that cannot mismatch)."""
+    for dst, value in staged:
+        dst.copy_(value)
+
+
+def load_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Load each (HF checkpoint name, tensor) into ``model``, all or nothing; returns how many were given.
+
+    Raises ValueError naming the first unknown key or mismatched shape, with the model unchanged.
+    """
+    staged, count = stage_hf_named_tensors(model, named_tensors)
+    commit_staged(staged)
+    return count
 
 
 def iter_safetensors_dir(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:

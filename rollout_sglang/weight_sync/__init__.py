@@ -29,9 +29,9 @@ from rollout_sglang.weight_sync.distributed import DistributedWeightSync
 
 
 def make_weight_sync(fleet: Fleet, cfg: WeightSyncConfig, *, config_dir: Optional[str] = None,
-                     state_provider: Optional[Callable[[], Iterable[Bucket]]] = None) -> WeightSync:
+                     state_provider: Optional[Callable[[str], Iterable[Bucket]]] = None) -> WeightSync:
     """The transport ``cfg.transport`` names (``config_dir``: HF config files for disk versions;
-    ``state_provider``: the current weights as buckets, to bring a restarted server up to date)."""
+    ``state_provider``: the weights of a version as buckets, to bring a restarted server to the fleet's version)."""
     if cfg.transport == "disk":
         return DiskWeightSync(fleet, cfg, config_dir=config_dir)
     if cfg.transport == "ipc":

@@ -11,7 +11,7 @@ this process's CUDA device (a CPU tensor cannot go through NCCL). A flattened bu
 
 A failed collective leaves the group unusable and the servers half-updated: the group is dropped and
 the servers restarted at the last good version. A server the fleet restarts is brought to the current
-weights through a one-off group of two, from ``state_provider`` (the current buckets).
+weights through a one-off group of two, from ``state_provider`` (the buckets of the fleet's version).
 """
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ from rollout_sglang.weight_sync.common import (
 class DistributedWeightSync:
     """Trainer side of the broadcast transport; call :meth:`push` after each optimizer round.
 
-    ``state_provider`` (optional) returns the current weights as buckets; with it, a server restarted
+    ``state_provider`` (optional) returns a version's weights as buckets; with it, a server restarted
     by the fleet is brought to the current weights through its own one-off group.
     """
 
     def __init__(self, fleet: Fleet, cfg: WeightSyncConfig,
-                 state_provider: Optional[Callable[[], Iterable[Bucket]]] = None):
+                 state_provider: Optional[Callable[[str], Iterable[Bucket]]] = None):
         if cfg.backend == "nccl" and not torch.cuda.is_available():
             raise WeightSyncError("weight_sync.backend=nccl: NCCL sends from a CUDA device and none is available "
                                   "here; use backend 'gloo'")
@@ -177,7 +177,10 @@ class DistributedWeightSync:
 
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
         """Broadcast every bucket to every healthy server; returns the bytes sent."""
-        with self.fleet.updating(self.cfg.pause_mode):
+        with self.fleet.updating(self.cfg.pause_mode) as servers:
+            if not servers:  # every server is restarting: each is brought to this version when it is back
+                self.fleet.record_weights(str(version), disk_path=None)
+                return 0
             if self._group is None or not self._membership_current():
                 self.connect()  # a server died or came back since the group was formed
             with self._lock:
@@ -201,7 +204,7 @@ class DistributedWeightSync:
         group = self._form_group([server], name)
         try:
             with weight_update_session(self.fleet, [server]):
-                self._broadcast(group, name, [server], self.state_provider(), weights.version)
+                self._broadcast(group, name, [server], self.state_provider(weights.version), weights.version)
         finally:
             self.fleet.call(server, api.DESTROY_WEIGHTS_UPDATE_GROUP, api.destroy_group_body(name), timeout_s=30)
             destroy_custom_process_group(group)

@@ -134,7 +134,7 @@ class IPCWeightSync:
     """
 
     def __init__(self, fleet: Fleet, cfg: WeightSyncConfig,
-                 state_provider: Optional[Callable[[], Iterable[Bucket]]] = None):
+                 state_provider: Optional[Callable[[str], Iterable[Bucket]]] = None):
         if not torch.cuda.is_available():
             raise WeightSyncError("weight_sync.transport=ipc: CUDA IPC needs a CUDA device and none is available "
                                   "here; use transport 'disk' or 'distributed'")
@@ -198,7 +198,7 @@ class IPCWeightSync:
         if self.state_provider is None or weights.disk_path is not None:
             raise NotImplementedError
         with weight_update_session(self.fleet, [server]):
-            self._send([server], self.state_provider(), weights.version)
+            self._send([server], self.state_provider(weights.version), weights.version)
 
     def close(self) -> None:
         pass

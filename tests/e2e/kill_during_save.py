@@ -20,10 +20,10 @@ def install(kill_at_step: int) -> None:
 
     write_manifest = training.write_manifest
 
-    def write_manifest_or_die(directory, info):
+    def write_manifest_or_die(directory, info, *args, **kwargs):
         if info.get("step") == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return write_manifest(directory, info)
+        return write_manifest(directory, info, *args, **kwargs)
 
     training.write_manifest = write_manifest_or_die
 

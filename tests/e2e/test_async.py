@@ -105,7 +105,7 @@ def train(tmp_path: Path, rollout_steps: int, *extra: str) -> str:
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", CONFIG, f"run.output_dir={tmp_path}",
            f"run.rollout_steps={rollout_steps}", "run.stop_at_reward=null", "run.plot=false", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=150)
+                          timeout=450)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

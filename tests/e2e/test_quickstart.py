@@ -26,7 +26,7 @@ def short_run(tmp_path_factory):
            f"run.rollout_steps={ROLLOUT_STEPS}", f"run.output_dir={out}", "run.stop_at_reward=null",
            f"train.staleness={STALENESS}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=450)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 

@@ -22,19 +22,16 @@ its prompt, its seed (derived from the request id, which names the rollout step)
 """
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from megatron_vespo.logging_utils import read_metrics
+from tests.process_tree import ProcessTree
 
 REPO = Path(__file__).resolve().parents[2]
 ROLLOUT_STEPS, STALENESS = 3, 2
@@ -67,52 +64,14 @@ def _command(out: Path, hf_dir: Path, launcher: list[str] | None = None) -> list
             f"rollout.fleet={fleet}", "checkpoint.save_every_steps=1", "checkpoint.keep_last=2"]
 
 
-class Run:
-    """``megatron-vespo train`` as a subprocess; remembers its descendants (the fleet's server and
-    router run in sessions of their own and outlive a SIGKILLed trainer) so that they can be ended."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.log = log
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.descendants: dict[int, psutil.Process] = {}
-
-    def poll(self) -> int | None:
-        try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self.descendants.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            pass
-        return self.proc.poll()
-
-    def wait(self, timeout: float = 120) -> int:
-        deadline = time.monotonic() + timeout
-        try:
-            while self.poll() is None:
-                assert time.monotonic() < deadline, f"run did not finish in {timeout} s: {self.log.read_text()[-3000:]}"
-                time.sleep(0.1)
-            return self.proc.returncode
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the trainer's process group and every descendant seen (what a crashed node leaves)."""
-        self.poll()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for child in self.descendants.values():
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait()
+def _run(cmd: list[str], log: Path) -> int:
+    """The exit status of ``cmd``; its whole process tree is killed afterwards (and on timeout)."""
+    with ProcessTree(cmd, log, cwd=REPO) as run:
+        return run.wait(timeout_s=400)
 
 
 def _finish(cmd: list[str], log: Path) -> None:
-    code = Run(cmd, log).wait()
+    code = _run(cmd, log)
     assert code == 0, log.read_text()[-4000:]
 
 
@@ -126,7 +85,7 @@ def _checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
 
     flat = step_dir.parent / f"{step_dir.name}.flat.pt"
     dcp_to_torch_save(step_dir / "dist", flat)
-    state = torch.load(flat, weights_only=False)
+    state = torch.load(flat, weights_only=True)
     flat.unlink()
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
@@ -175,7 +134,7 @@ def test_sigkill_after_a_checkpoint_resumes_bitwise(setup):
     root, hf_dir, reference = setup
     out, log = root / "killed", root / "killed.log"
     cmd = _command(out, hf_dir)
-    run = Run(cmd, log)
+    run = ProcessTree(cmd, log, cwd=REPO)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not (latest.is_file() and latest.read_text().strip()):
@@ -196,7 +155,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_bitwise
     out, log = root / "killed_in_save", root / "killed_in_save.log"
     cmd = _command(out, hf_dir)
     killer = _command(out, hf_dir, launcher=[sys.executable, "-m", "tests.e2e.kill_during_save", "2"])
-    code = Run(killer, log).wait()
+    code = _run(killer, log)
     assert code == -signal.SIGKILL, log.read_text()[-4000:]
     ckpt = out / "checkpoints"
     # The save of step 2 died after writing part of its temporary directory: step 1 is still the latest,
@@ -211,3 +170,20 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_bitwise
     assert not any(p.name.startswith(".tmp-") for p in ckpt.iterdir())  # cleaned up by the resumed run
     assert f"[checkpoint] resumed from {ckpt / 'step_1'}" in log.read_text()
     _assert_same_run(reference, out)
+
+
+def test_relaunching_the_finished_run_says_so_and_exits_0_without_starting_anything(setup):
+    """The reference run's command again: it had finished, so the relaunch says so (step and checkpoint),
+    exits 0 before the fleet boots, and changes nothing (checkpoints, metrics)."""
+    root, hf_dir, reference = setup
+    files = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in reference.rglob("*") if p.is_file()
+             and "fleet_logs" not in p.parts}
+    log = root / "finished.log"
+    _finish(_command(reference, hf_dir), log)
+    text = log.read_text()
+    last = reference / "checkpoints" / f"step_{ROLLOUT_STEPS}"
+    assert (f"the run already finished at step {ROLLOUT_STEPS} (all {ROLLOUT_STEPS} steps done); its last "
+            f"checkpoint is {last}") in text
+    assert "[fleet]" not in text and "run summary" not in text
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in reference.rglob("*") if p.is_file()
+            and "fleet_logs" not in p.parts} == files

@@ -45,7 +45,7 @@ def test_checkpoint_of_two_ranks_loads_into_one_process_and_continues(tmp_path, 
     assert (ckpt / "latest").read_text().strip() == "step_1"
     run_torchrun(WORKER, ["--phase", "load", *load_args, "--ckpt", ckpt / "step_1", "--samples", samples,
                           "--out", loaded], nproc=1, timeout=150)
-    a, b = torch.load(saved, weights_only=False), torch.load(loaded, weights_only=False)
+    a, b = torch.load(saved, weights_only=True), torch.load(loaded, weights_only=True)
 
     assert b["driver_state"] == {"note": "after one step"}
     assert b["rng_restored"] is False  # another layout: re-seeded, not restored

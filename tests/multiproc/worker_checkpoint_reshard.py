@@ -79,7 +79,7 @@ def main() -> None:
         checkpointer.save(1, {"note": "after one step"})
         report = {"layout": {"world": ctx.world_size, "tp": args.tp, "ep": args.ep}}
     else:
-        samples = [TrainSample(**fields) for fields in torch.load(args.samples)]
+        samples = [TrainSample(**fields) for fields in torch.load(args.samples, weights_only=True)]
         loaded = checkpointer.load(Path(args.ckpt))
         report = {"driver_state": loaded.driver_state, "rng_restored": loaded.rng_restored}
     report["weights_at_checkpoint"] = gather_full_state_dict(trainable.model, dst=0)

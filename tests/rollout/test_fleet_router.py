@@ -224,7 +224,7 @@ def test_failed_distributed_update_restarts_half_updated_servers(fleet, referenc
 def test_restart_restores_distributed_weights(fleet, reference, current_state):
     new_state = perturbed(current_state["state"], seed=41)
     sync = DistributedWeightSync(fleet, build(WeightSyncConfig, {"transport": "distributed"}),
-                                 state_provider=lambda: [list(new_state.items())])
+                                 state_provider=lambda version: [list(new_state.items())])
     try:
         sync.push([list(new_state.items())], version="4")
         load_state_into(reference, new_state)

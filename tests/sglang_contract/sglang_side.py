@@ -14,7 +14,10 @@ process (SGLang patches torch globally on import). Questions (``{"op": ..., ...}
 - ``tensor_payload``: a ``/update_weights_from_tensor`` payload through SGLang's deserializer and,
   when flattened, ``FlattenedTensorBucket``, as TP rank ``tp_rank`` reads it;
 - ``flattened_receive``: a flattened broadcast bucket received as SGLang's distributed updater does;
-- ``encode_routed_experts``: routed experts encoded as SGLang's detokenizer encodes them.
+- ``encode_routed_experts``: routed experts encoded as SGLang's detokenizer encodes them;
+- ``verify_sampling``: each of a list of sampling_params dicts through ``SamplingParams(**params)``
+  (its ``__post_init__`` normalisation) and ``verify(vocab_size)``, as SGLang's tokenizer manager
+  checks a request: accepted or the error, and whether it samples greedily (top_k 1 after normalising).
 
 Tensors cross as ``{"dtype", "shape", "b64"}`` (raw bytes).
 
@@ -205,6 +208,21 @@ def op_encode_routed_experts(q: dict) -> dict:
     experts = torch.frombuffer(bytearray(raw), dtype=getattr(torch, q["dtype"])).reshape(q["shape"])
     (encoded,) = DetokenizerManager._b64_encode_per_request([experts])
     return {"encoded": encoded}
+
+
+def op_verify_sampling(q: dict) -> dict:
+    from sglang.srt.sampling import sampling_params as sp
+
+    results = []
+    for params in q["cases"]:
+        try:
+            built = sp.SamplingParams(**params)
+            built.verify(q["vocab_size"])
+        except Exception as exc:  # TypeError (a string where a number goes) refuses a request as well
+            results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        else:
+            results.append({"ok": True, "greedy": built.top_k == 1, "max_new_tokens": built.max_new_tokens})
+    return {"results": results, "sampling_eps": sp._SAMPLING_EPS, "top_k_all": sp.TOP_K_ALL}
 
 
 OPS = {name.removeprefix("op_"): fn for name, fn in globals().items() if name.startswith("op_")}

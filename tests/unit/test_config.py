@@ -88,6 +88,8 @@ BAD_CASES = [
     (["parallel.tensor=1.5"], "parallel.tensor", "must be an integer"),
     (["optimizer=3"], "optimizer", "must be a mapping"),
     (["optimizer.lr=.inf"], "optimizer.lr", "must be finite"),
+    (["train.seed=4294967296"], "train.seed", "must be <= 4294967295"),  # NumPy seeds are 32-bit
+    (["rollout.stop_token_ids=[3, 128]"], "rollout.stop_token_ids[1]", "outside the vocabulary"),
 ]
 
 
@@ -142,7 +144,7 @@ def test_cli_check_reports_config_error(capsys):
     from megatron_vespo.cli import main
     assert main(["check", str(TINY_RUN), "loss.vespo.lambda_pos=-2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "config error: loss.vespo.lambda_pos: must be >= 0.0001; got -2.0"
+    assert err == "error: loss.vespo.lambda_pos: must be >= 0.0001; got -2.0"
     assert main(["check", str(TINY_RUN)]) == 0
 
 
@@ -150,3 +152,53 @@ def test_config_reference_doc_is_current():
     from megatron_vespo.cli import config_reference_markdown
     doc = (REPO / "docs" / "config_reference.md").read_text()
     assert doc == config_reference_markdown(), "regenerate: megatron-vespo config-reference > docs/config_reference.md"
+
+
+# (overrides, field path, fragment): rules a training run needs, checked by RunConfig.check_trainable.
+UNTRAINABLE = [
+    (["rollout.max_response_len=500"], "rollout.max_response_len", "exceeds the model's max_position_embeddings=512"),
+    (["rollout.n_samples=1"], "rollout.n_samples", "at least 2"),
+    (["parallel.context=2"], "parallel.context", "not supported by the train step"),
+    (["eval.every_steps=1", "eval.sets=[{name: a}]", "eval.max_response_len=600"], "eval.max_response_len",
+     "exceeds the model's max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("overrides,path,fragment", UNTRAINABLE, ids=[c[1] for c in UNTRAINABLE])
+def test_untrainable_config_names_the_field(overrides, path, fragment):
+    cfg = load_run_config(TINY_RUN, overrides)
+    with pytest.raises(ConfigError) as info:
+        cfg.check_trainable()
+    assert info.value.path == path and fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("overrides,world,path", [
+    (["parallel.context=2"], 1, "parallel.context"),
+    (["parallel.pipeline=2"], 1, "parallel.pipeline"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert_tensor=2"], 3, "parallel.tensor"),
+    (["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true", "parallel.expert_tensor=2"], 2,
+     "parallel.pipeline"),
+])
+def test_world_size_error_names_the_size_at_fault(overrides, world, path):
+    cfg = load_run_config(TINY_RUN, overrides)
+    with pytest.raises(ConfigError) as info:
+        cfg.parallel.check_world_size(world)
+    assert info.value.path == path, str(info.value)
+    load_run_config(TINY_RUN).parallel.check_world_size(world)  # 1x1x1 fits any world size
+
+
+def test_non_utf8_yaml_is_a_config_error_naming_the_file(tmp_path):
+    (tmp_path / "run.yaml").write_bytes(b"model: models/tiny_moe.yaml\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"^run: .*run.yaml line 2 is not valid UTF-8"):
+        load_run_config(tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["eval.every_steps=1", "eval.sets=[{name: a}, {name: a}]"], "error: eval.sets[1].name: duplicate eval set name"),
+    (["eval.every_steps=1", "eval.sets=[{name: a, verifier: nope}]"], "error: eval.sets[0].verifier: unknown verifier"),
+    (["reward.verifier=nope"], "error: reward.verifier: unknown verifier 'nope'"),
+])
+def test_cli_check_runs_the_launch_checks(capsys, overrides, line):
+    from megatron_vespo.cli import main
+    assert main(["check", str(TINY_RUN), *overrides]) == 2
+    assert capsys.readouterr().err.startswith(line)

@@ -69,6 +69,39 @@ def test_empty_missing_and_malformed_files(tmp_path):
         load_prompt_dataset(DataConfig(path=str(tmp_path / "d.csv")), max_prompt_len=8)
 
 
+def test_token_ids_are_checked_against_the_vocabulary_at_load(tmp_path):
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"prompt_ids": [1, 2], "ground_truth": 1},
+                                               {"prompt_ids": [3, 128, 4], "ground_truth": 2}])
+    assert len(load_prompt_dataset(DataConfig(path=str(path)), max_prompt_len=8).rows) == 2  # no vocab: not checked
+    with pytest.raises(DataError) as info:
+        load_prompt_dataset(DataConfig(path=str(path)), max_prompt_len=8, vocab_size=128)
+    assert f"{path} row 1: token id 128 at position 1" in str(info.value) and "[0, 128)" in str(info.value)
+    with pytest.raises(DataError, match=r"synthetic:reverse3 row 0: token id 10 .* \[0, 8\)"):
+        load_prompt_dataset(DataConfig(), max_prompt_len=8, vocab_size=8)
+    bools = write_jsonl(tmp_path / "bools.jsonl", [{"prompt_ids": [True], "ground_truth": 1}])
+    with pytest.raises(DataError, match="must be a non-empty list of token ids"):
+        load_prompt_dataset(DataConfig(path=str(bools)), max_prompt_len=8)
+
+
+def test_unreadable_files_are_data_errors_naming_the_file(tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"prompt_ids": [1], "ground_truth": 1}\n{"prompt_ids": [2], "ground_truth": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        load_prompt_dataset(DataConfig(path=str(latin)), max_prompt_len=8)
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(DataError, match=r"fake.parquet: not a readable parquet file"):
+        load_prompt_dataset(DataConfig(path=str(fake)), max_prompt_len=8)
+
+
+def test_missing_tokenizer_directory_is_a_config_error(tmp_path):
+    from megatron_vespo.config import ConfigError
+    from megatron_vespo.data.dataset import load_tokenizer
+
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: .*no such tokenizer directory"):
+        load_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope")))
+
+
 def test_text_prompts_use_the_tokenizer_and_suffix(tmp_path):
     class CharTokenizer:  # a real (if trivial) tokenizer object with the HF call signature
         def __call__(self, text, add_special_tokens=False):

@@ -103,4 +103,23 @@ def test_cli_plan_prints_table_and_fails_cleanly(capsys, tmp_path):
     assert cli_main(["plan", str(run), "--trainer-gpus", "12"]) == 2
     assert "parallel.expert" in capsys.readouterr().err
     assert cli_main(["plan", str(run), "--trainer-gpus", "16", "--gpu-memory-gib", "40"]) == 3
-    assert "plan error" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: trainer rank")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"trainer_gpus": 0}, "trainer_gpus"), ({"trainer_gpus": -8}, "trainer_gpus"),
+    ({"gpu_memory_gib": float("nan")}, "gpu_memory_gib"), ({"gpu_memory_gib": -80.0}, "gpu_memory_gib"),
+    ({"gpu_memory_gib": 0.0}, "gpu_memory_gib"), ({"overhead_gib": float("nan")}, "overhead_gib"),
+    ({"overhead_gib": -1.0}, "overhead_gib"), ({"overhead_gib": float("inf")}, "overhead_gib"),
+])
+def test_plan_rejects_impossible_arguments(kwargs, name):
+    cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "expert": 8, "sequence_parallel": True})
+    with pytest.raises(ConfigError) as info:
+        plan_run(cfg, **kwargs)
+    assert info.value.path == name
+
+
+def test_plan_names_the_parallel_size_that_does_not_fit():
+    cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "pipeline": 2, "expert": 8, "sequence_parallel": True})
+    with pytest.raises(ConfigError, match=r"^parallel\.pipeline:"):
+        plan_run(cfg, trainer_gpus=4)

@@ -132,3 +132,33 @@ def test_sampler_state_continues_exactly_across_epochs():
     assert got == ref and resumed.epoch == reference.epoch
     with pytest.raises(DataError, match="6 prompts, but the checkpoint's sampler was over 5"):
         _sampler(6).load_state_dict(state)
+
+
+def test_driver_state_codec_round_trips_data_and_refuses_code(tmp_path):
+    """The driver state is JSON + safetensors: plain data, tuples, bytes, non-finite floats, non-string
+    keys, tensors, arrays and this project's dataclasses come back as they were; other objects are
+    refused when saved, and a document naming a class outside the project is refused when read."""
+    import json
+
+    from megatron_vespo.checkpoint.state_codec import read_state, write_state
+    from megatron_vespo.data.dataset import PromptRow
+
+    value = {"t": (1, (2, 3), None), "b": b"\x00\xff", "f": [float("nan"), float("inf")], "k": {1: "one"},
+             "x": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": np.arange(4, dtype=np.uint16),
+             "row": PromptRow(index=2, prompt_ids=[5], ground_truth={"answer": "7"}), "__t": "a key like the tag"}
+    written = write_state(value, tmp_path / "s.json", tmp_path / "s.safetensors")
+    assert [p.name for p in written] == ["s.json", "s.safetensors"]
+    got = read_state(tmp_path / "s.json", tmp_path / "s.safetensors")
+    assert got["t"] == (1, (2, 3), None) and got["b"] == b"\x00\xff" and got["k"] == {1: "one"}
+    assert np.isnan(got["f"][0]) and got["f"][1] == float("inf") and got["__t"] == "a key like the tag"
+    assert torch.equal(got["x"], value["x"]) and got["a"].dtype == np.uint16 and np.array_equal(got["a"], value["a"])
+    assert got["row"] == value["row"]
+
+    with pytest.raises(CheckpointError, match=r"state\.fn: a builtins\.function cannot be stored"):
+        write_state({"fn": lambda: None}, tmp_path / "bad.json", tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=r"state\.a: a numpy array of Python objects"):
+        write_state({"a": np.array([object()])}, tmp_path / "bad.json", tmp_path / "bad.safetensors")
+    for name in ("subprocess:Popen", "os:system", "megatron_vespo.checkpoint.training:LoadedCheckpoint.__init__"):
+        (tmp_path / "evil.json").write_text(json.dumps({"__t": "dataclass", "type": name, "v": {"args": "x"}}))
+        with pytest.raises(CheckpointError, match=r"evil\.json: state: "):
+            read_state(tmp_path / "evil.json", None)

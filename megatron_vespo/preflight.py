@@ -1,0 +1,72 @@
+"""Every check ``train`` makes before it starts anything, run without starting anything.
+
+``megatron-vespo check`` runs it to say whether ``train`` would start; ``train`` runs it first, before
+torch and Megatron are imported, so a bad config, data file or checkpoint fails in a second with one
+line naming the field, file or row, not after the model is built and the fleet has booted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from megatron_vespo.config import ConfigError, RunConfig
+
+
+def _check_verifiers_and_eval_sets(cfg: RunConfig) -> None:
+    """The verifiers the run would look up (reward, and every eval set when evaluation is on) and the
+    eval set names."""
+    from megatron_vespo.rewards.registry import get_verifier
+
+    wanted = [("reward.verifier", cfg.reward.verifier)]
+    if cfg.eval.sets and cfg.eval.every_steps:
+        cfg.eval.check_set_names()
+        wanted += [(f"eval.sets[{i}].verifier" if s.verifier else "reward.verifier", s.verifier or cfg.reward.verifier)
+                   for i, s in enumerate(cfg.eval.sets)]
+    for path, name in wanted:
+        try:
+            get_verifier(name)
+        except KeyError as exc:
+            raise ConfigError(path, str(exc.args[0]).split(": ", 1)[-1]) from None
+
+
+def _check_checkpoint_files(cfg: RunConfig) -> list[str]:
+    """The checkpoint a run would resume from (complete, per its manifest) or start from
+    (``checkpoint.init_from``: a readable HF or converted directory of the run's model)."""
+    ck = cfg.checkpoint
+    root = Path(ck.dir) if ck.dir else Path(cfg.run.output_dir) / "checkpoints"  # checkpoint_root(cfg)
+    if not (ck.init_from or ck.load_dir or ck.resume == "must" or (ck.resume == "auto" and root.is_dir())):
+        return []  # nothing to read (and no torch import for it)
+    from megatron_vespo.checkpoint.hf_io import load_checkpoint_model_config, model_config_from_hf, read_hf_config
+    from megatron_vespo.checkpoint.init_weights import check_same_model, init_source_is_hf
+    from megatron_vespo.checkpoint.training import find_resume_checkpoint, read_manifest
+
+    resume = find_resume_checkpoint(cfg)
+    if resume is not None:
+        read_manifest(resume)
+        return [f"checkpoint: resumes from {resume}"]
+    if not ck.init_from:
+        return []
+    src = Path(ck.init_from)
+    found = model_config_from_hf(read_hf_config(src)) if init_source_is_hf(src) else load_checkpoint_model_config(src)
+    check_same_model(found, cfg.model, str(src))
+    return [f"checkpoint: initial weights from {src}"]
+
+
+def preflight(cfg: RunConfig, world_size: Optional[int] = None, files: bool = True) -> list[str]:
+    """Every check ``train`` makes before it starts anything, run without starting anything: the
+    trainable-config rules, the layout against ``world_size`` (when known), the verifiers and, with
+    ``files``, what it reads first (tokenizer, training and eval data with every token id checked
+    against the vocabulary, the checkpoint it resumes or starts from). Raises the error ``train``
+    would; returns notes for the user. Both ``check`` and ``train`` call it."""
+    cfg.check_trainable()
+    if world_size is not None:
+        from megatron_vespo.models.layout import validate_layout
+
+        cfg.parallel.check_world_size(world_size)
+        validate_layout(cfg.model, cfg.parallel, cfg.precision, world_size)
+    _check_verifiers_and_eval_sets(cfg)
+    if not files:
+        return []
+    from megatron_vespo.data.dataset import check_run_data
+
+    return check_run_data(cfg) + _check_checkpoint_files(cfg)
