@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from megatron_vespo.config import ConfigError, RunConfig, describe_fields, load_
 from megatron_vespo.preflight import preflight
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_PLAN = 1, 2, 3
+# plan_run's parameters and the `plan` flags that set them.
+PLAN_FLAGS = {"trainer_gpus": "--trainer-gpus", "gpu_memory_gib": "--gpu-memory-gib", "overhead_gib": "--overhead-gib",
+              "recompute": "--recompute"}
 
 # The project's user-facing error classes, by module. They are looked up only in modules already
 # imported (an error cannot come from a module that was never loaded), so that `check` and `plan` do
@@ -109,19 +111,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from megatron_vespo.planning import format_plan, minimal_world_size, plan_run
 
-    # Checked here to name the flag (plan_run checks its arguments too, by parameter name).
-    if args.trainer_gpus is not None and args.trainer_gpus < 1:
-        raise ConfigError("--trainer-gpus", f"must be >= 1; got {args.trainer_gpus}")
-    if not (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0):
-        raise ConfigError("--gpu-memory-gib", f"must be a finite number > 0; got {args.gpu_memory_gib}")
-    if not (math.isfinite(args.overhead_gib) and args.overhead_gib >= 0):
-        raise ConfigError("--overhead-gib", f"must be a finite number >= 0; got {args.overhead_gib}")
     cfg = load_run_config(args.run_yaml, args.overrides)
     if args.trainer_gpus is None:
         print(f"# trainer GPUs not given: planning the smallest valid world size, {minimal_world_size(cfg)} "
               "(pass --trainer-gpus)", file=sys.stderr)
-    plan = plan_run(cfg, trainer_gpus=args.trainer_gpus, gpu_memory_gib=args.gpu_memory_gib,
-                    recompute=args.recompute, overhead_gib=args.overhead_gib)
+    try:
+        plan = plan_run(cfg, trainer_gpus=args.trainer_gpus, gpu_memory_gib=args.gpu_memory_gib,
+                        recompute=args.recompute, overhead_gib=args.overhead_gib)
+    except ConfigError as exc:  # plan_run checks its arguments by parameter name: name the flag instead
+        if exc.path in PLAN_FLAGS:
+            raise ConfigError(PLAN_FLAGS[exc.path], exc.message) from None
+        raise
     print(format_plan(plan, cfg), end="")
     print(f"# OK: {args.run_yaml} fits", file=sys.stderr)
     return 0

@@ -1,6 +1,6 @@
 """The driver's part of a training checkpoint as data: JSON plus a safetensors file, never a pickle.
 
-A training checkpoint used to pickle the driver state (``torch.load(weights_only=False)``), so a
+A training checkpoint used to pickle the driver state (an unrestricted ``torch.load``), so a
 checkpoint directory could run code on relaunch. Here the state is written as a JSON document whose
 non-JSON values are tagged objects (``{"__t": kind, ...}``):
 

@@ -416,7 +416,7 @@ def check_dist_pickles(dist_dir: Path) -> None:
     """Refuse a Megatron/torch_dist directory whose pickles would run code when torch reads them.
 
     torch reads ``.metadata`` with a plain ``pickle.load`` and the non-tensor items inside the
-    ``.distcp`` files with ``torch.load(weights_only=False)``; Megatron reads ``*.pt`` with torch's
+    ``.distcp`` files with an unrestricted ``torch.load``; Megatron reads ``*.pt`` with torch's
     default. All of them are read here first, with an allow-list / ``weights_only=True``: what
     passes is plain data, so the unrestricted reads that follow run nothing but the allowed
     constructors. One-line CheckpointError naming the file otherwise.
