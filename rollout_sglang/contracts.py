@@ -6,6 +6,10 @@
   :func:`~rollout_sglang.worker_pool.generation_target` picks one.
 - :class:`WeightSync`: a transport that puts new weights on every server, bucket by bucket, under a
   version (disk, distributed broadcast, CUDA IPC: :mod:`rollout_sglang.weight_sync`).
+- :class:`StagedWeightSync` and :class:`WeightSender`: the same push split between the process that owns
+  the fleet (opens and commits it: pause, session, flush, version) and the processes that hold the
+  tensors (one source per pipeline stage; each sends its own buckets straight to the servers), so that
+  no process ever holds the whole model. The :class:`PushPlan` is all that crosses between them.
 - :class:`RolloutFleet`: the servers behind the router, as the driver sees them: where to send
   requests, the version each server reports, and the control calls around a weight update.
   :class:`~rollout_sglang.fleet.Fleet` satisfies it; the driver never sends raw HTTP itself.
@@ -16,6 +20,7 @@ only the last one carries the new version, so a server reports it only once it h
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -51,6 +56,77 @@ class WeightSync(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """One server a push updates, as any trainer process reaches it (picklable, no fleet needed)."""
+
+    index: int
+    url: str
+    tp: int = 1  # ranks the server takes in a weight-sync group
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What the fleet's owner tells every sender when it opens a push: small and picklable (no tensors).
+
+    ``group_prefix`` (broadcast): stage ``s`` sends over the group ``f"{group_prefix}_pp{s}"`` with exactly
+    ``targets``; a new prefix means the membership changed and the groups are formed again.
+    ``directory`` (disk): where every stage writes its shard files."""
+
+    version: str
+    targets: tuple[PushTarget, ...] = ()
+    group_prefix: str = ""
+    directory: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class WeightSender(Protocol):
+    """The source of one pipeline stage's buckets (any trainer process). Stages send one after another:
+    the caller serialises them, so two stages never send at once (an engine handles one update at a time)."""
+
+    def begin(self, plan: PushPlan, stage: int) -> None:
+        """Get ready to send this stage's buckets of ``plan`` (e.g. join or form the stage's group)."""
+        ...
+
+    def send(self, bucket: Bucket, last: bool) -> None:
+        """One bucket to every target; ``last``: the last bucket of the whole push (it carries the version)."""
+        ...
+
+    def end(self) -> dict:
+        """This stage is done; a small picklable receipt for the owner's commit (bytes, files written)."""
+        ...
+
+    def reset(self) -> None:
+        """After a failed push: drop what the failure left unusable (a broken group)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class StagedWeightSync(WeightSync, Protocol):
+    """The fleet owner's side of a push whose buckets come from other processes (:class:`WeightSender`).
+    ``open_push`` -> every stage's sender sends -> ``commit_push`` (or ``abort_push`` on any failure)."""
+
+    def open_push(self, version: str, restore_only: bool = False) -> PushPlan:
+        """Pause and open the update on every server that takes it (``restore_only``: only the restarted servers
+        that wait for the fleet's weights, without pausing the others); the plan the senders follow."""
+        ...
+
+    def commit_push(self, receipts: list[dict]) -> int:
+        """Every sender succeeded: finish the update (session end, flush, version), continue; bytes pushed."""
+        ...
+
+    def abort_push(self) -> None:
+        """Some sender failed: restart the half-updated servers at the last good version, continue."""
+        ...
+
+    def sender(self) -> WeightSender:
+        """A sender of this transport for the owner's own process (e.g. when it also leads a stage)."""
+        ...
+
+
 @runtime_checkable
 class RolloutFleet(Protocol):
     """The rollout servers as the driver sees them (supervision and restarts stay inside the fleet)."""
@@ -68,6 +144,11 @@ class RolloutFleet(Protocol):
     def weight_versions(self) -> list[Optional[str]]:
         """The weight version each healthy server that answers reports (None where it gave none); a server
         that does not answer is the fleet's to restart, at the current weights."""
+        ...
+
+    def awaiting_weights(self) -> list[Any]:
+        """Restarted servers that wait outside the router for the trainer's next push (no copy of the fleet's
+        weights exists to restore them from)."""
         ...
 
     def abort_all(self) -> None:

@@ -47,10 +47,12 @@ INIT_WEIGHTS_UPDATE_GROUP = Route("POST", "/init_weights_update_group")
 UPDATE_WEIGHTS_FROM_DISTRIBUTED = Route("POST", "/update_weights_from_distributed")
 UPDATE_WEIGHTS_FROM_TENSOR = Route("POST", "/update_weights_from_tensor")
 DESTROY_WEIGHTS_UPDATE_GROUP = Route("POST", "/destroy_weights_update_group")
+GET_WEIGHTS_BY_NAME = Route("POST", "/get_weights_by_name")  # tests only: read a parameter back
 
 ROUTES = (GENERATE, HEALTH, MODEL_INFO, SERVER_INFO, ABORT_REQUEST, PAUSE_GENERATION, CONTINUE_GENERATION,
           FLUSH_CACHE, BEGIN_WEIGHT_UPDATE, END_WEIGHT_UPDATE, UPDATE_WEIGHTS_FROM_DISK, INIT_WEIGHTS_UPDATE_GROUP,
-          UPDATE_WEIGHTS_FROM_DISTRIBUTED, UPDATE_WEIGHTS_FROM_TENSOR, DESTROY_WEIGHTS_UPDATE_GROUP)
+          UPDATE_WEIGHTS_FROM_DISTRIBUTED, UPDATE_WEIGHTS_FROM_TENSOR, DESTROY_WEIGHTS_UPDATE_GROUP,
+          GET_WEIGHTS_BY_NAME)
 
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -136,6 +138,11 @@ def tensor_update_body(serialized_per_rank: list[str], *, flattened: bool, weigh
 
 def destroy_group_body(group_name: str) -> dict:
     return {"group_name": group_name}
+
+
+def get_weights_body(name: str, truncate_size: int = 100) -> dict:
+    """A checkpoint-named parameter's first ``truncate_size`` rows, as float32 values (SGLang: tests only)."""
+    return {"name": name, "truncate_size": truncate_size}
 
 
 # ---- answers ---------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ Control calls that fan out (abort, pause, continue, version reads) skip a server
 answer: it is left to the supervisor, which restarts it at the current weights.
 
 Weight updates hold ``update_lock`` (see :meth:`Fleet.updating`), so a restart's restore step and an
-update never interleave: a restarted server always ends at the newest version. The supervisor never
+update never interleave: a restarted server always ends at the newest version. A restorer that cannot
+restore on its own (the weights exist only in the live trainer, spread over its processes) raises
+:class:`RestoreDeferred`: the server then waits outside the router (state ``awaiting_weights``) until
+the trainer's next push includes it (:meth:`Fleet.awaiting_weights`, :meth:`Fleet.register_restored`). The supervisor never
 restarts a server that is paused (SGLang's /health generates a token, which waits while generation
 is paused) or while an update runs (it restarts what it breaks itself).
 
@@ -58,7 +61,7 @@ class ManagedServer:
     host: str = ""  # where the fleet reaches it (set by the launcher: cfg.host locally, the node's IP under Ray)
     port: int = 0  # set by the launcher at the first launch; kept across restarts where possible
     proc: Optional[ServerProcess] = None
-    state: str = "new"  # new | starting | healthy | restarting | dead (restart failed) | failed | stopped
+    state: str = "new"  # new | starting | healthy | restarting | awaiting_weights | dead (restart failed) | failed | stopped
     restarts: int = 0
     health_failures: int = 0
     paused: bool = False  # generation paused by the fleet (its /health would wait): not health-checked
@@ -83,6 +86,10 @@ class WeightState:
 
 
 Restorer = Callable[[ManagedServer, WeightState], None]
+
+
+class RestoreDeferred(Exception):
+    """Raised by a restorer: the fleet's weights can only come from the trainer's next push (no copy here)."""
 
 
 class Fleet:
@@ -209,6 +216,10 @@ class Fleet:
                 if server.state == "dead":  # a previous restart failed: try again
                     self._try_restart(server)
                     continue
+                if server.state == "awaiting_weights":  # out of the router: only its process is watched
+                    if not server.alive():
+                        self._try_restart(server)
+                    continue
                 if server.state != "healthy" or server.paused:
                     continue
                 if server.alive() and is_healthy(server.url, timeout_s=self.cfg.health_timeout_s):
@@ -225,7 +236,7 @@ class Fleet:
         if not self.update_lock.acquire(blocking=False):
             return
         try:
-            if server.paused or server.state not in ("healthy", "dead"):
+            if server.paused or server.state not in ("healthy", "dead", "awaiting_weights"):
                 return
             self.take_out(server)
         finally:
@@ -303,12 +314,33 @@ class Fleet:
                         break
                     except NotImplementedError:
                         continue
+                    except RestoreDeferred:
+                        server.state = "awaiting_weights"
+                        logger.warning("server %d (%s) is back; it waits for the trainer's next push (version %s "
+                                       "is not held anywhere it could be read from)", server.index, server.url, expected)
+                        server.events.append(f"awaiting weights (fleet version {expected})")
+                        return
                 (reported,) = self.weight_versions([server], timeout_s=10)
                 if reported != expected:
                     raise RolloutError(f"server {server.index}: restored to version {reported!r}, expected {expected!r}")
             self.router.add_worker(server.url)
             server.state = "healthy"
         server.events.append(f"restarted at version {self.weights.version}")
+
+    def awaiting_weights(self) -> list[ManagedServer]:
+        """Restarted servers that wait outside the router for the trainer's next push (see :class:`RestoreDeferred`)."""
+        return [s for s in self.servers if s.state == "awaiting_weights" and s.alive()]
+
+    def register_restored(self, server: ManagedServer) -> None:
+        """A server that waited for weights got the fleet's version: check it and put it behind the router."""
+        with self.update_lock:
+            (reported,) = self.weight_versions([server], timeout_s=10) or (None,)
+            if reported != self.weights.version:
+                raise RolloutError(f"server {server.index}: restored to version {reported!r}, expected "
+                                   f"{self.weights.version!r}")
+            self.router.add_worker(server.url)
+            server.state = "healthy"
+        server.events.append(f"restored by a push at version {self.weights.version}")
 
     def _restore_from_disk(self, server: ManagedServer, weights: WeightState) -> None:
         if weights.disk_path is None:

@@ -58,3 +58,15 @@ def _assemble(items: Iterable[tuple]) -> dict[str, torch.Tensor]:
     if missing:
         raise RuntimeError(f"shards do not cover the full tensors of: {missing[:5]}")
     return dict(sorted(full.items()))
+
+
+def gather_hf_weights(exporter) -> list[tuple[str, torch.Tensor]]:
+    """Every HF-named tensor of an :class:`~megatron_vespo.checkpoint.export.HFWeightExporter` on rank 0
+    (CPU; an empty list elsewhere), through one process: for tests on small models only (weight sync
+    streams from every stage instead). Collective over the world."""
+    mine = [(name, t.detach().cpu()) for bucket in exporter.buckets() for name, t in bucket]
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return [item for part in parts for item in part] if parts is not None else []

@@ -18,8 +18,13 @@ also what SGLang's loaders take), one bucket of at most ``bucket_bytes`` at a ti
   other ranks' lists are empty), so callers may run collectives between buckets. Stages have
   different bucket counts; do not synchronise across stages inside the loop.
 
-Memory: the leader holds one bucket of assembled tensors and their HF views (about twice
-``bucket_bytes``); other ranks send views of their parameters (made contiguous when they are not).
+Memory: the leader holds one bucket of assembled tensors (``bucket_bytes``). Pieces whose place in
+the assembled tensor is contiguous are received straight into it; only the others (row-parallel
+slices) go through a receive buffer, freed before conversion. HF tensors are views of the assembled
+ones where the mapping allows (copies, gate/up halves); a QKV split copies and its assembled tensor is
+dropped at once, so one bucket of HF tensors plus at most one unit is live when the bucket is yielded.
+Other ranks send views of their parameters (made contiguous when they are not). Everything stays on
+the parameters' device: a GPU model's buckets are GPU tensors (the transports send them from there).
 """
 from __future__ import annotations
 
@@ -95,6 +100,16 @@ class HFWeightExporter:
             (self.mapping.units[i], _one_cover(self.mapping.units[i], pieces[i])) for i in sorted(pieces)
         ]
         self.buckets_plan = _bucketize(self.units, bucket_bytes)
+        self.stage = stage
+        self.num_stages = ps.get_pipeline_model_parallel_world_size()
+        # The dtype of the exported tensors (config.json's torch_dtype): the model's, unless converted.
+        first = next((dt for _, _, metas in everyone for *_, dt in metas), torch.float32)
+        self.hf_dtype: torch.dtype = dtype or first
+
+    def hf_bytes(self) -> int:
+        """Bytes of the HF tensors this stage's leader yields per pass (every rank of the stage knows it)."""
+        size = torch.empty((), dtype=self.hf_dtype).element_size()
+        return sum(unit.numel for unit, _ in self.units) * size
 
     def _main_shards(self) -> list[Shard]:
         return [s for s in local_shards(self.chunks) if s.main_replica]
@@ -103,13 +118,13 @@ class HFWeightExporter:
     def buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Yield ``[(hf_name, tensor), ...]`` per bucket (empty lists off the leader); see the module doc."""
         shards = self._main_shards()
+        device = shards[0].tensor.device if shards else torch.device("cpu")
         for bucket in self.buckets_plan:
-            out: list[tuple[str, torch.Tensor]] = []
-            requests = []
+            requests = []  # (work, target or None, buffer or None)
             assembled: list[torch.Tensor] = []
             for tag, (unit, pieces) in enumerate(bucket):
                 if self.is_leader:
-                    full = torch.empty(unit.shape, dtype=pieces[0].dtype, device=shards[0].tensor.device if shards else "cpu")
+                    full = torch.empty(unit.shape, dtype=pieces[0].dtype, device=device)
                     assembled.append(full)
                 for j, piece in enumerate(pieces):
                     piece_tag = tag * 4096 + j
@@ -117,8 +132,10 @@ class HFWeightExporter:
                         target = _narrow(full, piece.slices)
                         if piece.rank == self.rank:
                             target.copy_(shards[piece.local_index].tensor)
+                        elif target.is_contiguous():  # straight into place, no buffer
+                            requests.append((dist.irecv(target, src=piece.rank, tag=piece_tag), None, None))
                         else:
-                            buffer = torch.empty(target.shape, dtype=piece.dtype, device=full.device)
+                            buffer = torch.empty(target.shape, dtype=piece.dtype, device=device)
                             requests.append((dist.irecv(buffer, src=piece.rank, tag=piece_tag), target, buffer))
                     elif piece.rank == self.rank:
                         data = shards[piece.local_index].tensor.contiguous()
@@ -127,11 +144,17 @@ class HFWeightExporter:
                 work.wait()
                 if target is not None:
                     target.copy_(buffer)
+            del requests  # receive buffers and send views go before the conversion
+            out: list[tuple[str, torch.Tensor]] = []
             if self.is_leader:
-                for (unit, _), full in zip(bucket, assembled):
+                for i, (unit, _) in enumerate(bucket):
+                    full, assembled[i] = assembled[i], None  # the HF tensors keep what they still need
                     for name, tensor in self.mapping.megatron_to_hf(unit, full):
                         out.append((name, tensor if self.dtype is None else tensor.to(self.dtype)))
+                    del full
+            del assembled
             yield out
+            del out
 
 
 def _narrow(t: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> torch.Tensor:

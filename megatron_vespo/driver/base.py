@@ -16,6 +16,7 @@ raised everywhere instead of leaving ranks hanging in a collective.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,9 +28,9 @@ from megatron_vespo.checkpoint.init_weights import run_init_checkpoint
 from megatron_vespo.checkpoint.training import TrainingCheckpointer
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
-from megatron_vespo.driver.publisher import NamedTensors, WeightPublisher
+from megatron_vespo.driver.publisher import WeightPublisher
 from megatron_vespo.driver.rollout_side import RolloutSide
-from megatron_vespo.driver.run_health import LearningGuard, check_finite_weights
+from megatron_vespo.driver.run_health import LearningGuard
 from megatron_vespo.driver.run_state import RunCheckpoints, RunState, RunSummary
 from megatron_vespo.driver.signals import sigterm_raises
 from megatron_vespo.models.trainable import build_model_and_optimizer
@@ -61,7 +62,7 @@ class RLDriver:
         self.trainer = PolicyTrainer(cfg, trainable, scheduler, temperature=cfg.rollout.temperature)
         bucket_bytes = cfg.rollout.weight_sync.bucket_bytes
         self.publisher = WeightPublisher(HFWeightExporter(trainable.model, cfg.model, bucket_bytes=bucket_bytes),
-                                         bucket_bytes)
+                                         cfg.rollout.weight_sync)
         self.state = RunState()
         self.guard = LearningGuard(cfg.run.max_failed_steps)  # rank 0: stops a run that cannot learn
         self.checkpoints = RunCheckpoints(TrainingCheckpointer(cfg, trainable.model, trainable.optimizer, scheduler),
@@ -118,11 +119,14 @@ class RLDriver:
                 "time/train_s": time.monotonic() - t0}
 
     def publish_weights(self) -> float:
-        """Collective: the current weights to the fleet as version = optimizer steps. Seconds taken."""
-        t0 = time.monotonic()
-        named = self.publisher.gather()
-        self.from_driver(lambda: self.publisher.push(named, str(self.state.optimizer_steps)))
-        return time.monotonic() - t0
+        """Collective: the current weights to the fleet as version = optimizer steps, each pipeline stage
+        streaming its own buckets (see ``publisher.py``). Seconds taken."""
+        return self.publisher.publish(str(self.state.optimizer_steps)).seconds
+
+    def restore_restarted_servers(self) -> None:
+        """Collective: servers restarted since the last push get the fleet's version from the live model (call
+        it only where the model still is that version: before the next optimizer step)."""
+        self.publisher.catch_up()
 
     def maybe_evaluate(self, steps_before: int, final: bool = False) -> dict[str, float]:
         """Collective: the ``eval/*`` metrics when an evaluation is due (:meth:`Evaluator.maybe_run`), else {}."""
@@ -169,16 +173,31 @@ class RLDriver:
     def stop_generation(self) -> None:
         """Rank 0, before the metrics sinks close and the fleet goes away."""
 
-    def open_rollout(self, initial: NamedTensors) -> None:
-        """Rank 0: data, verifier, evaluator, the fleet (at the trainer's weights) and its weight sync."""
-        check_finite_weights(initial, f"the {'resumed' if self.state.next_rollout_step else 'initial'} weights"
-                             f" ({self.cfg.checkpoint.init_from or 'random init'})")
-        self.rollout = RolloutSide.open(self.cfg, initial, self.publisher.version, self.publisher.buckets_of,
+    def open_rollout(self, initial_dir: Optional[Path]) -> None:
+        """Rank 0: data, verifier, evaluator, the fleet (CPU servers boot from ``initial_dir``, the trainer's
+        weights) and its weight sync."""
+        self.rollout = RolloutSide.open(self.cfg, initial_dir, self.publisher.version,
                                         sampler_state=self._resumed_sampler)
         self.publisher.connect(self.rollout.fleet, self.rollout.weight_sync)
+
+    def boot_fleet(self) -> None:
+        """Collective: start the fleet with the trainer's current weights. CPU servers boot from an HF
+        directory every pipeline stage writes its own shards of; a configured fleet boots from its own
+        checkpoint and is then given the trainer's weights by a push."""
+        initial_dir = None
+        if self.cfg.rollout.fleet is None:
+            from megatron_vespo.checkpoint.hf_io import CONFIG_FILE, hf_config_from_model
+
+            def write_config(directory: Path) -> None:
+                hf = hf_config_from_model(self.cfg.model, self.publisher.exporter.hf_dtype,
+                                          extra={"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
+                (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+
+            initial_dir = self.publisher.export_hf_dir(self.output_dir / "initial_hf", write_config)
+        self.from_driver(lambda: self.open_rollout(initial_dir))
         if self.cfg.rollout.fleet is not None:
             # The given servers' checkpoint need not be the trainer's weights (initial or resumed).
-            self.publisher.push(initial, self.publisher.version)
+            self.publisher.publish(self.publisher.version)
 
     def open_metrics(self, first_step: int) -> None:
         """Rank 0: the metrics logger (JSONL + configured sinks; continues the file after a resume) and
@@ -194,12 +213,10 @@ class RLDriver:
         if resumed is not None:
             self.restore_checkpoint_state(resumed)
         first_step = self.state.next_rollout_step
-        initial = self.publisher.gather()
         error: Optional[BaseException] = None
         step = first_step - 1
         try:
-            self.from_driver(lambda: self.open_rollout(initial))
-            del initial
+            self.boot_fleet()
             if self.is_driver:
                 self.open_metrics(first_step)
                 self.start_generation()
@@ -218,6 +235,7 @@ class RLDriver:
     def shutdown(self, quiet: bool) -> None:
         """Rank 0: stop generating, close the metrics sinks, the weight sync and the fleet (errors only
         printed when ``quiet``, i.e. when the run is already failing)."""
+        self.publisher.close()
         if not self.is_driver:
             return
         self.stop_generation()

@@ -1,102 +1,276 @@
-"""The trainer's weights on the fleet: export from the parallel model, push, check the version.
+"""The trainer's weights on the fleet, streamed: each pipeline stage sends its own buckets.
 
-- :meth:`WeightPublisher.gather` (collective): every rank takes part in the export of HF-named
-  tensors (:class:`~megatron_vespo.checkpoint.export.HFWeightExporter`: TP slices, EP experts and PP
-  stages assembled by each stage's leader); the tensors end up on rank 0 (CPU).
-- :meth:`WeightPublisher.push` (rank 0): the tensors go to every server in buckets of
-  ``rollout.weight_sync.bucket_bytes`` through the configured transport (a
-  :class:`~rollout_sglang.contracts.WeightSync`), then every server must report the new version.
-  ``around_push`` wraps the push: the asynchronous loop holds generation there (and aborts what is
-  in flight) instead of the driver knowing about generation.
-- A server the fleet restarts is brought to the fleet's version from :meth:`buckets_of`; a failed
-  push is tried once more (see :meth:`WeightPublisher.push`).
+:meth:`WeightPublisher.publish` is collective (every trainer rank calls it). Nothing is gathered to one
+process and nothing is pickled but small plans and receipts:
+
+1. rank 0, which owns the fleet, opens the push (:meth:`StagedWeightSync.open_push`: pause, session; for
+   the broadcast transport, the group names) and broadcasts the resulting
+   :class:`~rollout_sglang.contracts.PushPlan` to every rank;
+2. the pipeline stages take turns, stage 0 first. In its turn every rank of the stage walks the
+   :class:`~megatron_vespo.checkpoint.export.HFWeightExporter` (per bucket: the stage's TP / EP / ETP
+   shards of exactly that bucket's tensors go to the stage's source rank, which converts them to HF
+   tensors on device), and the source rank hands each bucket to its
+   :class:`~rollout_sglang.contracts.WeightSender`, which sends it to the servers directly (a broadcast
+   over the stage's own group, a safetensors shard, CUDA-IPC handles). The other stages wait at the end
+   of the turn: SGLang handles one update at a time, so stages never send at once, and each stage's
+   memory holds at most its current bucket;
+3. a small all-gather closes each turn (did the stage succeed; its receipt), so every rank knows the
+   outcome; rank 0 commits the push (session end, flush, version; the disk transport's index and rename)
+   or aborts it (half-updated servers restarted at the last good version), and a failed push is tried
+   once more.
+
+A server the fleet restarts cannot be given weights from a copy (none is kept): it waits outside the
+router until a push includes it — the next :meth:`publish`, or :meth:`catch_up` at a point where the
+live model still is the fleet's version (the synchronous loop calls it before each rollout). With the
+disk transport it reloads the last committed version by itself.
+
+``around_push`` wraps the push on rank 0: the asynchronous loop holds generation there.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Optional
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron_vespo.checkpoint.export import HFWeightExporter
-from rollout_sglang.contracts import Bucket, RolloutFleet, WeightSync
-from rollout_sglang.errors import RolloutError, WeightSyncError
-from rollout_sglang.weight_sync.common import iter_buckets
+from rollout_sglang.config import WeightSyncConfig
+from rollout_sglang.contracts import PushPlan, RolloutFleet, StagedWeightSync, WeightSender
+from rollout_sglang.errors import WeightSyncError
+from rollout_sglang.weight_sync import make_sender
+from rollout_sglang.weight_sync.disk import ShardWriter, commit_version_dir
 
-NamedTensors = list[tuple[str, torch.Tensor]]
 PUSH_ATTEMPTS = 2  # a push that fails once (a server died mid-push) is tried again
+ADDRESS_ENV = "VESPO_WEIGHT_SYNC_ADDR"  # where servers reach this node's stage source ranks (broadcast groups)
 
 
-def gather_hf_weights(exporter: HFWeightExporter) -> NamedTensors:
-    """All HF-named tensors on rank 0 (CPU); an empty list elsewhere. Collective over the world.
+@dataclass
+class PublishStats:
+    """One push: bytes sent per engine (every engine gets the whole model) and wall time."""
 
-    Each stage leader holds its stage's tensors after the export; with PP > 1 they are sent to rank
-    0 as pickled CPU tensors (fine for small and medium models; very large models want a streaming
-    transport from every stage leader instead).
-    """
-    mine = [(name, t.detach().cpu()) for bucket in exporter.buckets() for name, t in bucket]
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return mine
-    parts: Optional[list] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    return [item for part in parts for item in part] if parts is not None else []
+    version: str
+    bytes: int
+    seconds: float
+    servers: int
 
 
 class WeightPublisher:
-    """Export, push and version check of the trainer's weights (see the module docstring)."""
+    """Streams the trainer's weights to the fleet (see the module docstring). Built on every rank."""
 
-    def __init__(self, exporter: HFWeightExporter, bucket_bytes: int):
+    def __init__(self, exporter: HFWeightExporter, cfg: WeightSyncConfig):
         self.exporter = exporter
-        self.bucket_bytes = bucket_bytes
+        self.cfg = cfg
         self.version = "0"  # the version the fleet holds (= optimizer steps at the last push)
-        self.fleet: Optional[RolloutFleet] = None
-        self.weight_sync: Optional[WeightSync] = None
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.fleet: Optional[RolloutFleet] = None  # rank 0, once connected
+        self.sync: Optional[StagedWeightSync] = None  # rank 0, once connected
         self.around_push: Callable[[], ContextManager] = contextlib.nullcontext
-        # Rank 0: pushed weights by version, the fleet's current one and, during a push, the new one: a server
-        # restarted mid-push is brought to whichever version the fleet has recorded at that moment.
-        self._pushed: dict[str, NamedTensors] = {}
+        self._sender: Optional[WeightSender] = None  # stage source ranks, made at their first turn
+        # Control messages (plans, receipts) over gloo whatever the trainer's backend: no GPU sync for them.
+        self._group = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
 
-    def gather(self) -> NamedTensors:
-        """Collective: the current weights, HF-named, on rank 0 (an empty list elsewhere)."""
-        return gather_hf_weights(self.exporter)
+    # ---- wiring --------------------------------------------------------------------------------------
+    def connect(self, fleet: RolloutFleet, sync: StagedWeightSync) -> None:
+        """Rank 0: the fleet and the owner's side of its transport."""
+        self.fleet, self.sync = fleet, sync
 
-    def connect(self, fleet: RolloutFleet, weight_sync: WeightSync) -> None:
-        """Rank 0: where :meth:`push` sends to (once the fleet runs)."""
-        self.fleet, self.weight_sync = fleet, weight_sync
+    def _stage_sender(self) -> WeightSender:
+        if self._sender is None:
+            self._sender = make_sender(self.cfg, address=self._address())
+        return self._sender
 
-    def buckets_of(self, version: str) -> Iterator[Bucket]:
-        """Rank 0: the pushed weights of ``version`` in buckets (what a restarted server is brought to)."""
-        if version not in self._pushed:
-            raise WeightSyncError(f"weights of version {version} are not held (held: {sorted(self._pushed)})")
-        return iter_buckets(self._pushed[version], self.bucket_bytes)
+    def _address(self) -> str:
+        """Where servers reach this process: rank 0's configured address on rank 0's node, else this node's
+        (``VESPO_WEIGHT_SYNC_ADDR`` overrides)."""
+        if os.environ.get(ADDRESS_ENV):
+            return os.environ[ADDRESS_ENV]
+        if self.rank == 0 or self.cfg.master_address in ("127.0.0.1", "localhost"):
+            return self.cfg.master_address
+        return socket.gethostbyname(socket.gethostname())
 
-    def push(self, named: NamedTensors, version: str) -> None:
-        """Rank 0: send ``named`` to every server as ``version`` and check that each one that answers reports it.
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
 
-        A failed push leaves the fleet at the previous version (the transport restarts the servers it
-        half-updated, at the version the fleet recorded), so it is tried once more: a server that died
-        mid-push does not end the run. A server that is restarting meanwhile is brought to this version
-        by the fleet when it is back."""
-        with self.around_push():
-            self._pushed[version] = named
-            for attempt in range(1, PUSH_ATTEMPTS + 1):
-                try:
-                    self.weight_sync.push(iter_buckets(named, self.bucket_bytes), version)
-                    break
-                except RolloutError as exc:
-                    if attempt == PUSH_ATTEMPTS:
-                        if version != self.version:
-                            del self._pushed[version]
-                        raise
+    # ---- collectives (small objects only) --------------------------------------------------------------
+    def _broadcast(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def _all_gather(self, obj: Any) -> list:
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+    # ---- the push ---------------------------------------------------------------------------------------
+    def publish(self, version: str, restore_only: bool = False) -> PublishStats:
+        """Collective: the current weights to every server as ``version`` (``restore_only``: only to the
+        restarted servers that wait for weights, at the fleet's version); rank 0 then checks that every server
+        reports it. A failed push is tried once more (the fleet restarted what it half-updated)."""
+        for attempt in range(1, PUSH_ATTEMPTS + 1):
+            try:
+                stats = self._publish_once(str(version), restore_only)
+                break
+            except WeightSyncError as exc:
+                if attempt == PUSH_ATTEMPTS:
+                    raise
+                if self.rank == 0:
                     print(f"[weights] push of version {version} failed ({exc}); the fleet is back at version "
                           f"{self.version}; pushing again", flush=True)
-            for old in [v for v in self._pushed if v != version]:
-                del self._pushed[old]
-            self.version = version
-            reported = self.fleet.weight_versions()
-            if any(v != version for v in reported):
-                raise WeightSyncError(f"weight sync: pushed version {version}, servers report {reported}")
-            if not reported:
-                print(f"[weights] version {version}: no server answered (restarting); each gets it when it is back",
-                      flush=True)
+        if not restore_only:
+            self.version = str(version)
+        if self.rank == 0:
+            self._check_versions(str(version))
+        return stats
+
+    def catch_up(self) -> Optional[PublishStats]:
+        """Collective: when restarted servers wait for weights, push the fleet's version to them only. Call it
+        where the live model is that version (after a push, before the next optimizer step)."""
+        waiting = self._broadcast(bool(self.fleet.awaiting_weights()) if self.rank == 0 else None)
+        return self.publish(self.version, restore_only=True) if waiting else None
+
+    def _check_versions(self, version: str) -> None:
+        reported = self.fleet.weight_versions()
+        if any(v != version for v in reported):
+            raise WeightSyncError(f"weight sync: pushed version {version}, servers report {reported}")
+        if not reported:
+            print(f"[weights] version {version}: no server answered (restarting); each gets it when it is back",
+                  flush=True)
+
+    def _publish_once(self, version: str, restore_only: bool) -> PublishStats:
+        t0 = time.monotonic()
+        hold = self.around_push() if self.rank == 0 else contextlib.nullcontext()
+        with hold:
+            opened = None
+            if self.rank == 0:
+                try:
+                    opened = {"plan": self.sync.open_push(version, restore_only=restore_only)}
+                except Exception as exc:  # noqa: BLE001 -- every rank must learn it, then it is raised
+                    opened = {"error": f"{type(exc).__name__}: {exc}"}
+            opened = self._broadcast(opened)
+            if "error" in opened:
+                raise WeightSyncError(f"opening the push of version {version} failed: {opened['error']}")
+            plan: PushPlan = opened["plan"]
+            receipts, errors = self._stream(plan) if plan.targets or plan.directory else ([], [])
+            outcome = None
+            if self.rank == 0:
+                outcome = self._close_push(receipts, errors)
+            outcome = self._broadcast(outcome)
+        if "error" in outcome:
+            if self._sender is not None:
+                self._sender.reset()
+            raise WeightSyncError(outcome["error"])
+        return PublishStats(version=version, bytes=outcome["bytes"], seconds=time.monotonic() - t0,
+                            servers=len(plan.targets))
+
+    def _close_push(self, receipts: list[dict], errors: list[str]) -> dict:
+        """Rank 0: commit when every stage succeeded, else abort; what every rank is told."""
+        if errors:
+            try:
+                self.sync.abort_push()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"abort: {type(exc).__name__}: {exc}")
+            return {"error": "; ".join(errors)}
+        try:
+            return {"bytes": self.sync.commit_push(receipts)}
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"commit: {type(exc).__name__}: {exc}"}
+
+    def _stream(self, plan: PushPlan) -> tuple[list[dict], list[str]]:
+        """Every stage in turn sends its buckets through its source rank's sender; every rank returns the
+        receipts and errors of all stages (each turn ends with an all-gather of the stage's outcome)."""
+        receipts: list[dict] = []
+        errors: list[str] = []
+        exporter = self.exporter
+        for stage in range(exporter.num_stages):
+            mine: Optional[tuple[Optional[dict], Optional[str]]] = None
+            if stage == exporter.stage and not errors:
+                mine = self._send_stage(plan, last_stage=stage == exporter.num_stages - 1)
+            for outcome in self._all_gather(mine):
+                if outcome is None:
+                    continue
+                receipt, error = outcome
+                if error is not None:
+                    errors.append(error)
+                elif receipt is not None:
+                    receipts.append(receipt)
+            if errors:
+                break  # the later stages do not send; the push is aborted
+        return receipts, errors
+
+    def _send_stage(self, plan: PushPlan, last_stage: bool) -> tuple[Optional[dict], Optional[str]]:
+        """This rank's part of its stage's turn. Every rank of the stage walks the exporter to its end (its
+        point-to-point transfers are lockstep); the source rank also sends. Returns (receipt, error) on the
+        source rank, (None, None) elsewhere."""
+        exporter = self.exporter
+        sender = self._stage_sender() if exporter.is_leader else None
+        error: Optional[str] = None
+        try:
+            if sender is not None:
+                sender.begin(plan, exporter.stage)
+        except Exception as exc:  # noqa: BLE001
+            error = f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
+        count = len(exporter.buckets_plan)
+        for k, bucket in enumerate(exporter.buckets()):
+            if sender is not None and error is None:
+                try:
+                    sender.send(bucket, last=last_stage and k == count - 1)
+                except Exception as exc:  # noqa: BLE001 -- keep walking: the stage's other ranks are in lockstep
+                    error = f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
+            del bucket
+        if sender is None:
+            return None, None
+        if error is not None:
+            return None, error
+        try:
+            return sender.end(), None
+        except Exception as exc:  # noqa: BLE001
+            return None, f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
+
+    # ---- an HF directory, without a fleet -------------------------------------------------------------------
+    def export_hf_dir(self, directory: Path, write_config: Callable[[Path], None]) -> Path:
+        """Collective: the current weights as an HF directory (each stage's source rank writes its own
+        shards, rank 0 the index and ``write_config(dir)``'s files, then renames it into place). What the CPU
+        fleet boots from; a shared filesystem when the trainer spans nodes."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run
+            tmp.mkdir(parents=True)
+        self._broadcast(None)  # the directory exists before any stage writes into it
+        plan = PushPlan(version=self.version, directory=str(tmp))
+        writer = ShardWriter()
+        saved, self._sender = self._sender, writer
+        try:
+            receipts, errors = self._stream(plan)
+        finally:
+            self._sender = saved
+        if errors:
+            raise WeightSyncError(f"exporting {directory} failed: {'; '.join(errors)}")
+        result = None
+        if self.rank == 0:
+            try:
+                write_config(tmp)
+                commit_version_dir(tmp, receipts)  # the index, then the rename to ``directory``
+                result = {"ok": str(directory)}
+            except Exception as exc:  # noqa: BLE001
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+        result = self._broadcast(result)
+        if "error" in result:
+            raise WeightSyncError(f"exporting {directory} failed: {result['error']}")
+        return directory

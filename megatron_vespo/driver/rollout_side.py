@@ -2,8 +2,9 @@
 with its weight-sync transport.
 
 With ``rollout.fleet: null`` the fleet is ``rollout.cpu_servers`` CPU rollout servers booted from a
-directory holding exactly the trainer's initial weights (written here, at the trainer's version);
-a configured fleet boots from its own checkpoint and is then given the trainer's weights by a push.
+directory holding exactly the trainer's initial weights (written by every pipeline stage, see
+``WeightPublisher.export_hf_dir``), at the trainer's version; a configured fleet boots from its own
+checkpoint and is then given the trainer's weights by a push.
 """
 from __future__ import annotations
 
@@ -11,17 +12,14 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
-import torch
-
-from megatron_vespo.checkpoint.hf_io import write_hf_model_dir
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.data.dataset import PromptSampler, load_prompt_dataset, load_tokenizer
 from megatron_vespo.driver.evaluation import Evaluator
 from megatron_vespo.rewards.registry import Verifier, get_verifier
 from rollout_sglang.config import FleetConfig, ServerConfig
-from rollout_sglang.contracts import Bucket, WeightSync
+from rollout_sglang.contracts import StagedWeightSync
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.weight_sync import make_weight_sync
 from typed_config import ConfigError
@@ -57,14 +55,13 @@ class RolloutSide:
     verifier: Verifier
     evaluator: Optional[Evaluator]
     fleet: Fleet
-    weight_sync: WeightSync
+    weight_sync: StagedWeightSync
 
     @classmethod
-    def open(cls, cfg: RunConfig, initial: list[tuple[str, torch.Tensor]], version: str,
-             buckets_of: Callable[[str], Iterable[Bucket]], sampler_state: Optional[dict] = None) -> "RolloutSide":
+    def open(cls, cfg: RunConfig, initial_dir: Optional[Path], version: str,
+             sampler_state: Optional[dict] = None) -> "RolloutSide":
         """Load the data (continuing at ``sampler_state``, a resumed run's data position), start the fleet
-        (CPU servers boot from ``initial`` at ``version``) and its weight sync (``buckets_of``: the
-        weights of a pushed version, for a server the fleet restarts)."""
+        (CPU servers boot from ``initial_dir`` at ``version``) and the owner's side of its weight sync."""
         output_dir = Path(cfg.run.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(cfg.data)
@@ -78,21 +75,22 @@ class RolloutSide:
         evaluator = Evaluator(cfg, tokenizer) if cfg.eval.sets and cfg.eval.every_steps else None
 
         if cfg.rollout.fleet is None:
-            config_dir = write_hf_model_dir(initial, cfg.model, output_dir / "initial_hf")
+            config_dir = Path(initial_dir)
             fleet_cfg = cpu_fleet_config(cfg, config_dir, version)
         else:
             fleet_cfg = cfg.rollout.fleet
             config_dir = Path(fleet_cfg.servers[0].model_path)
         t0 = time.monotonic()
         fleet = Fleet(fleet_cfg).start()
+        if cfg.rollout.fleet is None:  # a complete export of this version: a restarted server reloads it
+            fleet.record_weights(version, disk_path=str(config_dir))
         print(f"[fleet] {len(fleet_cfg.servers)} server(s) behind {fleet.router_url} "
               f"({time.monotonic() - t0:.1f}s)", flush=True)
         ws = cfg.rollout.weight_sync
         if ws.transport == "disk" and not ws.disk_dir:
             ws = dataclasses.replace(ws, disk_dir=str(output_dir / "weights"))
         try:
-            weight_sync = make_weight_sync(fleet, ws, config_dir=str(config_dir) if config_dir.is_dir() else None,
-                                           state_provider=buckets_of)
+            weight_sync = make_weight_sync(fleet, ws, config_dir=str(config_dir) if config_dir.is_dir() else None)
         except BaseException:
             fleet.stop()
             raise

@@ -38,6 +38,8 @@ class SyncRLDriver(RLDriver):
         return self.cfg.run.rollout_steps
 
     def run_step(self, step: int) -> bool:
+        # A server restarted since the last push waits for weights: the live model still is that version here.
+        self.restore_restarted_servers()
         batch = self.from_driver(lambda: self._rollout(step))
         steps_before = self.state.optimizer_steps
         records = self._train(batch["mini_batches"], batch["metrics"])

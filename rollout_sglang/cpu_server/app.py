@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from aiohttp import web
 
 from rollout_sglang.cpu_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_REQUEST_SAMPLES
@@ -173,6 +174,8 @@ class CpuRolloutApp:
         ]
         for method, path, handler in routes:
             self.app.router.add_route(method, path, handler)
+        for method in ("GET", "POST"):  # SGLang's test-only read of a parameter (api_route: both methods)
+            self.app.router.add_route(method, "/get_weights_by_name", self.get_weights_by_name)
         self.app.on_shutdown.append(self._on_shutdown)
 
     @staticmethod
@@ -528,6 +531,27 @@ class CpuRolloutApp:
             self.engine.abort(None)
         self.engine.weight_version = str(_field(body, "new_version", (str, int)))
         return web.json_response({"success": True, "message": "updated", "weight_version": self.engine.weight_version})
+
+    async def get_weights_by_name(self, request: web.Request) -> web.Response:
+        """SGLang's ``/get_weights_by_name`` (``GetWeightsByNameReqInput``: ``name``, ``truncate_size`` = 100):
+        the checkpoint-named tensor as float32 values, its first ``truncate_size`` rows (a tied lm_head is
+        the embedding). For tests: fp32 values survive JSON exactly, so weights can be compared bitwise."""
+        body = await _json_body(request)
+        name = _field(body, "name", str)
+        truncate = _field(body, "truncate_size", int, required=False, default=100)
+
+        def read() -> list:
+            with self.engine.model_lock:
+                dst = self.engine.weight_destination(name)
+                if dst is None:  # tied lm_head.weight
+                    dst = self.engine.weight_destination("model.embed_tokens.weight")
+                return dst.detach().to(torch.float32).numpy().tolist()[:truncate]
+
+        try:
+            values = await asyncio.to_thread(read)
+        except ValueError as exc:
+            return _error(400, f"Get parameter by name failed: {exc}")
+        return web.json_response(values)
 
 
 def _resolve(fut: asyncio.Future, value: Any) -> None:

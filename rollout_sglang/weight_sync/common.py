@@ -1,20 +1,23 @@
 """What every weight-sync transport shares: size-bounded buckets of HF-named tensors, the check of a
-server's answer to an update call, SGLang's weight-update session, and the restart of servers that a
-failed update left half-updated."""
+server's answer to an update call, SGLang's weight-update session, the restart of servers that a
+failed update left half-updated, and the open/commit bookkeeping of a push whose buckets come from
+other processes (:class:`OpenPush`)."""
 from __future__ import annotations
 
 import contextlib
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import torch
 
 from rollout_sglang import engine_api as api
-from rollout_sglang.contracts import Bucket
+from rollout_sglang.contracts import Bucket, PushTarget
 from rollout_sglang.errors import WeightSyncError
-from rollout_sglang.fleet import Fleet, ManagedServer
+from rollout_sglang.fleet import Fleet, ManagedServer, RestoreDeferred, WeightState
+from rollout_sglang.net import http_json
 
 T = TypeVar("T")
 
@@ -76,7 +79,8 @@ def flatten_bucket(bucket: Bucket) -> torch.Tensor:
     return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
 
 
-def check_update_response(server: ManagedServer, route: api.Route, status: int, data: object) -> None:
+def check_update_response(server: Union[ManagedServer, PushTarget], route: api.Route, status: int,
+                          data: object) -> None:
     """Raise :class:`WeightSyncError` naming the server unless it answered 200 without ``success: false``."""
     if status != 200 or not isinstance(data, dict) or data.get("success") is False:
         raise WeightSyncError(f"server {server.index} ({server.url}){route.path}: HTTP {status}: {str(data)[:300]}")
@@ -126,3 +130,63 @@ def restart_half_updated(fleet: Fleet, servers: list[ManagedServer]) -> None:
             if server.state != "failed":
                 server.state = "dead"  # the supervisor keeps trying
             fleet.terminate(server)
+
+
+def push_target(server: ManagedServer) -> PushTarget:
+    """How a sender in another process reaches ``server``."""
+    return PushTarget(index=server.index, url=server.url, tp=server.cfg.tp)
+
+
+def post(target: PushTarget, route: api.Route, body: dict, timeout_s: float = 600.0) -> tuple[int, object]:
+    """One call to one server from any process (a sender has no fleet); raises OSError when unreachable."""
+    return http_json(route.method, target.url + route.path, body, timeout_s=timeout_s)
+
+
+def defer_to_next_push(server: ManagedServer, weights: WeightState) -> None:
+    """Fleet restorer of the streaming transports: without a disk copy of the fleet's version, the weights
+    exist only in the live trainer, so the restarted server waits for the next push (see ``Fleet``)."""
+    if weights.disk_path is not None:
+        raise NotImplementedError  # the fleet's own disk restorer reloads the last complete export
+    raise RestoreDeferred
+
+
+@dataclass
+class OpenPush:
+    """The fleet owner's state of one push between ``open_push`` and ``commit_push`` / ``abort_push``:
+    the servers it updates (those paused by ``Fleet.updating`` and the restarted ones waiting for weights),
+    and the context that continues generation when it closes."""
+
+    version: str
+    servers: list[ManagedServer]
+    awaiting: list[ManagedServer]
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @classmethod
+    def open(cls, fleet: Fleet, version: str, pause_mode: str, restore_only: bool) -> "OpenPush":
+        """Take ``update_lock`` and pause (unless ``restore_only``: only the waiting servers, nobody paused)."""
+        stack = contextlib.ExitStack()
+        try:
+            if restore_only:
+                stack.enter_context(fleet.update_lock)
+                paused: list[ManagedServer] = []
+            else:
+                paused = stack.enter_context(fleet.updating(pause_mode))
+            awaiting = [s for s in fleet.awaiting_weights() if s not in paused]
+        except BaseException:
+            stack.close()
+            raise
+        return cls(version=str(version), servers=paused + awaiting, awaiting=awaiting, stack=stack)
+
+    def register_restored(self, fleet: Fleet) -> None:
+        """After a committed push: the waiting servers it brought to the version go back behind the router."""
+        for server in self.awaiting:
+            try:
+                fleet.register_restored(server)
+            except Exception as exc:  # noqa: BLE001 -- it is the supervisor's again
+                logger.error("server %d: not registered after its restore: %s", server.index, exc)
+                fleet.take_out(server)
+                fleet.terminate(server)
+                server.state = "dead"
+
+    def close(self) -> None:
+        self.stack.close()

@@ -1,141 +1,146 @@
-"""Distributed transport: broadcast buckets over a process group of {trainer rank 0} ∪ {every
-server's ranks}, formed exactly as SGLang forms its side (:mod:`rollout_sglang.process_group`; the HTTP
-``/init_weights_update_group`` calls and the trainer's own group creation run concurrently), while
-each server waits in ``/update_weights_from_distributed``. gloo on CPU, NCCL on GPUs.
+"""Distributed transport: every pipeline stage of the trainer broadcasts its own buckets to the servers.
 
-Per push (SGLang's order): pause -> (re)form the group when the membership changed ->
-``begin_weight_update`` -> one ``update_weights_from_distributed`` per bucket, the last carrying the
-version -> ``end_weight_update`` -> flush -> continue. With the NCCL backend every bucket is sent from
-this process's CUDA device (a CPU tensor cannot go through NCCL). A flattened bucket holds one dtype
-(``common.one_dtype_buckets``).
+Two halves, so that no process ever holds more than its stage's current bucket:
 
-A failed collective leaves the group unusable and the servers half-updated: the group is dropped and
-the servers restarted at the last good version. A server the fleet restarts is brought to the current
-weights through a one-off group of two, from ``state_provider`` (the buckets of the fleet's version).
+- :class:`BroadcastSender` runs on a stage's source rank (any trainer process, any node). It forms one
+  process group with every target server's ranks, exactly as SGLang forms its side
+  (:mod:`rollout_sglang.process_group`): it hosts the rendezvous (rank 0 of the group) while its HTTP
+  ``/init_weights_update_group`` calls ask each server to join; then per bucket it calls
+  ``/update_weights_from_distributed`` on every server (names, dtypes, shapes) and broadcasts the
+  tensors while they wait in it. gloo on CPU, NCCL on GPUs.
+- :class:`DistributedWeightSync` runs where the fleet is (trainer rank 0). It opens a push (pause,
+  ``/begin_weight_update``) and says which servers the senders update and under which group names
+  (:class:`~rollout_sglang.contracts.PushPlan`), and commits it (``/end_weight_update``, flush,
+  version, continue) or, when a sender failed, restarts the half-updated servers at the last good
+  version.
+
+One group per stage (``<prefix>_pp<stage>``), kept across pushes while the membership is the same.
+The caller sends the stages one after another: SGLang's scheduler handles one update call at a time,
+so two stages broadcasting at once could each wait for a server busy with the other's group. Only the
+last bucket of the last stage carries the version.
+
+A restarted server cannot be restored from here (the weights exist only in the live trainer): it waits
+outside the router until the next push includes it (``common.defer_to_next_push``).
+
+``push(buckets, version)`` (the :class:`~rollout_sglang.contracts.WeightSync` contract) does all of it
+in this process, for callers that hold the buckets themselves (tests, tools, benchmarks).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from rollout_sglang import engine_api as api
 from rollout_sglang.config import WeightSyncConfig
-from rollout_sglang.contracts import Bucket
+from rollout_sglang.contracts import Bucket, PushPlan, PushTarget
 from rollout_sglang.errors import WeightSyncError
-from rollout_sglang.fleet import Fleet, ManagedServer, WeightState
+from rollout_sglang.fleet import Fleet, ManagedServer
 from rollout_sglang.net import find_free_port
 from rollout_sglang.process_group import destroy_custom_process_group, init_custom_process_group
 from rollout_sglang.weight_sync.common import (
-    check_update_response, dtype_name, flatten_bucket, one_dtype_buckets, restart_half_updated,
-    weight_update_session, with_last,
+    OpenPush, check_update_response, call_checked, defer_to_next_push, dtype_name, flatten_bucket,
+    one_dtype_buckets, post, push_target, restart_half_updated, with_last,
 )
 
+logger = logging.getLogger(__name__)
 
-class DistributedWeightSync:
-    """Trainer side of the broadcast transport; call :meth:`push` after each optimizer round.
 
-    ``state_provider`` (optional) returns a version's weights as buckets; with it, a server restarted
-    by the fleet is brought to the current weights through its own one-off group.
+def stage_group_name(prefix: str, stage: int) -> str:
+    return f"{prefix}_pp{stage}"
+
+
+class BroadcastSender:
+    """A stage's source of buckets for the broadcast transport (see the module docstring).
+
+    ``address``: where the servers reach this process to join its group (default
+    ``cfg.master_address``; a stage on another node passes its own). ``device``: where tensors are
+    sent from (NCCL needs CUDA tensors; default: the current CUDA device with NCCL, in place with gloo).
     """
 
-    def __init__(self, fleet: Fleet, cfg: WeightSyncConfig,
-                 state_provider: Optional[Callable[[str], Iterable[Bucket]]] = None):
+    def __init__(self, cfg: WeightSyncConfig, address: Optional[str] = None, port: Optional[int] = None,
+                 device: Optional[torch.device] = None):
         if cfg.backend == "nccl" and not torch.cuda.is_available():
             raise WeightSyncError("weight_sync.backend=nccl: NCCL sends from a CUDA device and none is available "
                                   "here; use backend 'gloo'")
-        self.fleet = fleet
         self.cfg = cfg
-        self.state_provider = state_provider
-        # Where the tensors are sent from: NCCL takes CUDA tensors only, gloo takes them where they are.
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.backend == "nccl" else None
+        self.address = address or cfg.master_address
+        self.port = cfg.master_port if port is None else port
+        if device is None and cfg.backend == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self._group: Optional[torch.distributed.ProcessGroup] = None
         self._group_name = ""
-        self._members: list[ManagedServer] = []
-        self._member_ids: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
-        if state_provider is not None:
-            fleet.add_restorer(self._restore)
+        self._members: tuple[PushTarget, ...] = ()
+        self._version = ""
+        self._sent = 0
+        self._pool: Optional[ThreadPoolExecutor] = None
 
-    # ---- group management ----------------------------------------------------------------------
-    def _form_group(self, servers: list[ManagedServer], group_name: str) -> torch.distributed.ProcessGroup:
-        """Create the group: HTTP init on every server and our rank-0 creation, concurrently."""
-        port = self.cfg.master_port or find_free_port(self.cfg.master_address)
+    # ---- the group ------------------------------------------------------------------------------
+    def _form(self, targets: tuple[PushTarget, ...], name: str) -> torch.distributed.ProcessGroup:
+        """HTTP init on every server and our own rank-0 creation, concurrently; fail fast on a refusal."""
+        port = self.port or find_free_port(self.address)
         offsets, world = [], 1
-        for s in servers:
+        for t in targets:
             offsets.append(world)
-            world += s.cfg.tp
-        pool = ThreadPoolExecutor(len(servers) + 1)
-        futures = [pool.submit(self.fleet.call, s, api.INIT_WEIGHTS_UPDATE_GROUP, api.init_group_body(
-            master_address=self.cfg.master_address, master_port=port, rank_offset=off, world_size=world,
-            group_name=group_name, backend=self.cfg.backend), timeout_s=self.cfg.group_timeout_s + 30)
-            for s, off in zip(servers, offsets)]
-        ours = pool.submit(init_custom_process_group, backend=self.cfg.backend, master_address=self.cfg.master_address,
-                           master_port=port, world_size=world, rank=0, group_name=group_name,
+            world += t.tp
+        pool = ThreadPoolExecutor(len(targets) + 1)
+        futures = [pool.submit(post, t, api.INIT_WEIGHTS_UPDATE_GROUP, api.init_group_body(
+            master_address=self.address, master_port=port, rank_offset=off, world_size=world,
+            group_name=name, backend=self.cfg.backend), self.cfg.group_timeout_s + 30)
+            for t, off in zip(targets, offsets)]
+        ours = pool.submit(init_custom_process_group, backend=self.cfg.backend, master_address=self.address,
+                           master_port=port, world_size=world, rank=0, group_name=name,
                            timeout_s=self.cfg.group_timeout_s)
         try:
-            # Fail fast if a server refuses to join, instead of waiting out the rendezvous timeout.
-            while not ours.done():
-                for s, fut in zip(servers, futures):
+            while not ours.done():  # a server that refuses never joins: notice it instead of waiting out the timeout
+                for t, fut in zip(targets, futures):
                     if fut.done():
-                        status, data = fut.result()
-                        check_update_response(s, api.INIT_WEIGHTS_UPDATE_GROUP, status, data)
+                        check_update_response(t, api.INIT_WEIGHTS_UPDATE_GROUP, *fut.result())
                 time.sleep(0.02)
             try:
                 group = ours.result()
             except Exception as exc:
-                raise WeightSyncError(f"creating weight-sync group {group_name!r} (world {world}) failed: {exc}") from exc
-            for s, fut in zip(servers, futures):
-                status, data = fut.result()
-                check_update_response(s, api.INIT_WEIGHTS_UPDATE_GROUP, status, data)
+                raise WeightSyncError(f"creating weight-sync group {name!r} (world {world}) failed: {exc}") from exc
+            for t, fut in zip(targets, futures):
+                check_update_response(t, api.INIT_WEIGHTS_UPDATE_GROUP, *fut.result())
         except Exception as exc:
             pool.shutdown(wait=False, cancel_futures=True)
             if isinstance(exc, WeightSyncError):
                 raise
-            raise WeightSyncError(f"joining servers to {group_name!r} failed: {exc}") from exc
+            raise WeightSyncError(f"joining servers to {name!r} failed: {exc}") from exc
         pool.shutdown(wait=True)
         return group
 
-    def connect(self) -> None:
-        """(Re)form the group over the currently healthy servers."""
-        with self._lock:
-            self._disconnect_locked()
-            servers = self.fleet.healthy_servers()
-            if not servers:
-                raise WeightSyncError("no healthy servers to connect to")
-            name = f"{self.cfg.group_name}_{uuid.uuid4().hex[:8]}"
-            self._group = self._form_group(servers, name)
-            self._group_name = name
-            self._members = servers
-            self._member_ids = self._identity(servers)
-
-    def _disconnect_locked(self) -> None:
+    def _leave(self) -> None:
+        """Destroy our group here and, best effort, on its members (a restarted one no longer has it)."""
         if self._group is None:
             return
-        live = [s for s, ident in zip(self._members, self._member_ids)
-                if s.state == "healthy" and s.alive() and self._identity([s])[0] == ident]
-        self.fleet.call_all(api.DESTROY_WEIGHTS_UPDATE_GROUP, api.destroy_group_body(self._group_name), servers=live)
+        for t in self._members:
+            try:
+                post(t, api.DESTROY_WEIGHTS_UPDATE_GROUP, api.destroy_group_body(self._group_name), timeout_s=30)
+            except OSError:
+                pass
         destroy_custom_process_group(self._group)
-        self._group, self._members, self._member_ids = None, [], []
+        self._group, self._group_name, self._members = None, "", ()
 
-    def close(self) -> None:
-        with self._lock:
-            self._disconnect_locked()
+    # ---- WeightSender ---------------------------------------------------------------------------
+    def begin(self, plan: PushPlan, stage: int) -> None:
+        name = stage_group_name(plan.group_prefix, stage)
+        if self._group is None or name != self._group_name or plan.targets != self._members:
+            self._leave()
+            if plan.targets:
+                self._group = self._form(plan.targets, name)
+                self._group_name, self._members = name, plan.targets
+        self._version, self._sent = plan.version, 0
+        if self._pool is None and plan.targets:
+            self._pool = ThreadPoolExecutor(len(plan.targets))
 
-    @staticmethod
-    def _identity(servers: list[ManagedServer]) -> list[tuple[int, int]]:
-        # A restarted server is a new process that is not in the old group: compare pids too.
-        return [(s.index, s.proc.pid if s.proc is not None else -1) for s in servers]
-
-    def _membership_current(self) -> bool:
-        healthy = self.fleet.healthy_servers()
-        return self._identity(healthy) == self._member_ids and all(s.alive() for s in healthy)
-
-    # ---- pushing -------------------------------------------------------------------------------
     def _sendable(self, bucket: Bucket) -> list[torch.Tensor]:
         """The tensors one broadcast sends for ``bucket``, on the backend's device."""
         tensors = [t.detach() if self.device is None else t.detach().to(self.device, non_blocking=True)
@@ -144,67 +149,147 @@ class DistributedWeightSync:
             return [flatten_bucket([(name, t) for (name, _), t in zip(bucket, tensors)])]
         return [t.contiguous() for t in tensors]
 
-    def _broadcast(self, group, group_name: str, servers: list[ManagedServer], buckets: Iterable[Bucket],
-                   version: str) -> int:
-        total = 0
-        if self.cfg.flattened_bucket:
-            buckets = one_dtype_buckets(buckets, self.cfg.bucket_bytes)
+    def send(self, bucket: Bucket, last: bool) -> None:
+        if not self._members:
+            return
+        parts = one_dtype_buckets([bucket], self.cfg.bucket_bytes) if self.cfg.flattened_bucket else [bucket]
+        for part, last_part in with_last(parts):
+            self._broadcast(part, self._version if last and last_part else None)
+
+    def _broadcast(self, bucket: Bucket, version: Optional[str]) -> None:
         route = api.UPDATE_WEIGHTS_FROM_DISTRIBUTED
-        with ThreadPoolExecutor(len(servers)) as pool:
-            for bucket, last in with_last(buckets):
-                body = api.distributed_update_body(
-                    names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
-                    shapes=[list(t.shape) for _, t in bucket], group_name=group_name,
-                    weight_version=version if last else None,  # the version changes once every tensor is in
-                    flattened=self.cfg.flattened_bucket)
-                futures = [pool.submit(self.fleet.call, s, route, body, 600) for s in servers]
-                sending = self._sendable(bucket)
-                handles = [torch.distributed.broadcast(t, group=group, group_src=0, async_op=True) for t in sending]
-                # A server that refused the request never joins the collective: notice it instead of hanging.
-                while not all(h.is_completed() for h in handles):
-                    for s, fut in zip(servers, futures):
-                        if fut.done():
-                            status, data = fut.result()
-                            check_update_response(s, route, status, data)
-                    time.sleep(0.0005)
-                for h in handles:
-                    h.wait()
-                total += sum(t.numel() * t.element_size() for t in sending)
-                for s, fut in zip(servers, futures):
-                    status, data = fut.result()
-                    check_update_response(s, route, status, data)
-        return total
+        body = api.distributed_update_body(
+            names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
+            shapes=[list(t.shape) for _, t in bucket], group_name=self._group_name,
+            weight_version=version,  # the version changes once every tensor is in
+            flattened=self.cfg.flattened_bucket)
+        futures = [self._pool.submit(post, t, route, body, 600) for t in self._members]
+        sending = self._sendable(bucket)
+        handles = [torch.distributed.broadcast(t, group=self._group, group_src=0, async_op=True) for t in sending]
+        # A server that refused the request never joins the collective: notice it instead of hanging.
+        while not all(h.is_completed() for h in handles):
+            for t, fut in zip(self._members, futures):
+                if fut.done():
+                    check_update_response(t, route, *fut.result())
+            time.sleep(0.0005)
+        for h in handles:
+            h.wait()
+        for t, fut in zip(self._members, futures):
+            check_update_response(t, route, *fut.result())
+        self._sent += sum(t.numel() * t.element_size() for t in sending)
 
-    def push(self, buckets: Iterable[Bucket], version: str) -> int:
-        """Broadcast every bucket to every healthy server; returns the bytes sent."""
-        with self.fleet.updating(self.cfg.pause_mode) as servers:
-            if not servers:  # every server is restarting: each is brought to this version when it is back
-                self.fleet.record_weights(str(version), disk_path=None)
-                return 0
-            if self._group is None or not self._membership_current():
-                self.connect()  # a server died or came back since the group was formed
-            with self._lock:
-                try:
-                    with weight_update_session(self.fleet, self._members):
-                        sent = self._broadcast(self._group, self._group_name, self._members, buckets, str(version))
-                    self.fleet.flush_cache(self._members)
-                except Exception:
-                    members = list(self._members)
-                    self._disconnect_locked()  # a failed collective leaves the group unusable
-                    restart_half_updated(self.fleet, members)
-                    raise
-            self.fleet.record_weights(str(version), disk_path=None)
-        return sent
+    def end(self) -> dict:
+        return {"bytes": self._sent}
 
-    def _restore(self, server: ManagedServer, weights: WeightState) -> None:
-        """Bring one restarted server to the current weights through a one-off group of two."""
-        if self.state_provider is None or weights.disk_path is not None:
-            raise NotImplementedError
-        name = f"{self.cfg.group_name}_restore_{uuid.uuid4().hex[:8]}"
-        group = self._form_group([server], name)
+    def reset(self) -> None:
+        """A failed collective leaves the group unusable (and its servers are being restarted)."""
+        if self._group is not None:
+            destroy_custom_process_group(self._group)
+        self._group, self._group_name, self._members = None, "", ()
+
+    def close(self) -> None:
+        self._leave()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+class DistributedWeightSync:
+    """The fleet owner's side of the broadcast transport (see the module docstring)."""
+
+    def __init__(self, fleet: Fleet, cfg: WeightSyncConfig):
+        if cfg.backend == "nccl" and not torch.cuda.is_available():
+            raise WeightSyncError("weight_sync.backend=nccl: NCCL sends from a CUDA device and none is available "
+                                  "here; use backend 'gloo'")
+        self.fleet = fleet
+        self.cfg = cfg
+        self._prefix = ""
+        self._member_ids: list[tuple[int, int]] = []
+        self._open: Optional[OpenPush] = None
+        self._local: Optional[BroadcastSender] = None
+        self._lock = threading.Lock()
+        fleet.add_restorer(defer_to_next_push)
+
+    @staticmethod
+    def _identity(servers: list[ManagedServer]) -> list[tuple[int, int]]:
+        # A restarted server is a new process that is not in the old groups: compare pids too.
+        return [(s.index, s.proc.pid if s.proc is not None else -1) for s in servers]
+
+    # ---- StagedWeightSync -----------------------------------------------------------------------
+    def open_push(self, version: str, restore_only: bool = False) -> PushPlan:
+        if self._open is not None:
+            raise WeightSyncError("a push is already open")
+        push = OpenPush.open(self.fleet, version, self.cfg.pause_mode, restore_only)
         try:
-            with weight_update_session(self.fleet, [server]):
-                self._broadcast(group, name, [server], self.state_provider(weights.version), weights.version)
+            if push.servers:
+                call_checked(self.fleet, push.servers, api.BEGIN_WEIGHT_UPDATE, api.begin_weight_update_body(),
+                             timeout_s=120)
+        except Exception:
+            restart_half_updated(self.fleet, push.servers)
+            push.close()
+            raise
+        identity = self._identity(push.servers)
+        if identity != self._member_ids:  # new groups for the new membership
+            self._prefix = f"{self.cfg.group_name}_{uuid.uuid4().hex[:8]}"
+            self._member_ids = identity
+        self._open = push
+        return PushPlan(version=str(version), targets=tuple(push_target(s) for s in push.servers),
+                        group_prefix=self._prefix)
+
+    def commit_push(self, receipts: list[dict]) -> int:
+        push, self._open = self._open, None
+        try:
+            if push.servers:
+                try:
+                    call_checked(self.fleet, push.servers, api.END_WEIGHT_UPDATE, api.end_weight_update_body())
+                    self.fleet.flush_cache(push.servers)
+                except Exception:
+                    self._forget_groups()
+                    restart_half_updated(self.fleet, push.servers)
+                    raise
+            # With no server to take it (all restarting) the version is still the fleet's: each gets it when back.
+            self.fleet.record_weights(push.version, disk_path=None)
+            push.register_restored(self.fleet)
         finally:
-            self.fleet.call(server, api.DESTROY_WEIGHTS_UPDATE_GROUP, api.destroy_group_body(name), timeout_s=30)
-            destroy_custom_process_group(group)
+            push.close()
+        return sum(int(r.get("bytes", 0)) for r in receipts if r)
+
+    def abort_push(self) -> None:
+        push, self._open = self._open, None
+        if push is None:
+            return
+        try:
+            self._forget_groups()
+            restart_half_updated(self.fleet, push.servers)
+        finally:
+            push.close()
+
+    def _forget_groups(self) -> None:
+        """The next push forms new groups (the failed ones are unusable)."""
+        self._prefix, self._member_ids = "", []
+
+    def sender(self) -> BroadcastSender:
+        return BroadcastSender(self.cfg)
+
+    # ---- WeightSync: everything in this process ---------------------------------------------------
+    def push(self, buckets: Iterable[Bucket], version: str) -> int:
+        """Broadcast every bucket to every healthy server (and the restarted ones that wait); bytes sent."""
+        with self._lock:
+            plan = self.open_push(str(version))
+            if self._local is None:
+                self._local = self.sender()
+            try:
+                self._local.begin(plan, 0)
+                for bucket, last in with_last(buckets):
+                    self._local.send(bucket, last)
+                receipt = self._local.end()
+            except Exception:
+                self._local.reset()
+                self.abort_push()
+                raise
+            return self.commit_push([receipt])
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None

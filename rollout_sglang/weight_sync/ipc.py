@@ -14,17 +14,18 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from rollout_sglang import engine_api as api
 from rollout_sglang.config import WeightSyncConfig
-from rollout_sglang.contracts import Bucket
+from rollout_sglang.contracts import Bucket, PushPlan
 from rollout_sglang.errors import WeightSyncError
-from rollout_sglang.fleet import Fleet, ManagedServer, WeightState
+from rollout_sglang.fleet import Fleet
 from rollout_sglang.weight_sync.common import (
-    check_update_response, one_dtype_buckets, restart_half_updated, weight_update_session, with_last,
+    OpenPush, call_checked, check_update_response, defer_to_next_push, one_dtype_buckets, post, push_target,
+    restart_half_updated, with_last,
 )
 
 # SGLang's /update_weights_from_tensor takes ``serialized_named_tensors``: one string per TP rank of
@@ -123,18 +124,67 @@ def _is_local_address(host: str) -> bool:
         return False
 
 
+class IPCSender:
+    """A stage's source of buckets for the IPC transport: every bucket made resident on this process's CUDA
+    device, pickled as IPC handles (once per TP rank of each engine: each rank maps the trainer's memory and
+    copies what it needs) and posted to every target's ``/update_weights_from_tensor``. The bucket stays
+    alive until every server answered."""
+
+    def __init__(self, cfg: WeightSyncConfig):
+        if not torch.cuda.is_available():
+            raise WeightSyncError("weight_sync.transport=ipc: CUDA IPC needs a CUDA device and none is available "
+                                  "here; use transport 'disk' or 'distributed'")
+        self.cfg = cfg
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self._plan: Optional[PushPlan] = None
+        self._sent = 0
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def begin(self, plan: PushPlan, stage: int) -> None:
+        self._plan, self._sent = plan, 0
+        if self._pool is None and plan.targets:
+            self._pool = ThreadPoolExecutor(len(plan.targets))
+
+    def send(self, bucket: Bucket, last: bool) -> None:
+        if not self._plan.targets:
+            return
+        flattened = self.cfg.ipc_flattened_bucket
+        route = api.UPDATE_WEIGHTS_FROM_TENSOR
+        parts = one_dtype_buckets([bucket], self.cfg.bucket_bytes) if flattened else [bucket]
+        for part, last_part in with_last(parts):
+            resident = [(name, t.detach().to(self.device, non_blocking=True)) for name, t in part]
+            payload, keep_alive = ipc_update_payload(resident, flattened=flattened)
+            torch.cuda.current_stream(self.device).synchronize()  # the engine reads on its own stream
+            version = self._plan.version if last and last_part else None
+            futures = [self._pool.submit(post, t, route, api.tensor_update_body(
+                per_rank_payloads(payload, t.tp), flattened=flattened, weight_version=version), 600)
+                for t in self._plan.targets]
+            for t, fut in zip(self._plan.targets, futures):
+                check_update_response(t, route, *fut.result())
+            self._sent += sum(x.numel() * x.element_size() for x in keep_alive)
+            del payload, keep_alive, resident
+        torch.cuda.ipc_collect()  # release the IPC reference counts the engines have dropped
+
+    def end(self) -> dict:
+        return {"bytes": self._sent}
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
 class IPCWeightSync:
-    """CUDA-IPC transport for engines colocated with the trainer (same node, GPUs visible to both).
+    """The fleet owner's side of the IPC transport (engines on this node that see the trainer's GPUs).
 
-    Every bucket is made resident on this process's current CUDA device, pickled as IPC handles (once
-    per TP rank of each engine: each rank maps the trainer's memory and copies what it needs) and
-    posted to every server's ``/update_weights_from_tensor``. The bucket stays alive until every
-    server answered. ``state_provider`` (optional) lets a restarted server
-    be brought to the current weights the same way.
-    """
+    Opens a push (pause, ``/begin_weight_update``), lets the stages' :class:`IPCSender` s post their
+    buckets, commits (``/end_weight_update``, flush, version) or restarts the half-updated servers. A
+    restarted server waits for the next push (no copy of the weights is kept)."""
 
-    def __init__(self, fleet: Fleet, cfg: WeightSyncConfig,
-                 state_provider: Optional[Callable[[str], Iterable[Bucket]]] = None):
+    def __init__(self, fleet: Fleet, cfg: WeightSyncConfig):
         if not torch.cuda.is_available():
             raise WeightSyncError("weight_sync.transport=ipc: CUDA IPC needs a CUDA device and none is available "
                                   "here; use transport 'disk' or 'distributed'")
@@ -152,53 +202,65 @@ class IPCWeightSync:
                                   f"its memory; {', '.join(blind)} do not")
         self.fleet = fleet
         self.cfg = cfg
-        self.state_provider = state_provider
-        if state_provider is not None:
-            fleet.add_restorer(self._restore)
+        self._open: Optional[OpenPush] = None
+        fleet.add_restorer(defer_to_next_push)
 
-    def _send(self, servers: list[ManagedServer], buckets: Iterable[Bucket], version: str) -> int:
-        sent = 0
-        flattened = self.cfg.ipc_flattened_bucket
-        route = api.UPDATE_WEIGHTS_FROM_TENSOR
-        with ThreadPoolExecutor(len(servers)) as pool:
-            for bucket, last in with_last(one_dtype_buckets(buckets, self.cfg.bucket_bytes)):
-                resident = [(name, t.detach().to(self.device, non_blocking=True)) for name, t in bucket]
-                payload, keep_alive = ipc_update_payload(resident, flattened=flattened)
-                torch.cuda.current_stream(self.device).synchronize()  # the engine reads on its own stream
-                futures = []
-                for s in servers:
-                    body = api.tensor_update_body(per_rank_payloads(payload, s.cfg.tp), flattened=flattened,
-                                                  weight_version=version if last else None)
-                    futures.append(pool.submit(self.fleet.call, s, route, body, 600))
-                for s, fut in zip(servers, futures):
-                    status, data = fut.result()
-                    check_update_response(s, route, status, data)
-                sent += sum(t.numel() * t.element_size() for t in keep_alive)
-                del payload, keep_alive, resident
-        torch.cuda.ipc_collect()  # release the IPC reference counts the engines have dropped
-        return sent
+    def open_push(self, version: str, restore_only: bool = False) -> PushPlan:
+        push = OpenPush.open(self.fleet, version, self.cfg.pause_mode, restore_only)
+        try:
+            if push.servers:
+                call_checked(self.fleet, push.servers, api.BEGIN_WEIGHT_UPDATE, api.begin_weight_update_body(),
+                             timeout_s=120)
+        except Exception:
+            restart_half_updated(self.fleet, push.servers)
+            push.close()
+            raise
+        self._open = push
+        return PushPlan(version=str(version), targets=tuple(push_target(s) for s in push.servers))
+
+    def commit_push(self, receipts: list[dict]) -> int:
+        push, self._open = self._open, None
+        try:
+            if push.servers:
+                try:
+                    call_checked(self.fleet, push.servers, api.END_WEIGHT_UPDATE, api.end_weight_update_body())
+                    self.fleet.flush_cache(push.servers)
+                except Exception:
+                    restart_half_updated(self.fleet, push.servers)
+                    raise
+            self.fleet.record_weights(push.version, disk_path=None)
+            push.register_restored(self.fleet)
+        finally:
+            push.close()
+        return sum(int(r.get("bytes", 0)) for r in receipts if r)
+
+    def abort_push(self) -> None:
+        push, self._open = self._open, None
+        if push is None:
+            return
+        try:
+            restart_half_updated(self.fleet, push.servers)
+        finally:
+            push.close()
+
+    def sender(self) -> IPCSender:
+        return IPCSender(self.cfg)
 
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
-        """Send every bucket to every healthy server; returns the bytes shared."""
-        with self.fleet.updating(self.cfg.pause_mode) as servers:
-            if servers:
-                try:
-                    with weight_update_session(self.fleet, servers):
-                        sent = self._send(servers, buckets, str(version))
-                    self.fleet.flush_cache(servers)
-                except Exception:
-                    restart_half_updated(self.fleet, servers)
-                    raise
-            else:
-                sent = 0
-            self.fleet.record_weights(str(version), disk_path=None)
-        return sent
-
-    def _restore(self, server: ManagedServer, weights: WeightState) -> None:
-        if self.state_provider is None or weights.disk_path is not None:
-            raise NotImplementedError
-        with weight_update_session(self.fleet, [server]):
-            self._send([server], self.state_provider(weights.version), weights.version)
+        """Send every bucket to every healthy server from this process; returns the bytes shared."""
+        plan = self.open_push(str(version))
+        sender = self.sender()
+        try:
+            sender.begin(plan, 0)
+            for bucket, last in with_last(buckets):
+                sender.send(bucket, last)
+            receipt = sender.end()
+        except Exception:
+            self.abort_push()
+            raise
+        finally:
+            sender.close()
+        return self.commit_push([receipt])
 
     def close(self) -> None:
         pass

@@ -45,7 +45,7 @@ def test_loop_runs_and_versions_advance(short_run):
         assert r["rollout/finish_stop"] + r["rollout/finish_length"] == 256 and r["rollout/finish_abort"] == 0
         assert r["reward/verifier_errors"] == 0 and r["train/skipped_nonfinite_step"] == 0
     assert f"fleet at weight version {ROLLOUT_STEPS * STALENESS}" in stdout
-    assert (out / "weights" / f"v{ROLLOUT_STEPS * STALENESS}" / "model.safetensors").is_file()
+    assert (out / "weights" / f"v{ROLLOUT_STEPS * STALENESS}" / "model.safetensors.index.json").is_file()
 
 
 def test_mu_from_the_fleet_matches_the_trainer_at_lag_zero(short_run):

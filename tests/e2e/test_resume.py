@@ -93,7 +93,10 @@ def _checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
 def _pushed_weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    return {d.name: load_file(d / "model.safetensors") for d in sorted((out / "weights").iterdir()) if d.is_dir()}
+    def load_dir(d: Path) -> dict[str, torch.Tensor]:  # every stage's shard files of one version
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    return {d.name: load_dir(d) for d in sorted((out / "weights").iterdir()) if d.is_dir()}
 
 
 def _assert_same_run(reference: Path, resumed: Path) -> None:

@@ -43,4 +43,4 @@ def test_sync_staleness_n_under_torchrun_ep2(tmp_path, staleness, rollout_steps)
             assert r["mismatch/logp_gap_max"] < 1e-4, r
         else:  # the policy moved since the batch was generated
             assert r["mismatch/logp_gap_mean"] > 1e-6, r
-    assert (tmp_path / "weights" / f"v{total}" / "model.safetensors").is_file()
+    assert (tmp_path / "weights" / f"v{total}" / "model.safetensors.index.json").is_file()

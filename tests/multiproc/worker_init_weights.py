@@ -18,8 +18,8 @@ from megatron_vespo.checkpoint.export import HFWeightExporter
 from megatron_vespo.checkpoint.init_weights import resolve_init_checkpoint
 from megatron_vespo.config import load_run_config
 from megatron_vespo.distributed import destroy_distributed, init_distributed
-from megatron_vespo.driver.publisher import gather_hf_weights
 from megatron_vespo.models.trainable import build_model_and_optimizer
+from tests.model_state import gather_hf_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

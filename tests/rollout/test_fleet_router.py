@@ -221,10 +221,11 @@ def test_failed_distributed_update_restarts_half_updated_servers(fleet, referenc
     assert_parity(reference, groups, temperature=1.0, version="3")
 
 
-def test_restart_restores_distributed_weights(fleet, reference, current_state):
+def test_a_restarted_server_waits_for_the_next_distributed_push(fleet, reference, current_state):
+    """No copy of the pushed weights is kept anywhere: a server restarted after a broadcast push waits
+    outside the router (its launch weights are stale) until the next push includes it."""
     new_state = perturbed(current_state["state"], seed=41)
-    sync = DistributedWeightSync(fleet, build(WeightSyncConfig, {"transport": "distributed"}),
-                                 state_provider=lambda version: [list(new_state.items())])
+    sync = DistributedWeightSync(fleet, build(WeightSyncConfig, {"transport": "distributed"}))
     try:
         sync.push([list(new_state.items())], version="4")
         load_state_into(reference, new_state)
@@ -233,14 +234,22 @@ def test_restart_restores_distributed_weights(fleet, reference, current_state):
         restarts = victim.restarts
         os.kill(victim.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (victim.restarts > restarts and victim.state == "healthy"):
+        while time.monotonic() < deadline and not (victim.restarts > restarts and victim.state == "awaiting_weights"):
             time.sleep(0.2)
-        assert victim.state == "healthy" and victim.restarts == restarts + 1, victim.events
-        direct = run(rollout(victim.url, prompts(4, seed=7), {"max_new_tokens": 4}, n=2))
-        assert_parity(reference, direct, temperature=1.0, version="4")
-        # The group is re-formed over the new membership on the next push.
-        sync.push([list(new_state.items())], version="5")
+        assert victim.state == "awaiting_weights" and victim.restarts == restarts + 1, victim.events
+        assert fleet.awaiting_weights() == [victim]
+        assert all(w["url"].rstrip("/") != victim.url for w in fleet.router.workers())
+        assert sorted(fleet.weight_versions()) == ["4", "4"]  # the others; the waiting one is not asked
+        # The next push re-forms the group over the new membership and brings the waiting server along.
+        newer = perturbed(new_state, seed=42)
+        sync.push([list(newer.items())], version="5")
+        load_state_into(reference, newer)
+        current_state["state"] = newer
+        assert victim.state == "healthy" and not fleet.awaiting_weights()
         assert {http_json("GET", s.url + "/model_info")[1]["weight_version"] for s in fleet.servers} == {"5"}
+        assert any(w["url"].rstrip("/") == victim.url for w in fleet.router.workers())
+        direct = run(rollout(victim.url, prompts(4, seed=7), {"max_new_tokens": 4}, n=2))
+        assert_parity(reference, direct, temperature=1.0, version="5")
     finally:
         sync.close()
 

@@ -40,6 +40,7 @@ BODIES = {
     api.UPDATE_WEIGHTS_FROM_TENSOR: api.tensor_update_body(["gASVAAAAAAAAAACULg==", "gASVAAAAAAAAAACULg=="],
                                                            flattened=True, weight_version="3"),
     api.DESTROY_WEIGHTS_UPDATE_GROUP: api.destroy_group_body("vespo_weight_sync_ab12"),
+    api.GET_WEIGHTS_BY_NAME: api.get_weights_body("model.layers.0.mlp.experts.3.up_proj.weight", truncate_size=8),
 }
 MORE_BODIES = [  # the other shapes a builder produces
     (api.GENERATE, api.generate_body([5], {"max_new_tokens": 1, "sampling_seed": 1}, rid="eval-0-set-3",
