@@ -114,47 +114,55 @@ class HFWeightExporter:
     def _main_shards(self) -> list[Shard]:
         return [s for s in local_shards(self.chunks) if s.main_replica]
 
-    @torch.no_grad()
     def buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Yield ``[(hf_name, tensor), ...]`` per bucket (empty lists off the leader); see the module doc."""
-        shards = self._main_shards()
+        """Yield ``[(hf_name, tensor), ...]`` per bucket (empty lists off the leader); see the module doc.
+
+        Not decorated with ``torch.no_grad()``: torch's generator wrapper keeps the last yielded value while it
+        computes the next, i.e. two buckets alive instead of one (``_bucket`` turns gradients off instead)."""
+        with torch.no_grad():
+            shards = self._main_shards()
         device = shards[0].tensor.device if shards else torch.device("cpu")
         for bucket in self.buckets_plan:
-            requests = []  # (work, target or None, buffer or None)
-            assembled: list[torch.Tensor] = []
-            for tag, (unit, pieces) in enumerate(bucket):
-                if self.is_leader:
-                    full = torch.empty(unit.shape, dtype=pieces[0].dtype, device=device)
-                    assembled.append(full)
-                for j, piece in enumerate(pieces):
-                    piece_tag = tag * 4096 + j
-                    if self.is_leader:
-                        target = _narrow(full, piece.slices)
-                        if piece.rank == self.rank:
-                            target.copy_(shards[piece.local_index].tensor)
-                        elif target.is_contiguous():  # straight into place, no buffer
-                            requests.append((dist.irecv(target, src=piece.rank, tag=piece_tag), None, None))
-                        else:
-                            buffer = torch.empty(target.shape, dtype=piece.dtype, device=device)
-                            requests.append((dist.irecv(buffer, src=piece.rank, tag=piece_tag), target, buffer))
-                    elif piece.rank == self.rank:
-                        data = shards[piece.local_index].tensor.contiguous()
-                        requests.append((dist.isend(data, dst=self.leader, tag=piece_tag), None, data))
-            for work, target, buffer in requests:
-                work.wait()
-                if target is not None:
-                    target.copy_(buffer)
-            del requests  # receive buffers and send views go before the conversion
-            out: list[tuple[str, torch.Tensor]] = []
+            yield self._bucket(bucket, shards, device)  # (a function: none of its locals outlives the bucket)
+
+    @torch.no_grad()
+    def _bucket(self, bucket: list[tuple[Unit, list[_Piece]]], shards: list[Shard],
+                device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """One bucket: this rank's pieces sent to the leader, or (leader) received, assembled and converted."""
+        requests = []  # (work, target or None, buffer or None)
+        assembled: list[Optional[torch.Tensor]] = []
+        for tag, (unit, pieces) in enumerate(bucket):
             if self.is_leader:
-                for i, (unit, _) in enumerate(bucket):
-                    full, assembled[i] = assembled[i], None  # the HF tensors keep what they still need
-                    for name, tensor in self.mapping.megatron_to_hf(unit, full):
-                        out.append((name, tensor if self.dtype is None else tensor.to(self.dtype)))
-                    del full
-            del assembled
-            yield out
-            del out
+                full = torch.empty(unit.shape, dtype=pieces[0].dtype, device=device)
+                assembled.append(full)
+            for j, piece in enumerate(pieces):
+                piece_tag = tag * 4096 + j
+                if self.is_leader:
+                    target = _narrow(full, piece.slices)
+                    if piece.rank == self.rank:
+                        target.copy_(shards[piece.local_index].tensor)
+                    elif target.is_contiguous():  # straight into place, no buffer
+                        requests.append((dist.irecv(target, src=piece.rank, tag=piece_tag), None, None))
+                    else:
+                        buffer = torch.empty(target.shape, dtype=piece.dtype, device=device)
+                        requests.append((dist.irecv(buffer, src=piece.rank, tag=piece_tag), target, buffer))
+                elif piece.rank == self.rank:
+                    data = shards[piece.local_index].tensor.contiguous()
+                    requests.append((dist.isend(data, dst=self.leader, tag=piece_tag), None, data))
+        target = buffer = data = full = None
+        for work, target, buffer in requests:
+            work.wait()
+            if target is not None:
+                target.copy_(buffer)
+        requests = target = buffer = None  # receive buffers and send copies go before the conversion
+        out: list[tuple[str, torch.Tensor]] = []
+        if self.is_leader:
+            for i, (unit, _) in enumerate(bucket):
+                full, assembled[i] = assembled[i], None  # the HF tensors keep what they still need
+                for name, tensor in self.mapping.megatron_to_hf(unit, full):
+                    out.append((name, tensor if self.dtype is None else tensor.to(self.dtype)))
+                full = tensor = None
+        return out
 
 
 def _narrow(t: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> torch.Tensor:

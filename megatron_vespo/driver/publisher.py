@@ -225,11 +225,14 @@ class WeightPublisher:
                 sender.begin(plan, exporter.stage)
         except Exception as exc:  # noqa: BLE001
             error = f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
-        count = len(exporter.buckets_plan)
-        for k, bucket in enumerate(exporter.buckets()):
+        remaining = len(exporter.buckets_plan)
+        # No enumerate/zip around the buckets: their cached result tuple would keep the previous bucket alive
+        # while the next one is assembled (two buckets instead of one).
+        for bucket in exporter.buckets():
+            remaining -= 1
             if sender is not None and error is None:
                 try:
-                    sender.send(bucket, last=last_stage and k == count - 1)
+                    sender.send(bucket, last=last_stage and remaining == 0)
                 except Exception as exc:  # noqa: BLE001 -- keep walking: the stage's other ranks are in lockstep
                     error = f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
             del bucket
