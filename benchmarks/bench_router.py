@@ -132,7 +132,6 @@ def main() -> None:
             sync_cfg = build(WeightSyncConfig, {"transport": "distributed", "bucket_bytes": args.bucket_mb << 20,
                                                 "flattened_bucket": flattened})
             sync = DistributedWeightSync(fleet, sync_cfg)
-            sync.connect()
             times = []
             for i in range(args.repeats):
                 start = time.perf_counter()

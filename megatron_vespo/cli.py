@@ -123,6 +123,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError(PLAN_FLAGS[exc.path], exc.message) from None
         raise
     print(format_plan(plan, cfg), end="")
+    from megatron_vespo.planning.weight_sync import estimate_push, format_push
+
+    print("\n" + format_push(estimate_push(cfg, args.weight_sync_gb_s)), end="")
     print(f"# OK: {args.run_yaml} fits", file=sys.stderr)
     return 0
 
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="activation recompute to assume (default: none)")
     plan.add_argument("--overhead-gib", type=float, default=2.0,
                       help="per-GPU allowance for CUDA context, NCCL buffers and fragmentation (default 2)")
+    plan.add_argument("--weight-sync-gb-s", type=float, default=10.0,
+                      help="bandwidth for the push-time estimate, GB/s per link (default 10, ~100 Gb/s networks)")
     plan.set_defaults(func=_cmd_plan)
     ref = sub.add_parser("config-reference", help="print the config reference as a markdown table")
     ref.set_defaults(func=_cmd_config_reference)

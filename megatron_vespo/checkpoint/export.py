@@ -18,18 +18,23 @@ also what SGLang's loaders take), one bucket of at most ``bucket_bytes`` at a ti
   other ranks' lists are empty), so callers may run collectives between buckets. Stages have
   different bucket counts; do not synchronise across stages inside the loop.
 
-Memory: the leader holds one bucket of assembled tensors (``bucket_bytes``). Pieces whose place in
-the assembled tensor is contiguous are received straight into it; only the others (row-parallel
-slices) go through a receive buffer, freed before conversion. HF tensors are views of the assembled
-ones where the mapping allows (copies, gate/up halves); a QKV split copies and its assembled tensor is
-dropped at once, so one bucket of HF tensors plus at most one unit is live when the bucket is yielded.
-Other ranks send views of their parameters (made contiguous when they are not). Everything stays on
-the parameters' device: a GPU model's buckets are GPU tensors (the transports send them from there).
+Memory: the leader holds one bucket of assembled tensors (``bucket_bytes``, or the one tensor that is
+larger). A unit this rank holds whole, in one block of memory (PP, EP and DP layouts; SwiGLU's gate and
+up halves of one fc1), is not copied at all: the bucket holds views of the parameters. Pieces from
+other ranks whose place in the assembled tensor is contiguous are received straight into it; only
+row-parallel slices go through a receive buffer, one piece at a time. HF tensors are views of the
+assembled ones where the mapping allows (copies, gate/up halves); a QKV split copies and its assembled
+tensor is dropped at once. Other ranks send views of their parameters (made contiguous when they are
+not). Everything stays on the parameters' device: a GPU model's buckets are GPU tensors (the
+transports send them from there). :func:`prefetched` assembles the next bucket while the current one
+is sent: two buckets at most.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +43,8 @@ from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit, detect_stac
 from megatron_vespo.config.schema import ModelConfig
 from megatron_vespo.models.full_state import Shard, local_shards
 from rollout_sglang.weight_sync.common import iter_buckets
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -129,10 +136,15 @@ class HFWeightExporter:
     def _bucket(self, bucket: list[tuple[Unit, list[_Piece]]], shards: list[Shard],
                 device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """One bucket: this rank's pieces sent to the leader, or (leader) received, assembled and converted."""
-        requests = []  # (work, target or None, buffer or None)
+        requests = []  # (work, buffer): receives straight into place, sends
+        strided: list[tuple[int, int, torch.Tensor]] = []  # (source rank, tag, target): received one at a time
         assembled: list[Optional[torch.Tensor]] = []
         for tag, (unit, pieces) in enumerate(bucket):
             if self.is_leader:
+                full = _local_view(unit, pieces, shards, self.rank)
+                if full is not None:  # this rank holds the unit in one block of memory: no copy
+                    assembled.append(full)
+                    continue
                 full = torch.empty(unit.shape, dtype=pieces[0].dtype, device=device)
                 assembled.append(full)
             for j, piece in enumerate(pieces):
@@ -142,19 +154,22 @@ class HFWeightExporter:
                     if piece.rank == self.rank:
                         target.copy_(shards[piece.local_index].tensor)
                     elif target.is_contiguous():  # straight into place, no buffer
-                        requests.append((dist.irecv(target, src=piece.rank, tag=piece_tag), None, None))
+                        requests.append((dist.irecv(target, src=piece.rank, tag=piece_tag), None))
                     else:
-                        buffer = torch.empty(target.shape, dtype=piece.dtype, device=device)
-                        requests.append((dist.irecv(buffer, src=piece.rank, tag=piece_tag), target, buffer))
+                        strided.append((piece.rank, piece_tag, target))
                 elif piece.rank == self.rank:
                     data = shards[piece.local_index].tensor.contiguous()
-                    requests.append((dist.isend(data, dst=self.leader, tag=piece_tag), None, data))
-        target = buffer = data = full = None
-        for work, target, buffer in requests:
+                    requests.append((dist.isend(data, dst=self.leader, tag=piece_tag), data))
+        target = data = full = None
+        # A strided place (a row-parallel slice) cannot take a receive: through a buffer of one piece at a time,
+        # so the extra memory stays one piece, not a bucket (the senders' isends are already posted).
+        for source, tag, target in strided:
+            buffer = torch.empty(target.shape, dtype=target.dtype, device=device)
+            dist.recv(buffer, src=source, tag=tag)
+            target.copy_(buffer)
+        for work, _ in requests:
             work.wait()
-            if target is not None:
-                target.copy_(buffer)
-        requests = target = buffer = None  # receive buffers and send copies go before the conversion
+        requests = strided = target = buffer = None  # send copies go before the conversion
         out: list[tuple[str, torch.Tensor]] = []
         if self.is_leader:
             for i, (unit, _) in enumerate(bucket):
@@ -163,6 +178,71 @@ class HFWeightExporter:
                     out.append((name, tensor if self.dtype is None else tensor.to(self.dtype)))
                 full = tensor = None
         return out
+
+
+def _local_view(unit: Unit, pieces: list[_Piece], shards: list[Shard], rank: int) -> Optional[torch.Tensor]:
+    """The unit as a view of this rank's memory when its pieces are all here and lie back to back in one
+    storage in the unit's own row-major layout (a whole parameter; SwiGLU's gate and up halves of one fc1;
+    an expert of a PP/EP layout), else None. The export then sends views of the parameters themselves."""
+    if any(p.rank != rank for p in pieces):
+        return None
+    tensors = [shards[p.local_index].tensor for p in pieces]
+    first = tensors[0]
+    strides = [1] * len(unit.shape)
+    for d in range(len(unit.shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * unit.shape[d + 1]
+    base = None
+    for piece, t in zip(pieces, tensors):
+        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.dtype != first.dtype
+                or not t.is_contiguous()):
+            return None
+        # A row block of the unit (whole along every other axis) is contiguous in the unit's layout.
+        if any(sl != (0, unit.shape[d]) for d, sl in enumerate(piece.slices) if d > 0):
+            return None
+        offset = t.storage_offset() - piece.slices[0][0] * strides[0] if unit.shape else t.storage_offset()
+        if base is None:
+            base = offset
+        elif offset != base:
+            return None
+    if base < 0 or (base + unit.numel) * first.element_size() > first.untyped_storage().nbytes():
+        return None
+    return first.as_strided(unit.shape, strides, base)
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """``items`` produced one ahead in a background thread: the next bucket is assembled (its point-to-point
+    transfers and copies run) while the caller sends the current one. At most two items are alive: the one
+    the caller holds and the next. The caller must consume to the end (lockstep ranks)."""
+    requests: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def produce() -> None:
+        while requests.get() is not None:
+            try:
+                results.put(("item", next(items)))
+            except StopIteration:
+                results.put(("end", None))
+                return
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+                results.put(("error", exc))
+                return
+
+    worker = threading.Thread(target=produce, name="export-prefetch", daemon=True)
+    worker.start()
+    requests.put(True)
+    try:
+        while True:
+            kind, item = results.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            requests.put(True)  # assemble the next while the caller uses this one
+            yield item
+            del item
+    finally:
+        requests.put(None)
+        worker.join()
 
 
 def _narrow(t: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -207,4 +287,4 @@ def iter_hf_weights(model_chunks: Sequence[torch.nn.Module] | torch.nn.Module, m
     yield from HFWeightExporter(model_chunks, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype).buckets()
 
 
-__all__ = ["HFWeightExporter", "iter_hf_weights"]
+__all__ = ["HFWeightExporter", "iter_hf_weights", "prefetched"]

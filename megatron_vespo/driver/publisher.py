@@ -33,13 +33,13 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
 import torch.distributed as dist
 
-from megatron_vespo.checkpoint.export import HFWeightExporter
+from megatron_vespo.checkpoint.export import HFWeightExporter, prefetched
 from rollout_sglang.config import WeightSyncConfig
 from rollout_sglang.contracts import PushPlan, RolloutFleet, StagedWeightSync, WeightSender
 from rollout_sglang.errors import WeightSyncError
@@ -58,6 +58,7 @@ class PublishStats:
     bytes: int
     seconds: float
     servers: int
+    phases: dict = field(default_factory=dict)  # seconds: open (pause, session), send (every stage), close
 
 
 class WeightPublisher:
@@ -166,7 +167,9 @@ class WeightPublisher:
             if "error" in opened:
                 raise WeightSyncError(f"opening the push of version {version} failed: {opened['error']}")
             plan: PushPlan = opened["plan"]
+            t1 = time.monotonic()
             receipts, errors = self._stream(plan) if plan.targets or plan.directory else ([], [])
+            t2 = time.monotonic()
             outcome = None
             if self.rank == 0:
                 outcome = self._close_push(receipts, errors)
@@ -175,8 +178,9 @@ class WeightPublisher:
             if self._sender is not None:
                 self._sender.reset()
             raise WeightSyncError(outcome["error"])
-        return PublishStats(version=version, bytes=outcome["bytes"], seconds=time.monotonic() - t0,
-                            servers=len(plan.targets))
+        t3 = time.monotonic()
+        return PublishStats(version=version, bytes=outcome["bytes"], seconds=t3 - t0, servers=len(plan.targets),
+                            phases={"open": t1 - t0, "send": t2 - t1, "close": t3 - t2})
 
     def _close_push(self, receipts: list[dict], errors: list[str]) -> dict:
         """Rank 0: commit when every stage succeeded, else abort; what every rank is told."""
@@ -228,7 +232,7 @@ class WeightPublisher:
         remaining = len(exporter.buckets_plan)
         # No enumerate/zip around the buckets: their cached result tuple would keep the previous bucket alive
         # while the next one is assembled (two buckets instead of one).
-        for bucket in exporter.buckets():
+        for bucket in prefetched(exporter.buckets()):  # the next bucket is assembled while this one is sent
             remaining -= 1
             if sender is not None and error is None:
                 try:
