@@ -63,6 +63,7 @@ class PushTarget:
     index: int
     url: str
     tp: int = 1  # ranks the server takes in a weight-sync group
+    gpus: tuple[str, ...] = ()  # IPC: the physical GPU (index or UUID) of each of its TP ranks, when known
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,10 @@ class HFWeightExporter:
         self.buckets_plan = _bucketize(self.units, bucket_bytes)
         self.stage = stage
         self.num_stages = ps.get_pipeline_model_parallel_world_size()
+        # Global ranks of every stage (the IPC transport makes a group per stage).
+        self.stage_ranks: list[list[int]] = [[r for r, (st, _, _) in enumerate(everyone) if st == s]
+                                             for s in range(self.num_stages)]
+        self.stage_leaders: list[int] = [leaders[s] for s in range(self.num_stages)]
         # The dtype of the exported tensors (config.json's torch_dtype): the model's, unless converted.
         first = next((dt for _, _, metas in everyone for *_, dt in metas), torch.float32)
         self.hf_dtype: torch.dtype = dtype or first

@@ -78,15 +78,31 @@ class WeightPublisher:
         self._group = None
         if self.distributed and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
+        self._stage_comm = self._make_stage_comm() if cfg.transport == "ipc" and self.distributed else None
 
     # ---- wiring --------------------------------------------------------------------------------------
     def connect(self, fleet: RolloutFleet, sync: StagedWeightSync) -> None:
         """Rank 0: the fleet and the owner's side of its transport."""
         self.fleet, self.sync = fleet, sync
 
+    def _make_stage_comm(self):
+        """IPC: every rank of a stage sends from its own GPU; the stage's groups (collective: every rank makes
+        every stage's gloo group, in the same order)."""
+        from megatron.core import parallel_state as ps
+
+        from rollout_sglang.weight_sync.ipc import StageComm
+
+        objects = None
+        for ranks in self.exporter.stage_ranks:
+            group = dist.new_group(ranks, backend="gloo")
+            if self.rank in ranks:
+                objects = group
+        return StageComm(tensors=ps.get_tensor_and_data_parallel_group(with_context_parallel=True), objects=objects,
+                         leader=self.exporter.stage_leaders[self.exporter.stage], rank=self.rank)
+
     def _stage_sender(self) -> WeightSender:
         if self._sender is None:
-            self._sender = make_sender(self.cfg, address=self._address())
+            self._sender = make_sender(self.cfg, address=self._address(), stage_comm=self._stage_comm)
         return self._sender
 
     def _address(self) -> str:
@@ -180,7 +196,7 @@ class WeightPublisher:
             raise WeightSyncError(outcome["error"])
         t3 = time.monotonic()
         return PublishStats(version=version, bytes=outcome["bytes"], seconds=t3 - t0, servers=len(plan.targets),
-                            phases={"open": t1 - t0, "send": t2 - t1, "close": t3 - t2})
+                            phases={"open": t1 - t0, "send": t2 - t1, "close": t3 - t2, **outcome.get("timing", {})})
 
     def _close_push(self, receipts: list[dict], errors: list[str]) -> dict:
         """Rank 0: commit when every stage succeeded, else abort; what every rank is told."""
@@ -191,7 +207,8 @@ class WeightPublisher:
                 errors.append(f"abort: {type(exc).__name__}: {exc}")
             return {"error": "; ".join(errors)}
         try:
-            return {"bytes": self.sync.commit_push(receipts)}
+            timing = {k: sum(float(r.get(k, 0.0)) for r in receipts if r) for k in ("broadcast_s", "answer_s")}
+            return {"bytes": self.sync.commit_push(receipts), "timing": timing}
         except Exception as exc:  # noqa: BLE001
             return {"error": f"commit: {type(exc).__name__}: {exc}"}
 
@@ -222,7 +239,8 @@ class WeightPublisher:
         point-to-point transfers are lockstep); the source rank also sends. Returns (receipt, error) on the
         source rank, (None, None) elsewhere."""
         exporter = self.exporter
-        sender = self._stage_sender() if exporter.is_leader else None
+        # The source rank sends; with a stage-collective sender (IPC) every rank of the stage takes part.
+        sender = self._stage_sender() if exporter.is_leader or self._stage_comm is not None else None
         error: Optional[str] = None
         try:
             if sender is not None:
@@ -234,18 +252,20 @@ class WeightPublisher:
         # while the next one is assembled (two buckets instead of one).
         for bucket in prefetched(exporter.buckets()):  # the next bucket is assembled while this one is sent
             remaining -= 1
-            if sender is not None and error is None:
+            # A stage-collective sender is called even after a failure: it tells the stage's other ranks.
+            if sender is not None and (error is None or self._stage_comm is not None):
                 try:
                     sender.send(bucket, last=last_stage and remaining == 0)
                 except Exception as exc:  # noqa: BLE001 -- keep walking: the stage's other ranks are in lockstep
-                    error = f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
+                    error = error or f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
             del bucket
         if sender is None:
             return None, None
         if error is not None:
             return None, error
         try:
-            return sender.end(), None
+            receipt = sender.end()
+            return (receipt, None) if exporter.is_leader else (None, None)
         except Exception as exc:  # noqa: BLE001
             return None, f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
 

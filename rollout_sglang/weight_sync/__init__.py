@@ -48,16 +48,17 @@ def make_weight_sync(fleet: Fleet, cfg: WeightSyncConfig, *, config_dir: Optiona
     return DistributedWeightSync(fleet, cfg)
 
 
-def make_sender(cfg: WeightSyncConfig, *, address: Optional[str] = None,
-                device: Optional[torch.device] = None) -> WeightSender:
+def make_sender(cfg: WeightSyncConfig, *, address: Optional[str] = None, device: Optional[torch.device] = None,
+                stage_comm=None) -> WeightSender:
     """A pipeline stage's sender for ``cfg.transport`` (any trainer process; no fleet needed). ``address``:
-    where servers reach this process (broadcast groups; default ``cfg.master_address``)."""
+    where servers reach this process (broadcast groups; default ``cfg.master_address``). ``stage_comm`` (IPC,
+    an :class:`~rollout_sglang.weight_sync.ipc.StageComm`): every rank of the stage sends from its own GPU."""
     if cfg.transport == "disk":
         return ShardWriter()
     if cfg.transport == "ipc":
         from rollout_sglang.weight_sync.ipc import IPCSender
 
-        return IPCSender(cfg)
+        return IPCSender(cfg, stage_comm)
     return BroadcastSender(cfg, address=address, device=device)
 
 

@@ -79,6 +79,7 @@ class BroadcastSender:
         self._members: tuple[PushTarget, ...] = ()
         self._version = ""
         self._sent = 0
+        self._timing = {"broadcast_s": 0.0, "answer_s": 0.0}
         self._pool: Optional[ThreadPoolExecutor] = None
 
     # ---- the group ------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ class BroadcastSender:
                 self._group = self._form(plan.targets, name)
                 self._group_name, self._members = name, plan.targets
         self._version, self._sent = plan.version, 0
+        self._timing = {"broadcast_s": 0.0, "answer_s": 0.0}
         if self._pool is None and plan.targets:
             self._pool = ThreadPoolExecutor(len(plan.targets))
 
@@ -163,23 +165,29 @@ class BroadcastSender:
             shapes=[list(t.shape) for _, t in bucket], group_name=self._group_name,
             weight_version=version,  # the version changes once every tensor is in
             flattened=self.cfg.flattened_bucket)
+        t0 = time.perf_counter()
         futures = [self._pool.submit(post, t, route, body, 600) for t in self._members]
         sending = self._sendable(bucket)
         handles = [torch.distributed.broadcast(t, group=self._group, group_src=0, async_op=True) for t in sending]
-        # A server that refused the request never joins the collective: notice it instead of hanging.
-        while not all(h.is_completed() for h in handles):
+        # A server that refused the request never joins the collective: notice it instead of hanging. (The
+        # group runs its broadcasts in order: the last one done means all are.)
+        while not handles[-1].is_completed():
             for t, fut in zip(self._members, futures):
                 if fut.done():
                     check_update_response(t, route, *fut.result())
             time.sleep(0.0005)
         for h in handles:
             h.wait()
+        t1 = time.perf_counter()
         for t, fut in zip(self._members, futures):
             check_update_response(t, route, *fut.result())
         self._sent += sum(t.numel() * t.element_size() for t in sending)
+        # Where a push's time goes: the broadcasts (HTTP call included), then the servers loading and answering.
+        self._timing["broadcast_s"] += t1 - t0
+        self._timing["answer_s"] += time.perf_counter() - t1
 
     def end(self) -> dict:
-        return {"bytes": self._sent}
+        return {"bytes": self._sent, **self._timing}
 
     def reset(self) -> None:
         """A failed collective leaves the group unusable (and its servers are being restarted)."""
