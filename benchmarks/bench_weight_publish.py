@@ -11,8 +11,11 @@ source rank sends its own half). For each layout, alternating, ``--repeats`` tim
 - **raw**: the same stage source ranks broadcast buffers of exactly the publish's bucket sizes, stage by
   stage, over a plain gloo group to the same number of receiver processes that only receive.
 
-It prints the best of each (the least disturbed run on a shared machine), their ratio (target: raw / publish >= 0.9), and the peak extra memory of
-every rank during a publish (``VmHWM`` reset before it) against the model size. CPU servers, not
+It prints the best of each (the least disturbed run on a shared machine), their ratio (target: raw /
+publish >= 0.9), the export alone (the same turns, buckets assembled but not sent), and the peak extra
+memory of every rank during a publish (``VmHWM`` reset before it; measured in a second run with
+``MALLOC_MMAP_THRESHOLD_`` so that RSS follows the live tensors) against the model size. The publish's
+phases (open, send, close; broadcasts and server answers) are logged per repeat. CPU servers, not
 SGLang; on the shared 2-core machine numbers vary with load.
 
     python benchmarks/bench_weight_publish.py [--hidden 512] [--layers 4] [--experts 16] [--bucket-mb 64]
@@ -247,19 +250,30 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    out = Path(tempfile.mkdtemp(prefix="bench_publish_out_")) / "results.json"
+    outdir = Path(tempfile.mkdtemp(prefix="bench_publish_out_"))
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k not in ("worker", "out", "raw_receiver")]
+                 if k not in ("worker", "out", "raw_receiver", "repeats")]
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={port}", __file__, "--worker", f"--out={out}", *forwarded],
-                   env=env, check=True, cwd=REPO)
-    report(json.loads(out.read_text()), args)
+    def launch(out: Path, repeats: int, extra_env: dict) -> dict:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra_env}
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={port}", __file__, "--worker", f"--out={out}", f"--repeats={repeats}",
+                        *forwarded], env=env, check=True, cwd=REPO)
+        return json.loads(out.read_text())
+
+    # Times with glibc's default allocator; memory in a second run where every freed tensor goes back to the
+    # OS at once (MALLOC_MMAP_THRESHOLD_), so the peak RSS follows the live tensors and not the heap glibc
+    # keeps (which makes the first run's RSS read high) -- that setting slows allocations, hence two runs.
+    timed = launch(outdir / "timed.json", args.repeats, {})
+    memory = launch(outdir / "memory.json", 2, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    for name in timed:
+        timed[name]["peak_growth_heap"] = timed[name]["peak_growth"]
+        timed[name]["peak_growth"] = memory[name]["peak_growth"]
+    report(timed, args)
 
 
 if __name__ == "__main__":

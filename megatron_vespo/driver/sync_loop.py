@@ -9,8 +9,12 @@ Every rollout step:
    rank; with ``train.recompute_old_logprobs`` π_old is computed for the whole batch first, under
    the weights that generated it;
 4. every rank runs N optimizer steps: mini-batch j trains at policy lag j;
-5. the weights are exported (collective; HF names) and rank 0 pushes them to the fleet with version
-   = number of optimizer steps so far, then checks that every server reports that version.
+5. the weights are published (collective: each pipeline stage's source rank streams its own HF-named
+   buckets to the servers, see ``publisher.py``) with version = number of optimizer steps so far, then
+   rank 0 checks that every server reports that version.
+
+Before each rollout, servers the fleet restarted since the last push (they wait outside the router, no
+copy of the weights being kept) get the current version from the live model, which still is it there.
 
 Rank 0 also writes ``metrics.jsonl`` (one line per optimizer step), a progress line per rollout
 step and, at the end, ``metrics.png``.
