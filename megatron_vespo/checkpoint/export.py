@@ -219,8 +219,11 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
     the caller holds and the next. The caller must consume to the end (lockstep ranks)."""
     requests: queue.Queue = queue.Queue()
     results: queue.Queue = queue.Queue()
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None  # the current device is per thread
 
     def produce() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
         while requests.get() is not None:
             try:
                 results.put(("item", next(items)))
