@@ -185,6 +185,9 @@ class RLDriver:
         directory every pipeline stage writes its own shards of; a configured fleet boots from its own
         checkpoint and is then given the trainer's weights by a push."""
         initial_dir = None
+        # Non-finite weights are refused as they stream out: each stage checks the HF tensors it sends.
+        source = (f"the {'resumed' if self.state.next_rollout_step else 'initial'} weights"
+                  f" ({self.cfg.checkpoint.init_from or 'random init'})")
         if self.cfg.rollout.fleet is None:
             from megatron_vespo.checkpoint.hf_io import CONFIG_FILE, hf_config_from_model
 
@@ -193,11 +196,12 @@ class RLDriver:
                                           extra={"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
                 (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
 
-            initial_dir = self.publisher.export_hf_dir(self.output_dir / "initial_hf", write_config)
+            initial_dir = self.publisher.export_hf_dir(self.output_dir / "initial_hf", write_config,
+                                                       check_finite=source)
         self.from_driver(lambda: self.open_rollout(initial_dir))
         if self.cfg.rollout.fleet is not None:
             # The given servers' checkpoint need not be the trainer's weights (initial or resumed).
-            self.publisher.publish(self.publisher.version)
+            self.publisher.publish(self.publisher.version, check_finite=source)
 
     def open_metrics(self, first_step: int) -> None:
         """Rank 0: the metrics logger (JSONL + configured sinks; continues the file after a resume) and

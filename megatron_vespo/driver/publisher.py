@@ -40,6 +40,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch.distributed as dist
 
 from megatron_vespo.checkpoint.export import HFWeightExporter, prefetched
+from megatron_vespo.driver.run_health import CannotLearnError, check_finite_weights
 from rollout_sglang.config import WeightSyncConfig
 from rollout_sglang.contracts import PushPlan, RolloutFleet, StagedWeightSync, WeightSender
 from rollout_sglang.errors import WeightSyncError
@@ -48,6 +49,16 @@ from rollout_sglang.weight_sync.disk import ShardWriter, commit_version_dir
 
 PUSH_ATTEMPTS = 2  # a push that fails once (a server died mid-push) is tried again
 ADDRESS_ENV = "VESPO_WEIGHT_SYNC_ADDR"  # where servers reach this node's stage source ranks (broadcast groups)
+
+
+CANNOT_LEARN = "CannotLearnError: "  # how a stage reports non-finite weights in its error string
+
+
+def _raise_cannot_learn(errors: list[str]) -> None:
+    """Non-finite weights found by a stage: raised as :class:`CannotLearnError` on every rank."""
+    for error in errors:
+        if error.startswith(CANNOT_LEARN):
+            raise CannotLearnError(error[len(CANNOT_LEARN):])
 
 
 @dataclass
@@ -135,13 +146,15 @@ class WeightPublisher:
         return out
 
     # ---- the push ---------------------------------------------------------------------------------------
-    def publish(self, version: str, restore_only: bool = False) -> PublishStats:
+    def publish(self, version: str, restore_only: bool = False, check_finite: Optional[str] = None) -> PublishStats:
         """Collective: the current weights to every server as ``version`` (``restore_only``: only to the
         restarted servers that wait for weights, at the fleet's version); rank 0 then checks that every server
-        reports it. A failed push is tried once more (the fleet restarted what it half-updated)."""
+        reports it. A failed push is tried once more (the fleet restarted what it half-updated). ``check_finite``
+        (a description of the weights): every HF tensor is checked for NaN / Inf by the rank that sends it, and
+        :class:`CannotLearnError` names the first bad one (raised everywhere, not retried)."""
         for attempt in range(1, PUSH_ATTEMPTS + 1):
             try:
-                stats = self._publish_once(str(version), restore_only)
+                stats = self._publish_once(str(version), restore_only, check_finite)
                 break
             except WeightSyncError as exc:
                 if attempt == PUSH_ATTEMPTS:
@@ -169,7 +182,7 @@ class WeightPublisher:
             print(f"[weights] version {version}: no server answered (restarting); each gets it when it is back",
                   flush=True)
 
-    def _publish_once(self, version: str, restore_only: bool) -> PublishStats:
+    def _publish_once(self, version: str, restore_only: bool, check_finite: Optional[str] = None) -> PublishStats:
         t0 = time.monotonic()
         hold = self.around_push() if self.rank == 0 else contextlib.nullcontext()
         with hold:
@@ -184,7 +197,7 @@ class WeightPublisher:
                 raise WeightSyncError(f"opening the push of version {version} failed: {opened['error']}")
             plan: PushPlan = opened["plan"]
             t1 = time.monotonic()
-            receipts, errors = self._stream(plan) if plan.targets or plan.directory else ([], [])
+            receipts, errors = self._stream(plan, check_finite) if plan.targets or plan.directory else ([], [])
             t2 = time.monotonic()
             outcome = None
             if self.rank == 0:
@@ -193,6 +206,7 @@ class WeightPublisher:
         if "error" in outcome:
             if self._sender is not None:
                 self._sender.reset()
+            _raise_cannot_learn(errors)
             raise WeightSyncError(outcome["error"])
         t3 = time.monotonic()
         return PublishStats(version=version, bytes=outcome["bytes"], seconds=t3 - t0, servers=len(plan.targets),
@@ -212,7 +226,7 @@ class WeightPublisher:
         except Exception as exc:  # noqa: BLE001
             return {"error": f"commit: {type(exc).__name__}: {exc}"}
 
-    def _stream(self, plan: PushPlan) -> tuple[list[dict], list[str]]:
+    def _stream(self, plan: PushPlan, check_finite: Optional[str] = None) -> tuple[list[dict], list[str]]:
         """Every stage in turn sends its buckets through its source rank's sender; every rank returns the
         receipts and errors of all stages (each turn ends with an all-gather of the stage's outcome)."""
         receipts: list[dict] = []
@@ -221,7 +235,7 @@ class WeightPublisher:
         for stage in range(exporter.num_stages):
             mine: Optional[tuple[Optional[dict], Optional[str]]] = None
             if stage == exporter.stage and not errors:
-                mine = self._send_stage(plan, last_stage=stage == exporter.num_stages - 1)
+                mine = self._send_stage(plan, last_stage=stage == exporter.num_stages - 1, check_finite=check_finite)
             for outcome in self._all_gather(mine):
                 if outcome is None:
                     continue
@@ -234,7 +248,8 @@ class WeightPublisher:
                 break  # the later stages do not send; the push is aborted
         return receipts, errors
 
-    def _send_stage(self, plan: PushPlan, last_stage: bool) -> tuple[Optional[dict], Optional[str]]:
+    def _send_stage(self, plan: PushPlan, last_stage: bool,
+                    check_finite: Optional[str] = None) -> tuple[Optional[dict], Optional[str]]:
         """This rank's part of its stage's turn. Every rank of the stage walks the exporter to its end (its
         point-to-point transfers are lockstep); the source rank also sends. Returns (receipt, error) on the
         source rank, (None, None) elsewhere."""
@@ -255,7 +270,11 @@ class WeightPublisher:
             # A stage-collective sender is called even after a failure: it tells the stage's other ranks.
             if sender is not None and (error is None or self._stage_comm is not None):
                 try:
+                    if check_finite is not None and error is None:
+                        check_finite_weights(bucket, check_finite)
                     sender.send(bucket, last=last_stage and remaining == 0)
+                except CannotLearnError as exc:  # kept whole: it is raised as itself on every rank
+                    error = error or f"{CANNOT_LEARN}{exc}"
                 except Exception as exc:  # noqa: BLE001 -- keep walking: the stage's other ranks are in lockstep
                     error = error or f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
             del bucket
@@ -270,7 +289,8 @@ class WeightPublisher:
             return None, f"stage {exporter.stage}: {type(exc).__name__}: {exc}"
 
     # ---- an HF directory, without a fleet -------------------------------------------------------------------
-    def export_hf_dir(self, directory: Path, write_config: Callable[[Path], None]) -> Path:
+    def export_hf_dir(self, directory: Path, write_config: Callable[[Path], None],
+                      check_finite: Optional[str] = None) -> Path:
         """Collective: the current weights as an HF directory (each stage's source rank writes its own
         shards, rank 0 the index and ``write_config(dir)``'s files, then renames it into place). What the CPU
         fleet boots from; a shared filesystem when the trainer spans nodes."""
@@ -284,9 +304,10 @@ class WeightPublisher:
         writer = ShardWriter()
         saved, self._sender = self._sender, writer
         try:
-            receipts, errors = self._stream(plan)
+            receipts, errors = self._stream(plan, check_finite)
         finally:
             self._sender = saved
+        _raise_cannot_learn(errors)
         if errors:
             raise WeightSyncError(f"exporting {directory} failed: {'; '.join(errors)}")
         result = None
