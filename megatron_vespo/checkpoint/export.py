@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Unit, detect_stacked_layers
+from megatron_vespo.checkpoint.hf_mapping import Qwen3Mapping, Transform, Unit, detect_stacked_layers
 from megatron_vespo.config.schema import ModelConfig
 from megatron_vespo.models.full_state import Shard, local_shards
 from rollout_sglang.weight_sync.common import iter_buckets
@@ -282,7 +282,10 @@ def _numel(slices: tuple[tuple[int, int], ...]) -> int:
 def _bucketize(units: list[tuple[Unit, list[_Piece]]], bucket_bytes: int) -> list[list[tuple[Unit, list[_Piece]]]]:
     def nbytes(item: tuple[Unit, list[_Piece]]) -> int:
         unit, pieces = item
-        return unit.numel * torch.empty((), dtype=pieces[0].dtype).element_size()
+        # A QKV unit is briefly held twice (fused, and its q/k/v copies): counted twice, so that building a
+        # bucket never holds more than bucket_bytes.
+        copies = 2 if unit.transform is Transform.QKV else 1
+        return copies * unit.numel * torch.empty((), dtype=pieces[0].dtype).element_size()
 
     return list(iter_buckets(units, bucket_bytes, nbytes))
 
