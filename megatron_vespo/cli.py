@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--trainer-gpus", type=int, default=None,
                       help="trainer world size (torchrun NNODES x nproc_per_node); default: the smallest valid one")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    plan.add_argument("--recompute", choices=["none", "full"], default="none",
-                      help="activation recompute to assume (default: none)")
+    plan.add_argument("--recompute", choices=["none", "full", "selective"], default=None,
+                      help="activation recompute to assume instead of the config's train.recompute "
+                           "(full: uniform, 1 layer; selective: core_attn)")
     plan.add_argument("--overhead-gib", type=float, default=2.0,
                       help="per-GPU allowance for CUDA context, NCCL buffers and fragmentation (default 2)")
     plan.add_argument("--weight-sync-gb-s", type=float, default=10.0,

@@ -134,8 +134,25 @@ class OptimizerConfig:
     adam_eps: float = field(1e-8, gt=0)
     clip_grad: float = field(1.0, ge=0, help="global gradient-norm clip (0 disables)")
     distributed: bool = field(True, help="shard optimizer state over data-parallel ranks")
+    cpu_offload: bool = field(False, help="keep Adam state and fp32 master weights in host memory and step them on "
+                              "the CPU (Megatron's hybrid device optimizer; GPU only, needs distributed: true)")
+    offload_fraction: Optional[float] = field(None, gt=0, le=1, help="with cpu_offload: the fraction of the "
+                                              "optimizer state offloaded (default 1.0: all of it)")
+
+    @property
+    def resolved_offload_fraction(self) -> float:
+        """The fraction of optimizer state held in host memory (0 without cpu_offload)."""
+        if not self.cpu_offload:
+            return 0.0
+        return 1.0 if self.offload_fraction is None else self.offload_fraction
 
     def validate(self, path: str) -> None:
+        if self.offload_fraction is not None and not self.cpu_offload:
+            raise ConfigError(f"{path}.offload_fraction", "only applies with cpu_offload: true")
+        if self.cpu_offload and not self.distributed:
+            # Megatron offloads through its precision-aware path, which only the distributed optimizer has.
+            raise ConfigError(f"{path}.cpu_offload", "needs distributed: true (Megatron offloads the distributed "
+                              "optimizer's state)")
         if self.lr_schedule != "constant" and self.decay_steps is None:
             raise ConfigError(f"{path}.decay_steps", f"is required for lr_schedule {self.lr_schedule!r}")
         if self.min_lr > self.lr:
@@ -219,6 +236,77 @@ class AdvantageConfig:
     eps: float = field(1e-6, gt=0)
 
 
+# Megatron's selective-recompute module names that exist in this model family (no multi-latent
+# attention: no mla_up_proj; no shared experts: no shared_experts).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm")
+# Those that recompute a Transformer Engine module (moe_act needs TE's grouped GEMM experts).
+RECOMPUTE_MODULES_NEEDING_TE = ("moe_act", "layernorm")
+
+
+@dataclass(kw_only=True)
+class RecomputeConfig:
+    """Activation recomputation (Megatron's): activations are dropped in the forward and recomputed
+    in the backward, trading compute for memory. Applies to every forward of the trainer (the update
+    and the log-prob pass, where it costs nothing: that pass keeps no activations)."""
+
+    granularity: Literal["none", "full", "selective"] = field(
+        "none", help="none; full: whole transformer layers (see method); selective: only the listed modules")
+    method: Optional[Literal["uniform", "block"]] = field(
+        None, help="full only (default uniform). uniform: every layer recomputed in units of num_layers layers, "
+        "only each unit's input kept; block: the first num_layers layers of each (virtual) stage recomputed, "
+        "the others stored")
+    num_layers: Optional[int] = field(None, ge=1, help="full only (default 1): layers per unit (uniform) or layers "
+                                      "recomputed per stage (block)")
+    modules: list[str] = field(default_factory=list, help="selective only: Megatron's recompute_modules "
+                               f"({', '.join(RECOMPUTE_MODULES)}); empty: core_attn")
+
+    def validate(self, path: str) -> None:
+        if self.granularity != "full":
+            for name in ("method", "num_layers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{path}.{name}", f"only applies to granularity 'full'; got granularity "
+                                      f"{self.granularity!r}")
+        if self.granularity != "selective" and self.modules:
+            raise ConfigError(f"{path}.modules", f"only applies to granularity 'selective'; got granularity "
+                              f"{self.granularity!r}")
+        for i, module in enumerate(self.modules):
+            if module not in RECOMPUTE_MODULES:
+                raise ConfigError(f"{path}.modules[{i}]", f"unknown module {module!r}; expected one of "
+                                  f"{', '.join(RECOMPUTE_MODULES)}")
+
+    def check_model(self, model: "ModelConfig", parallel: "ParallelConfig", path: str) -> None:
+        """Rules that need the model and the layout: a unit of layers must fit in one (virtual)
+        pipeline chunk (Megatron indexes past the chunk otherwise), and every selective module must
+        exist in the model (Megatron would silently recompute nothing)."""
+        from megatron_vespo.models.layout import moe_layer_pattern  # late: layout imports this module
+
+        if self.granularity == "full":
+            per_chunk = model.num_hidden_layers // (parallel.pipeline * (parallel.virtual_pipeline or 1))
+            if self.resolved_num_layers > per_chunk:
+                raise ConfigError(f"{path}.num_layers", f"{self.resolved_num_layers} is more than the {per_chunk} "
+                                  "layer(s) of one pipeline chunk (num_hidden_layers / (pipeline x virtual_pipeline))")
+        if self.granularity == "selective":
+            pattern = moe_layer_pattern(model) if model.is_moe else [0] * model.num_hidden_layers
+            for i, module in enumerate(self.resolved_modules):
+                if module in ("moe", "moe_act") and not any(pattern):
+                    raise ConfigError(f"{path}.modules[{i}]", f"{module!r} recomputes MoE layers; the model has none")
+                if module == "mlp" and all(pattern):
+                    raise ConfigError(f"{path}.modules[{i}]", "'mlp' recomputes dense MLP layers; every layer of "
+                                      "the model is MoE (use 'moe' or 'moe_act')")
+
+    @property
+    def resolved_method(self) -> str:
+        return self.method or "uniform"
+
+    @property
+    def resolved_num_layers(self) -> int:
+        return self.num_layers or 1
+
+    @property
+    def resolved_modules(self) -> list[str]:
+        return list(self.modules) or ["core_attn"]
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     # NumPy seeds take 32 bits (np.random.seed raises beyond): bounded here, not deep in the launch.
@@ -229,6 +317,8 @@ class TrainConfig:
     recompute_old_logprobs: bool = field(False, help="forward π_old before the update instead of using μ")
     logprob_chunk_tokens: int = field(4096, gt=0, help="tokens per chunk in the vocab-parallel log-prob kernel")
     compute_entropy: bool = field(False)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig,
+                                       help="activation recomputation (memory for compute; see the engine section)")
     mode: Literal["sync", "async"] = field("sync", help="sync: staleness-N batches; async: continuous generation "
                                            "into a version-tagged buffer (see the asynchronous section)")
 
@@ -418,6 +508,7 @@ class RunConfig:
         from megatron_vespo.models.layout import validate_layout  # late: layout imports this module
 
         validate_layout(self.model, self.parallel, self.precision, world_size=None)
+        self.train.recompute.check_model(self.model, self.parallel, "train.recompute")
         if self.correction.mode != "none" and not self.train.recompute_old_logprobs:
             raise ConfigError("correction.mode",
                               f"{self.correction.mode!r} weighs π_old/μ and needs train.recompute_old_logprobs: true")

@@ -28,7 +28,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_vespo.config.schema import (
+    RECOMPUTE_MODULES_NEEDING_TE, ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig, RunConfig,
+)
 from megatron_vespo.models.layout import megatron_parallel_sizes, moe_layer_pattern, validate_layout
 from typed_config import ConfigError
 
@@ -134,8 +136,10 @@ def build_transformer_config(
     precision: PrecisionConfig,
     *,
     use_te: Optional[bool] = None,
+    recompute: Optional[RecomputeConfig] = None,
 ) -> Any:
-    """Megatron ``TransformerConfig`` for ``model`` in the given layout and precision."""
+    """Megatron ``TransformerConfig`` for ``model`` in the given layout and precision, with the
+    activation ``recompute`` of ``train.recompute`` (none when not given)."""
     use_te = te_available() if use_te is None else use_te
     validate_layout(model, parallel, precision, world_size=None)
     if parallel.context > 1 and not use_te:
@@ -203,7 +207,24 @@ def build_transformer_config(
             moe_permute_fusion=use_te,
         )
     kwargs.update(_fp8_kwargs(precision, use_te))
+    kwargs.update(_recompute_kwargs(recompute, use_te))
     return _transformer_config(**kwargs)
+
+
+def _recompute_kwargs(recompute: Optional[RecomputeConfig], use_te: bool) -> dict[str, Any]:
+    """Megatron's recompute fields for ``train.recompute`` (see :class:`RecomputeConfig`)."""
+    if recompute is None or recompute.granularity == "none":
+        return {}
+    if recompute.granularity == "full":
+        return dict(recompute_granularity="full", recompute_method=recompute.resolved_method,
+                    recompute_num_layers=recompute.resolved_num_layers)
+    modules = recompute.resolved_modules
+    if not use_te:
+        for i, module in enumerate(modules):
+            if module in RECOMPUTE_MODULES_NEEDING_TE:  # TE layer norms; moe_act needs TE's grouped GEMM
+                raise ConfigError(f"train.recompute.modules[{i}]", f"{module!r} recomputes a Transformer Engine "
+                                  "module, and Transformer Engine is not available here (GPU only)")
+    return dict(recompute_granularity="selective", recompute_modules=modules)
 
 
 def build_layer_spec(model: ModelConfig, config: Any, *, use_te: Optional[bool] = None,
@@ -246,7 +267,8 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     use_te = te_available() if use_te is None else use_te
-    config = build_transformer_config(cfg.model, cfg.parallel, cfg.precision, use_te=use_te)
+    config = build_transformer_config(cfg.model, cfg.parallel, cfg.precision, use_te=use_te,
+                                      recompute=cfg.train.recompute)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

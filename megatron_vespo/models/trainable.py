@@ -22,9 +22,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.config.schema import OptimizerConfig, RunConfig
 from megatron_vespo.models.full_state import load_full_state_dict
-from megatron_vespo.models.provider import build_gpt_model
+from megatron_vespo.models.provider import build_gpt_model, te_available
+from typed_config import ConfigError
 
 
 @dataclass
@@ -73,6 +74,31 @@ def _megatron_optimizer_config(cfg: RunConfig) -> Any:
         fp16=cfg.precision.params_dtype == "fp16",
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.params_dtype],
         use_distributed_optimizer=opt.distributed,
+        **_offload_kwargs(opt),
+    )
+
+
+def _offload_kwargs(opt: OptimizerConfig) -> dict[str, Any]:
+    """Megatron's optimizer CPU offload (``HybridDeviceOptimizer``) for ``optimizer.cpu_offload``.
+
+    It moves the state of parameters that live on a GPU to host memory; on a machine without a GPU
+    every parameter is already in host memory and Megatron would offload nothing, so it is refused
+    there rather than silently ignored."""
+    if not opt.cpu_offload:
+        return {}
+    if not torch.cuda.is_available():
+        raise ConfigError("optimizer.cpu_offload", "offloads GPU optimizer state to host memory, and this machine "
+                          "has no GPU (the state already lives in host memory here); set it to false")
+    if not te_available():  # Megatron's precision-aware optimizer config reads TE's version
+        raise ConfigError("optimizer.cpu_offload", "needs Transformer Engine (Megatron offloads through its "
+                          "precision-aware optimizer path), which is not installed here")
+    return dict(
+        optimizer_cpu_offload=True,
+        optimizer_offload_fraction=opt.resolved_offload_fraction,
+        # The hybrid optimizer reuses the precision-aware path (Megatron-LM requires the pair).
+        use_precision_aware_optimizer=True,
+        # Overlap the host step with the copies: the reason to offload at all on a busy node.
+        overlap_cpu_optimizer_d2h_h2d=True,
     )
 
 

@@ -8,7 +8,8 @@ Trainer rank (the worst pipeline stage), in bytes:
 - gradients: 4 bytes per parameter (Megatron's DDP grad buffer in fp32, ``grad_reduce_in_fp32``).
 - optimizer: Adam m and v in fp32 (8 bytes/param) plus an fp32 master copy (4) when the model is not
   fp32. With the distributed optimizer, dense state is sharded over DP x CP and expert state over
-  the expert data-parallel group (TP x CP x DP / (EP x ETP) ranks).
+  the expert data-parallel group (TP x CP x DP / (EP x ETP) ranks). With ``optimizer.cpu_offload``
+  its ``offload_fraction`` lives in host memory (reported per rank, not counted against the GPU).
 - activations (no recompute): per layer and token, in the activation dtype, with s = TP under
   sequence parallelism (else 1) and t = TP:
     attention  2h/s (norm in/out) + (3q + 3kv)/t  (Q, K, V, normed/rotated Q and K, attention output;
@@ -17,9 +18,14 @@ Trainer rank (the worst pipeline stage), in bytes:
                (each routed copy: permuted input, gate, up, activation, expert output; balanced routing)
                + router logits E/s in fp32
   x micro_batch_tokens / CP tokens x layers on the stage x micro-batches in flight (1F1B: PP - stage).
-  With full recompute (``recompute='full'``) only each layer's input (h/s) is kept, plus one layer's
-  working set during its backward. The last stage adds the logits [tokens, V/TP] (activation dtype)
-  and two fp32 chunks of the log-prob kernel ([logprob_chunk_tokens, V/TP], forward and backward).
+  Recompute (``train.recompute``, or ``plan --recompute``): full/uniform with n layers per unit keeps
+  only each unit's input (h/s per unit) plus one unit's working set during its backward; full/block
+  with n keeps only the input of the first n layers of the stage and everything of the others;
+  selective drops the listed modules' internals: core_attn the attention output (q/t), mlp the
+  dense MLP's 3f/t, moe every routed copy and the router logits, moe_act one f_e/ETP per copy,
+  layernorm the norm outputs (h/s per block). The last stage adds the logits [tokens, V/TP]
+  (activation dtype) and two fp32 chunks of the log-prob kernel ([logprob_chunk_tokens, V/TP],
+  forward and backward).
 - overhead: a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
 
 Rollout engine (one SGLang server with --tp T GPUs), per GPU:
@@ -34,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_vespo.config.schema import RunConfig
+from megatron_vespo.config.schema import RecomputeConfig, RunConfig
 from megatron_vespo.models.layout import moe_layer_pattern, validate_layout
 from megatron_vespo.planning.params import ParamCount, count_params
 from typed_config import ConfigError
@@ -61,6 +67,7 @@ class TrainerEstimate:
     logits: float
     overhead: float
     recompute: str
+    optimizer_host: float = 0.0  # optimizer state offloaded to host memory (optimizer.cpu_offload)
 
     @property
     def total(self) -> float:
@@ -125,26 +132,54 @@ def _stage_layers(pattern: list[int], pp: int, stage: int) -> tuple[int, int]:
     return len(chunk), sum(chunk)
 
 
-def _activation_bytes_per_token_layer(cfg: RunConfig, moe_layer: bool, recompute: str) -> float:
+def _activation_bytes_per_token_layer(cfg: RunConfig, moe_layer: bool,
+                                      dropped: frozenset[str] = frozenset()) -> float:
+    """Activation bytes one token keeps in one layer; ``dropped``: selective-recompute modules."""
     m, p = cfg.model, cfg.parallel
     act = DTYPE_BYTES[cfg.precision.params_dtype]
     h, t = m.hidden_size, p.tensor
     s = t if p.sequence_parallel else 1
-    if recompute == "full":
-        return act * h / s
+    norms = (1 if "layernorm" in dropped else 2) * h / s  # norm input and output, per block
     q, kv = m.num_attention_heads * m.kv_channels, m.num_key_value_heads * m.kv_channels
-    attention = 2 * h / s + (3 * q + 3 * kv) / t
+    attention = norms + (3 * q + 3 * kv) / t - (q / t if "core_attn" in dropped else 0)
     if moe_layer:
+        if "moe" in dropped:
+            return act * (attention + norms)
         etp = p.expert_tensor
-        mlp = 2 * h / s + m.num_experts_per_tok * etp / s * (2 * h + 3 * m.moe_intermediate_size / etp)
+        f_terms = 2 if "moe_act" in dropped else 3
+        mlp = norms + m.num_experts_per_tok * etp / s * (2 * h + f_terms * m.moe_intermediate_size / etp)
         return act * (attention + mlp) + 4 * m.num_experts / s
-    mlp = 2 * h / s + 3 * m.intermediate_size / t
+    mlp = norms + (0 if "mlp" in dropped else 3 * m.intermediate_size / t)
     return act * (attention + mlp)
 
 
-def estimate_trainer(cfg: RunConfig, world_size: int, recompute: str = "none",
+def _stage_activations_per_token(cfg: RunConfig, stage_pattern: list[int],
+                                 recompute: RecomputeConfig) -> tuple[float, float]:
+    """(bytes one token keeps per micro-batch in flight on a stage, the extra working set of the
+    recompute running in the backward, once per stage)."""
+    full = [_activation_bytes_per_token_layer(cfg, bool(x)) for x in stage_pattern]
+    if not full:
+        return 0.0, 0.0
+    layer_input = DTYPE_BYTES[cfg.precision.params_dtype] * cfg.model.hidden_size / (
+        cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1)
+    if recompute.granularity == "full":
+        n = min(recompute.resolved_num_layers, len(full))
+        if recompute.resolved_method == "uniform":
+            units = math.ceil(len(full) / n)
+            return units * layer_input, n * max(full)
+        return n * layer_input + sum(full[n:]), max(full[:n])
+    if recompute.granularity == "selective":
+        dropped = frozenset(recompute.resolved_modules)
+        kept = [_activation_bytes_per_token_layer(cfg, bool(x), dropped) for x in stage_pattern]
+        return sum(kept), max(f - k for f, k in zip(full, kept))
+    return sum(full), 0.0
+
+
+def estimate_trainer(cfg: RunConfig, world_size: int, recompute: Optional[RecomputeConfig] = None,
                      overhead_gib: float = 2.0) -> TrainerEstimate:
+    """The worst pipeline stage's memory; ``recompute`` overrides ``cfg.train.recompute``."""
     m, p = cfg.model, cfg.parallel
+    recompute = cfg.train.recompute if recompute is None else recompute
     validate_layout(m, p, cfg.precision, world_size=world_size)
     counts = count_params(m)
     pattern = moe_layer_pattern(m)
@@ -173,19 +208,20 @@ def estimate_trainer(cfg: RunConfig, world_size: int, recompute: str = "none",
             optimizer = state_bytes * (dense / (dp * cp) + experts / expert_dp)
         else:
             optimizer = state_bytes * params
+        offloaded = cfg.optimizer.resolved_offload_fraction
+        optimizer, optimizer_host = optimizer * (1 - offloaded), optimizer * offloaded
         in_flight = pp - stage
-        per_token = [_activation_bytes_per_token_layer(cfg, bool(x), recompute)
-                     for x in pattern[stage * (len(pattern) // pp):(stage + 1) * (len(pattern) // pp)]]
-        activations = in_flight * tokens * sum(per_token)
-        if recompute == "full" and per_token:  # one layer's full working set while it is recomputed
-            activations += tokens * max(_activation_bytes_per_token_layer(cfg, bool(x), "none") for x in pattern)
+        kept, working = _stage_activations_per_token(
+            cfg, pattern[stage * (len(pattern) // pp):(stage + 1) * (len(pattern) // pp)], recompute)
+        activations = in_flight * tokens * kept + tokens * working
         logits = 0.0
         if last:
             logits = tokens * vocab_shard * pbytes + 2 * min(cfg.train.logprob_chunk_tokens, tokens) * vocab_shard * 4
         est = TrainerEstimate(
             world_size=world_size, data_parallel=dp, expert_data_parallel=expert_dp, stage=stage,
             params_per_rank=int(params), weights=params * pbytes, gradients=params * 4.0, optimizer=optimizer,
-            activations=activations, logits=logits, overhead=overhead_gib * GIB, recompute=recompute,
+            activations=activations, logits=logits, overhead=overhead_gib * GIB,
+            recompute=describe_recompute(recompute), optimizer_host=optimizer_host,
         )
         if best is None or est.total > best.total:
             best = est
@@ -216,13 +252,24 @@ def estimate_fleet(cfg: RunConfig, gpu_memory_bytes: float) -> FleetEstimate:
     return FleetEstimate(servers)
 
 
+def describe_recompute(recompute: RecomputeConfig) -> str:
+    """'none', 'full (uniform, 1 layer)', 'selective (core_attn, moe)': for the plan's report."""
+    if recompute.granularity == "full":
+        n = recompute.resolved_num_layers
+        return f"full ({recompute.resolved_method}, {n} layer{'s' if n > 1 else ''})"
+    if recompute.granularity == "selective":
+        return f"selective ({', '.join(recompute.resolved_modules)})"
+    return "none"
+
+
 def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib: float = 80.0,
-             recompute: str = "none", overhead_gib: float = 2.0) -> RunPlan:
+             recompute: Optional[str] = None, overhead_gib: float = 2.0) -> RunPlan:
     """Estimate the run; raise ConfigError for an impossible layout or argument, PlanError when memory
     does not fit.
 
     ``trainer_gpus``: None plans the smallest valid world size (0 is an error, not "not given").
-    ``recompute``: the activation recompute to assume, ``none`` or ``full`` (``plan --recompute``)."""
+    ``recompute``: None plans ``cfg.train.recompute``; ``none``, ``full`` or ``selective`` (with
+    RecomputeConfig's defaults: uniform, 1 layer; core_attn) plans that instead (``plan --recompute``)."""
     if trainer_gpus is not None and (isinstance(trainer_gpus, bool) or trainer_gpus < 1):
         raise ConfigError("trainer_gpus", f"must be >= 1; got {trainer_gpus}")
     # NaN compares false with everything: without these a NaN or negative size "fits" or yields nonsense.
@@ -231,11 +278,12 @@ def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib:
     if not (math.isfinite(overhead_gib) and overhead_gib >= 0):
         raise ConfigError("overhead_gib", f"must be a finite number >= 0; got {overhead_gib}")
     world = minimal_world_size(cfg) if trainer_gpus is None else trainer_gpus
-    if recompute not in ("none", "full"):
-        raise ConfigError("recompute", f"the planner knows 'none' and 'full'; got {recompute!r}")
+    if recompute is not None and recompute not in ("none", "full", "selective"):
+        raise ConfigError("recompute", f"expected none, full or selective; got {recompute!r}")
+    assumed = None if recompute is None else RecomputeConfig(granularity=recompute)
     cfg.parallel.check_world_size(world)  # names the parallel size at fault before validate_layout's checks
     gpu_memory = gpu_memory_gib * GIB
-    trainer = estimate_trainer(cfg, world, recompute, overhead_gib)
+    trainer = estimate_trainer(cfg, world, assumed, overhead_gib)
     fleet = estimate_fleet(cfg, gpu_memory)
     plan = RunPlan(params=count_params(cfg.model), trainer=trainer, fleet=fleet, gpu_memory=gpu_memory,
                    max_sequence_tokens=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
@@ -247,8 +295,8 @@ def check_fits(plan: RunPlan, cfg: RunConfig) -> None:
     t, mem = plan.trainer, plan.gpu_memory
     if t.total > mem:
         hint = "raise parallel.tensor/expert/pipeline, lower train.micro_batch_tokens"
-        if t.recompute == "none":
-            hint += ", or plan with --recompute full"
+        if not t.recompute.startswith("full"):
+            hint += ", or recompute activations (train.recompute.granularity: full; plan --recompute full)"
         raise PlanError(f"trainer rank (pipeline stage {t.stage}) needs about {t.total / GIB:.1f} GiB, more than "
                         f"the {mem / GIB:.0f} GiB of GPU memory: {hint}")
     for s in plan.fleet.servers:
@@ -292,7 +340,8 @@ def format_plan(plan: RunPlan, cfg: RunConfig) -> str:
         f"  parameters       {t.params_per_rank:>16,d}",
         f"  weights          {gib(t.weights)}",
         f"  gradients (fp32) {gib(t.gradients)}",
-        f"  optimizer        {gib(t.optimizer)}  ({'distributed' if cfg.optimizer.distributed else 'replicated'})",
+        f"  optimizer        {gib(t.optimizer)}  ({'distributed' if cfg.optimizer.distributed else 'replicated'}"
+        + (f"; {gib(t.optimizer_host).strip()} offloaded to host memory per rank)" if t.optimizer_host else ")"),
         f"  activations      {gib(t.activations)}",
         f"  logits/log-probs {gib(t.logits)}",
         f"  overhead         {gib(t.overhead)}",

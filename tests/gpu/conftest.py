@@ -1,4 +1,5 @@
-"""GPU-only tests: real SGLang engines. Everything here skips, with the reason, where CUDA or SGLang is absent.
+"""GPU-only tests: real SGLang engines (``test_sglang_*``) and the trainer's GPU-only options. Everything here
+skips, with the reason, where CUDA (or SGLang, or Transformer Engine, as each test needs) is absent.
 
 SGLang may live in another Python environment than the trainer (docs/dependencies.md: it pins its own
 torch). Point ``VESPO_SGLANG_PYTHON`` at that interpreter; otherwise the current one must import it.
@@ -43,10 +44,13 @@ def sglang_skip_reason() -> str:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tests that start SGLang (the ``test_sglang_*`` modules) skip where SGLang cannot run; the others
+    here need only CUDA (and say what else) themselves."""
     reason = sglang_skip_reason()
     if not reason:
         return
     here = os.path.dirname(__file__)
     for item in items:
-        if str(item.fspath).startswith(here):
+        path = str(item.fspath)
+        if path.startswith(here) and os.path.basename(path).startswith("test_sglang"):
             item.add_marker(pytest.mark.skip(reason=reason))

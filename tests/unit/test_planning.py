@@ -123,3 +123,55 @@ def test_plan_names_the_parallel_size_that_does_not_fit():
     cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "pipeline": 2, "expert": 8, "sequence_parallel": True})
     with pytest.raises(ConfigError, match=r"^parallel\.pipeline:"):
         plan_run(cfg, trainer_gpus=4)
+
+
+def test_the_config_recompute_is_planned_and_ordered_by_what_it_keeps():
+    """train.recompute drives the plan (the --recompute flag only overrides it): full keeps least,
+    block with some layers sits between full and none, selective MoE recompute drops the routed copies."""
+    layout = {"tensor": 2, "expert": 8, "sequence_parallel": True}
+
+    def activations(**recompute) -> float:
+        cfg = run_cfg(QWEN3_30B, parallel=layout, train={"recompute": recompute})
+        return plan_run(cfg, trainer_gpus=16, gpu_memory_gib=1e4).trainer.activations
+
+    none, full = activations(), activations(granularity="full")
+    block = activations(granularity="full", method="block", num_layers=24)  # 24 of 48 layers
+    uniform4 = activations(granularity="full", num_layers=4)
+    moe = activations(granularity="selective", modules=["moe"])
+    attn = activations(granularity="selective")
+    assert full < uniform4 < block < none
+    assert block == pytest.approx((none + full) / 2, rel=0.05)
+    assert moe < attn < none
+    cfg = run_cfg(QWEN3_30B, parallel=layout, train={"recompute": {"granularity": "full"}})
+    plan = plan_run(cfg, trainer_gpus=16)
+    assert plan.trainer.recompute == "full (uniform, 1 layer)"
+    assert plan_run(cfg, trainer_gpus=16, gpu_memory_gib=1e4, recompute="none").trainer.activations == none
+    with pytest.raises(ConfigError, match="expected none, full or selective"):
+        plan_run(cfg, trainer_gpus=16, recompute="partial")
+
+
+def test_optimizer_offload_moves_the_state_to_host_memory_in_the_plan():
+    layout = {"tensor": 2, "expert": 8, "sequence_parallel": True}
+    base = plan_run(run_cfg(QWEN3_30B, parallel=layout), trainer_gpus=16, gpu_memory_gib=1e4).trainer
+    half = plan_run(run_cfg(QWEN3_30B, parallel=layout, optimizer={"cpu_offload": True, "offload_fraction": 0.5}),
+                    trainer_gpus=16, gpu_memory_gib=1e4).trainer
+    assert half.optimizer == pytest.approx(base.optimizer / 2)
+    assert half.optimizer_host == pytest.approx(base.optimizer / 2)
+    assert half.total == pytest.approx(base.total - base.optimizer / 2)
+    with pytest.raises(ConfigError, match="only applies with cpu_offload"):
+        run_cfg(QWEN3_30B, optimizer={"offload_fraction": 0.5})
+    with pytest.raises(ConfigError, match="needs distributed: true"):
+        run_cfg(QWEN3_30B, optimizer={"cpu_offload": True, "distributed": False})
+
+
+def test_optimizer_offload_is_refused_without_a_gpu():
+    import torch
+
+    from megatron_vespo.models.trainable import _megatron_optimizer_config
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/gpu/test_optimizer_offload.py covers offload there")
+    cfg = run_cfg("configs/models/tiny_moe.yaml", optimizer={"cpu_offload": True})
+    with pytest.raises(ConfigError, match="this machine has no GPU") as err:
+        _megatron_optimizer_config(cfg)
+    assert err.value.path == "optimizer.cpu_offload"
