@@ -504,9 +504,11 @@ class CpuRolloutApp:
         load_format = body.get("load_format")
 
         def receive_and_load() -> int:
-            # Received into staging buffers (generation goes on meanwhile), then swapped in all-or-nothing.
+            # Received into staging buffers (generation goes on meanwhile; last update's retired storages
+            # when they fit), then swapped in all-or-nothing.
             tensors = self.receiver.receive(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name,
-                                            load_format=load_format, max_numel=self.engine.max_update_numel)
+                                            load_format=load_format, max_numel=self.engine.max_update_numel,
+                                            buffer=self.engine.receive_buffer)
             return self.engine.update_weights(tensors, version)
 
         try:

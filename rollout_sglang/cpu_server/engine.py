@@ -88,6 +88,11 @@ class CpuEngine:
         self.context_length = self._context_length(context_length)
         self._params = dict(self.model.named_parameters())
         self.model_lock = threading.RLock()
+        # Buffers the last update freed, by name (a parameter's retired storage, or the received
+        # slice of a fused parameter once copied): the next update of that name is received into
+        # them (no allocation, pages already mapped). Costs one more copy of the weights in memory.
+        self._spare: dict[str, torch.Tensor] = {}
+        self._spare_lock = threading.Lock()
         eos = getattr(self.config, "eos_token_id", None)
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self._routers = self._find_routers()
@@ -239,15 +244,28 @@ class CpuEngine:
                        model_path: Optional[str] = None) -> int:
         """Load (HF name, tensor) pairs all-or-nothing: everything is read and checked before the model is
         written (generation goes on meanwhile); on any error the model, ``weight_version`` and
-        ``model_path`` are untouched. Returns how many tensors were loaded."""
+        ``model_path`` are untouched. Returns how many tensors were loaded. The engine takes the
+        tensors over (a whole parameter adopts its tensor's storage): callers pass tensors they no
+        longer use."""
         staged, count = stage_hf_named_tensors(self.model, named_tensors, self._params)
-        with self.model_lock:  # the swap: plain same-shape, same-dtype copies, between two forward steps
-            commit_staged(staged)
+        with self.model_lock:  # the swap, between two forward steps: storages adopted or same-shape copies
+            retired = commit_staged(staged, adopt=True)
+        with self._spare_lock:
+            self._spare.update(retired)
             if weight_version is not None:
                 self.weight_version = str(weight_version)
             if model_path is not None:
                 self.model_path = model_path
         return count
+
+    def receive_buffer(self, name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Where to receive tensor ``name`` of an update: the buffer its last update freed when that
+        fits, else a new one (the served weights are never received into)."""
+        with self._spare_lock:
+            spare = self._spare.pop(name, None)
+        if spare is not None and list(spare.shape) == list(shape) and spare.dtype == dtype:
+            return spare
+        return torch.empty(shape, dtype=dtype)
 
     def weight_destination(self, name: str) -> Optional[torch.Tensor]:
         """Where checkpoint tensor ``name`` lives in the model (hold ``model_lock`` while writing it)."""

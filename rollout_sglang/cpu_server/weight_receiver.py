@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,12 +63,15 @@ class WeightReceiver:
             destroy_custom_process_group(group)
 
     def receive(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str,
-                load_format: Optional[str] = None, max_numel: Optional[int] = None) -> list[tuple[str, torch.Tensor]]:
+                load_format: Optional[str] = None, max_numel: Optional[int] = None,
+                buffer: Optional[Callable[[str, list[int], torch.dtype], torch.Tensor]] = None,
+                ) -> list[tuple[str, torch.Tensor]]:
         """Receive one update's tensors from rank 0 of ``group_name`` into staging buffers.
 
         Returns every (name, tensor) pair; nothing is loaded into the model here. ``max_numel`` bounds
         the elements an update may declare, so an absurd shape is refused before anything is allocated
-        (then without taking part in the broadcast: such a sender is broken anyway).
+        (then without taking part in the broadcast: such a sender is broken anyway). ``buffer(name,
+        shape, dtype)`` supplies each tensor's buffer (default: a new one); never a served weight.
         """
         if not (len(names) == len(dtypes) == len(shapes)):
             raise ValueError(f"names/dtypes/shapes: lengths differ ({len(names)}, {len(dtypes)}, {len(shapes)})")
@@ -102,7 +105,8 @@ class WeightReceiver:
             raise ValueError(f"load_format: expected null or 'flattened_bucket'; got {load_format!r}")
         # Every tensor, even one with a name the model lacks, takes part in the broadcast (the sender
         # would wait forever otherwise); the caller's check reports the bad one afterwards.
-        tensors = [(name, torch.empty(shape, dtype=dtype)) for name, shape, dtype in zip(names, shapes, torch_dtypes)]
+        buffer = buffer or (lambda _name, shape, dtype: torch.empty(shape, dtype=dtype))
+        tensors = [(name, buffer(name, shape, dtype)) for name, shape, dtype in zip(names, shapes, torch_dtypes)]
         handles = [dist.broadcast(t, group=group, group_src=0, async_op=True) for _, t in tensors]
         for handle in handles:
             handle.wait()

@@ -6,14 +6,17 @@ experts fused: ``mlp.experts.gate_up_proj[e] = cat(gate_proj, up_proj)`` and
 ``mlp.experts.down_proj[e] = down_proj``. This module maps the former onto the latter.
 
 Loading is two-phase so that an update is all-or-nothing: :func:`stage_hf_named_tensors` checks every
-tensor (name, shape, dtype conversion) without touching the model, :func:`commit_staged` then only
-copies same-shape, same-dtype tensors into place.
+tensor (name, shape, dtype conversion) without touching the model, :func:`commit_staged` then puts
+same-shape, same-dtype tensors in place. A received tensor that fills a whole parameter becomes that
+parameter's storage (no copy; the old storage is handed back for the next update to receive into);
+a slice of a fused parameter, or a tensor the caller still holds, is copied.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -48,14 +51,24 @@ def weight_destination(model: torch.nn.Module, name: str, params: dict | None = 
     raise ValueError(f"weight {name!r}: not a parameter of {type(model).__name__}")
 
 
-Staged = list[tuple[torch.Tensor, torch.Tensor]]  # (destination in the model, value to copy there)
+@dataclass
+class StagedTensor:
+    """One checked tensor of an update: where it goes and the value (already in the destination's dtype)."""
+
+    name: str
+    destination: torch.Tensor  # a parameter's data, or a view of a fused one
+    value: torch.Tensor
+    whole: Optional[torch.nn.Parameter] = None  # the parameter, when the value fills all of it
+
+
+Staged = list[StagedTensor]
 
 
 @torch.no_grad()
 def stage_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
                            params: dict | None = None) -> tuple[Staged, int]:
     """Check every (HF checkpoint name, tensor) against ``model`` and convert it to its destination's
-    dtype, without writing the model. Returns the staged copies and how many tensors were given.
+    dtype, without writing the model. Returns the staged tensors and how many tensors were given.
 
     Raises ValueError naming the first unknown name, non-tensor or mismatched shape; whatever
     ``named_tensors`` raises (a missing or corrupt file) propagates. Either way the model is untouched.
@@ -72,15 +85,30 @@ def stage_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple
             continue
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(dst.shape)}")
-        staged.append((dst, tensor.to(dtype=dst.dtype)))
+        staged.append(StagedTensor(name, dst, tensor.to(dtype=dst.dtype), params.get(name)))
     return staged, count
 
 
 @torch.no_grad()
-def commit_staged(staged: Staged) -> None:
-    """Write staged tensors into the model (same shapes and dtypes: plain copies that cannot mismatch)."""
-    for dst, value in staged:
-        dst.copy_(value)
+def commit_staged(staged: Staged, adopt: bool = False) -> dict[str, torch.Tensor]:
+    """Write staged tensors into the model (same shapes and dtypes: nothing here can fail half-way).
+
+    ``adopt`` (for values nobody else holds, such as a received update): a contiguous value that
+    fills a whole parameter becomes its storage instead of being copied (the parameter object
+    stays, so tied weights and the model's references follow). Returns, by name, the buffers this
+    freed (a retired storage, or a value that was copied): free to receive the next update of that
+    name into. Without ``adopt`` every value is copied and nothing is returned."""
+    retired: dict[str, torch.Tensor] = {}
+    for item in staged:
+        param = item.whole
+        if adopt and param is not None and item.value.is_contiguous() and item.value.dtype == param.dtype:
+            retired[item.name] = param.data
+            param.data = item.value
+            continue
+        item.destination.copy_(item.value)
+        if adopt and item.value.is_contiguous():
+            retired[item.name] = item.value
+    return retired
 
 
 def load_hf_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -356,3 +356,35 @@ def test_dense_tied_qwen3_engine_and_weight_update(tmp_path):
             engine.update_weights([("model.layers.0.mlp.experts.0.gate_proj.weight", torch.zeros(1))], None)
     finally:
         engine.shutdown()
+
+
+def test_updates_receive_into_the_buffers_the_last_update_freed(tiny_moe_dir):
+    """A whole parameter adopts the received tensor (no copy) and its old storage becomes the next
+    receive buffer of that name; a fused expert slice is copied and its received buffer is reused.
+    Served weights are never handed out as receive buffers, and the values are the update's."""
+    from .helpers import hf_state, perturbed
+
+    engine = CpuEngine(str(tiny_moe_dir))
+    try:
+        state = hf_state(tiny_moe_dir)
+        whole, expert = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight"
+        served = engine.weight_destination(whole)
+        fresh = engine.receive_buffer(whole, list(served.shape), served.dtype)  # nothing freed yet: a new one
+        assert fresh.data_ptr() != served.data_ptr()
+        first = perturbed(state, seed=1)
+        received = {k: engine.receive_buffer(k, list(v.shape), v.dtype).copy_(v) for k, v in first.items()}
+        engine.update_weights(received.items(), "v1")
+        assert engine.weight_destination(whole).data_ptr() == received[whole].data_ptr()  # adopted, not copied
+        assert torch.equal(engine.weight_destination(expert), first[expert])
+        again = engine.receive_buffer(whole, list(served.shape), served.dtype)
+        assert again.data_ptr() == served.data_ptr()  # the retired storage
+        assert engine.receive_buffer(expert, list(first[expert].shape), torch.float32).data_ptr() == \
+            received[expert].data_ptr()
+        assert engine.receive_buffer(whole, list(served.shape), served.dtype).data_ptr() not in (
+            served.data_ptr(), engine.weight_destination(whole).data_ptr())  # handed out once only
+        second = perturbed(state, seed=2)
+        engine.update_weights([(k, v.clone()) for k, v in second.items()], "v2")
+        for name in (whole, expert, "model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(engine.weight_destination(name), second[name]), name
+    finally:
+        engine.shutdown()
