@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_vespo import platform
 from megatron_vespo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vespo.models.layout import megatron_parallel_sizes, validate_layout
+from megatron_vespo.platform.pipeline_p2p import apply_pipeline_p2p_fix
 from rollout_sglang.process_group import create_store, loopback_address
 
 
@@ -87,6 +88,9 @@ def init_distributed(
 
     from megatron.core import parallel_state
 
+    # Not a CPU patch: Megatron-Core swaps activation and gradient between two pipeline ranks under
+    # the interleaved schedule on every backend (see the module).
+    apply_pipeline_p2p_fix()
     parallel_state.initialize_model_parallel(
         **megatron_parallel_sizes(parallel),
         distributed_timeout_minutes=parallel.collective_timeout_minutes,
