@@ -17,6 +17,6 @@ fi
 export PYTHONPATH="$PWD/$OVERLAY${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -c "import megatron.core as m; v = m.__version__; print('[compat] megatron-core', v); assert v.split('+')[0] == '$MCORE_NEW', v" 2>/dev/null
 exec python -m pytest tests/unit/test_provider.py tests/unit/test_platform.py tests/unit/test_layout.py \
-  tests/multiproc/test_model_layouts.py tests/multiproc/test_train_guards.py tests/multiproc/test_hf_parity.py \
-  tests/multiproc/test_checkpoint_reshard.py tests/multiproc/test_init_weights.py tests/unit/test_training_checkpoint.py \
-  tests/unit/test_recompute.py "$@"
+  tests/multiproc/test_model_layouts.py tests/multiproc/test_pipeline_p2p.py tests/multiproc/test_train_guards.py \
+  tests/multiproc/test_hf_parity.py tests/multiproc/test_checkpoint_reshard.py tests/multiproc/test_init_weights.py \
+  tests/unit/test_training_checkpoint.py tests/unit/test_recompute.py "$@"

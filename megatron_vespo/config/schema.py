@@ -81,7 +81,8 @@ class ParallelConfig:
 
     tensor: int = field(1, ge=1, help="tensor-parallel size (TP)")
     pipeline: int = field(1, ge=1, help="pipeline-parallel size (PP)")
-    virtual_pipeline: Optional[int] = field(None, ge=1, help="virtual stages per pipeline rank (interleaved schedule)")
+    virtual_pipeline: Optional[int] = field(
+        None, ge=1, help="virtual stages per pipeline rank (interleaved schedule from 2; 1 is the plain one)")
     context: int = field(1, ge=1, help="context-parallel size (CP)")
     expert: int = field(1, ge=1, help="expert-parallel size (EP)")
     expert_tensor: int = field(1, ge=1, help="expert tensor-parallel size (ETP)")

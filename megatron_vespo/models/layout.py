@@ -141,13 +141,25 @@ def _validate_fp8(model: ModelConfig, parallel: ParallelConfig, precision: Preci
             )
 
 
+def virtual_pipeline_size(parallel: ParallelConfig) -> Optional[int]:
+    """The virtual pipeline size given to Megatron: ``None`` (the plain 1F1B schedule) unless there
+    are at least two virtual stages per pipeline rank.
+
+    ``virtual_pipeline: 1`` means one chunk per rank, which is the plain pipeline; given to Megatron
+    as 1 it would select the interleaved schedule for a single chunk (a different data-iterator
+    contract and the micro-batch-count rule of the interleaved schedule, for no benefit).
+    """
+    vpp = parallel.virtual_pipeline
+    return vpp if vpp is not None and vpp > 1 and parallel.pipeline > 1 else None
+
+
 def megatron_parallel_sizes(parallel: ParallelConfig) -> dict[str, Any]:
     """The parallel sizes under the keyword names that both Megatron's ``TransformerConfig`` and
     ``parallel_state.initialize_model_parallel`` take."""
     return dict(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(parallel),
         context_parallel_size=parallel.context,
         expert_model_parallel_size=parallel.expert,
         expert_tensor_parallel_size=parallel.expert_tensor,

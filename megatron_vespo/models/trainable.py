@@ -24,6 +24,7 @@ import torch
 
 from megatron_vespo.config.schema import OptimizerConfig, RunConfig
 from megatron_vespo.models.full_state import load_full_state_dict
+from megatron_vespo.models.layout import virtual_pipeline_size
 from megatron_vespo.models.provider import build_gpt_model, te_available
 from typed_config import ConfigError
 
@@ -46,8 +47,8 @@ def build_model_chunks(cfg: RunConfig) -> list[torch.nn.Module]:
     """The unwrapped ``GPTModel`` chunks this rank holds (one, or VPP with interleaving)."""
     from megatron.core import parallel_state
 
-    vpp = cfg.parallel.virtual_pipeline
-    if vpp is None or cfg.parallel.pipeline == 1:
+    vpp = virtual_pipeline_size(cfg.parallel)
+    if vpp is None:
         return [build_gpt_model(cfg)]
     chunks = []
     for vp_stage in range(vpp):

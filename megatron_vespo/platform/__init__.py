@@ -1,15 +1,23 @@
-"""Platform layer: what Megatron-Core needs to run where it was not written to run (the CPU).
+"""Platform layer: every change the project makes to Megatron-Core's behaviour, applied in one place.
+
+- :mod:`~megatron_vespo.platform.pipeline_p2p`: a Megatron-Core bug fix needed on every platform (the
+  pipeline exchange between two stages that are each other's previous and next);
+- :mod:`~megatron_vespo.platform.cpu`: what Megatron-Core needs to run where it was not written to run
+  (the CPU), applied only when CUDA is absent.
 
 Call :func:`apply` once per process before building a model (``distributed.init_distributed``
-does). On a CUDA machine it changes nothing.
+does). On a CUDA machine only the bug fix is applied.
 """
 from __future__ import annotations
 
 from megatron_vespo.platform.cpu import applied_patches, apply_cpu_patches, should_patch
+from megatron_vespo.platform.pipeline_p2p import apply_pipeline_p2p_fix
 
 
 def apply() -> list[str]:
-    """Apply the CPU patches if and only if CUDA is absent; returns the patches in effect."""
+    """Apply the pipeline p2p fix, and the CPU patches if and only if CUDA is absent; returns the CPU
+    patches in effect."""
+    apply_pipeline_p2p_fix()
     if should_patch():
         return apply_cpu_patches()
     return []

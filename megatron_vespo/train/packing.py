@@ -9,7 +9,9 @@ Two steps:
    micro-batches on every DP rank**: ranks that would need fewer are repacked into that common count
    (split into more, smaller micro-batches), never padded with empty ones, unless a rank holds fewer
    sequences than the count; only then does it get empty micro-batches, which
-   :func:`build_thd_micro_batch` turns into a masked padding-only micro-batch. Deterministic.
+   :func:`build_thd_micro_batch` turns into a masked padding-only micro-batch. The interleaved
+   (virtual pipeline) schedule also needs the count to be a multiple of its micro-batch group
+   (the pipeline size by default): ``count_multiple`` rounds it up the same way. Deterministic.
 
 2. :func:`build_thd_micro_batch` lays the samples (:class:`~megatron_vespo.train.sample.TrainSample`)
    of one micro-batch end to end (THD layout, batch size 1) with the tensors the model and the loss need.
@@ -148,19 +150,24 @@ def pack_sequences(
     token_budget: int,
     dp_size: int = 1,
     allow_oversized: bool = False,
+    count_multiple: int = 1,
 ) -> PackingPlan:
     """Plan DP ranks and micro-batches for sequences of the given token lengths.
 
     Guarantees: every sequence appears exactly once; every micro-batch has at most ``token_budget``
     tokens (except an oversized sequence alone in its micro-batch when ``allow_oversized``); every DP
-    rank has the same number of micro-batches; the result depends only on the inputs. Within a
-    micro-batch, sequences keep their input order; micro-batches are ordered by first index.
+    rank has the same number of micro-batches, a multiple of ``count_multiple``; the result depends
+    only on the inputs. Within a micro-batch, sequences keep their input order; micro-batches are
+    ordered by first index.
     """
     lengths = list(lengths)
     _check_lengths(lengths, token_budget, dp_size, allow_oversized)
+    if count_multiple < 1:
+        raise ValueError(f"count_multiple must be >= 1, got {count_multiple}")
     per_rank = _balance_over_ranks(lengths, dp_size)
     first_fit = [_first_fit(indices, lengths, token_budget) for indices in per_rank]
     count = max(1, max(len(bins) for bins in first_fit))
+    count = -(-count // count_multiple) * count_multiple  # more, smaller micro-batches; never fewer
 
     plan = []
     for indices, ffd_bins in zip(per_rank, first_fit):

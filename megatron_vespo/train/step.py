@@ -102,6 +102,12 @@ class PolicyTrainer:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         # Sequence parallelism splits the token dimension over TP ranks: pad packed rows to a multiple.
         self.pad_to_multiple = cfg.parallel.tensor if self.config.sequence_parallel else 1
+        # The interleaved schedule (virtual pipeline stages) runs micro-batches in groups of
+        # microbatch_group_size_per_vp_stage (PP by default) and raises unless their count is a
+        # multiple of it: the packer rounds the count up (smaller micro-batches, same gradient).
+        self.micro_batch_multiple = 1
+        if len(trainable.model) > 1:
+            self.micro_batch_multiple = self.config.microbatch_group_size_per_vp_stage or cfg.parallel.pipeline
         self._bag = MetricBag()
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tp_rank = ps.get_tensor_model_parallel_rank()
@@ -113,7 +119,8 @@ class PolicyTrainer:
 
     # ----------------------------------------------------------------------------------------- data
     def _plan(self, samples: Sequence[TrainSample]) -> list[dict[str, Any]]:
-        plan = pack_sequences([s.num_tokens for s in samples], self.cfg.train.micro_batch_tokens, self.dp_size)
+        plan = pack_sequences([s.num_tokens for s in samples], self.cfg.train.micro_batch_tokens, self.dp_size,
+                              count_multiple=self.micro_batch_multiple)
         # Routed experts are [R, layers, topk] per sample: laid out per micro-batch here, not by the packer.
         shape = routed_shape(samples, *rollout_experts_shape(self.cfg.model)) \
             if self.router_recorder is not None else None

@@ -30,6 +30,11 @@ LAYOUTS = {
     "tp2_ep2_etp1": (2, ["--tp", "2", "--sp", "--ep", "2", "--etp", "1"]),
     "dp2_distopt": (2, ["--distributed-optimizer"]),
     "one_micro_batch": (1, ["--micro-batch-tokens", "4096"]),
+    # Interleaved schedule, 2 virtual stages per rank (4 chunks of one layer). The budget packs the
+    # varied lengths into 5 micro-batches, which the packer rounds up to 6 (the schedule needs a
+    # multiple of PP); with two ranks Megatron's two-way exchanges go to one peer
+    # (megatron_vespo/platform/pipeline_p2p.py).
+    "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2", "--micro-batch-tokens", "56"]),
 }
 
 
@@ -91,6 +96,8 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
             assert _rel(r["metrics"][key], g["metrics"][key]) < REL_TOL, (layout, step, key)
     if layout == "one_micro_batch":
         assert [s["micro_batches"] for s in got["steps"]] == [1, 1]
+    if layout == "pp2_vpp2":
+        assert [s["micro_batches"] for s in got["steps"]] == [6, 6]
     assert set(got["weights"]) == set(ref["weights"])
     for key, expected in ref["weights"].items():
         diff = (got["weights"][key] - expected).abs().max().item()

@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank (interleaved)")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=1)
     p.add_argument("--sp", action="store_true")
@@ -103,8 +104,8 @@ def main() -> None:
     args = parse_args()
     cfg = RunConfig(
         model=load_model_config(args.model),
-        parallel=ParallelConfig(tensor=args.tp, pipeline=args.pp, expert=args.ep, expert_tensor=args.etp,
-                                sequence_parallel=args.sp),
+        parallel=ParallelConfig(tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vpp, expert=args.ep,
+                                expert_tensor=args.etp, sequence_parallel=args.sp),
         precision=PrecisionConfig(params_dtype=args.dtype),
         # adam_eps well above fp32 noise in the gradients: the first Adam step is ~lr*sign(g), which
         # would turn rounding-level differences of near-zero gradients into lr-sized updates.

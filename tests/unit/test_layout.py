@@ -9,7 +9,7 @@ import pytest
 from megatron_vespo.config import ConfigError, load_model_config
 from megatron_vespo.config.loader import load_run_config
 from megatron_vespo.config.schema import FP8Config, ParallelConfig, PrecisionConfig
-from megatron_vespo.models.layout import moe_layer_pattern, validate_layout
+from megatron_vespo.models.layout import megatron_parallel_sizes, moe_layer_pattern, validate_layout, virtual_pipeline_size
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE = load_model_config(ROOT / "configs/models/tiny_moe.yaml")  # 4 layers, 4 heads/2 groups, 8 experts
@@ -88,6 +88,18 @@ def test_fp8_rules():
     with pytest.raises(ConfigError) as info:
         validate_layout(MOE, P(), PrecisionConfig(params_dtype="fp32", fp8=FP8Config(param_gather=True)), None)
     assert info.value.path == "precision.fp8.param_gather"
+
+
+@pytest.mark.parametrize("parallel, expected", [
+    (P(pipeline=2, virtual_pipeline=2), 2),
+    (P(pipeline=4, virtual_pipeline=3), 3),
+    (P(pipeline=2, virtual_pipeline=1), None),  # one chunk per rank is the plain 1F1B schedule
+    (P(pipeline=2), None),
+    (P(), None),
+])
+def test_megatron_gets_a_virtual_pipeline_size_only_for_two_or_more_chunks(parallel, expected):
+    assert virtual_pipeline_size(parallel) == expected
+    assert megatron_parallel_sizes(parallel)["virtual_pipeline_model_parallel_size"] == expected
 
 
 def test_moe_layer_pattern_follows_hf_rule():

@@ -79,6 +79,29 @@ def test_fewer_sequences_than_micro_batches_gives_empty_padding_only_batches():
     assert batch["old_logp"].tolist() == [0, 0, 0, 0] and batch["rollout_logp"].tolist() == [0, 0, 0, 0]
 
 
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=0, max_size=40),
+       budget=st.integers(300, 800), dp_size=st.integers(1, 3), multiple=st.integers(1, 4))
+def test_micro_batch_count_is_rounded_up_to_the_requested_multiple(lengths, budget, dp_size, multiple):
+    # The interleaved (virtual pipeline) schedule needs a multiple of its micro-batch group (PP).
+    plain = pack_sequences(lengths, budget, dp_size)
+    plan = pack_sequences(lengths, budget, dp_size, count_multiple=multiple)
+    check_plan_invariants(plan, lengths, budget, dp_size)
+    assert plan.num_micro_batches % multiple == 0
+    assert plain.num_micro_batches <= plan.num_micro_batches < plain.num_micro_batches + multiple
+
+
+def test_odd_micro_batch_count_is_split_to_an_even_one():
+    # five micro-batches of one sequence each under the budget -> six, the longest split in two
+    lengths = [50, 50, 50, 50, 30, 20]
+    assert pack_sequences(lengths, token_budget=50).num_micro_batches == 5
+    plan = pack_sequences(lengths, token_budget=50, count_multiple=2)
+    check_plan_invariants(plan, lengths, 50, 1)
+    assert plan.num_micro_batches == 6 and all(plan.micro_batches[0])
+    with pytest.raises(ValueError, match="count_multiple must be >= 1"):
+        pack_sequences(lengths, token_budget=50, count_multiple=0)
+
+
 def test_too_long_sequence_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"sequence 2 has 501 tokens.*token_budget 500"):
         pack_sequences([10, 20, 501, 30], token_budget=500, dp_size=2)
