@@ -33,6 +33,12 @@ Facts about Megatron-Core's canonical keys this module encodes (checked against 
   (``moe_layer_freq`` given as a list) has per-layer keys (``decoder.layers.3.…``);
 - experts are stacked along a leading expert axis (``…mlp.experts.experts.linear_fc1.weight``:
   ``[E, 2F, H]``), the same for SequentialMLP and TEGroupedMLP;
+- the embedding and output layer hold the vocabulary *padded* to a multiple of
+  ``make_vocab_size_divisible_by * TP`` (Megatron-LM's rule; :meth:`ModelConfig.padded_vocab_size`):
+  :meth:`Qwen3Mapping.dist_tensors` gives their padded global shape for the mapping's
+  ``tensor_parallel``, while units and HF tensors keep the real ``vocab_size`` rows (conversion pads
+  with zero rows on the way in and reads only the real rows on the way out). Megatron marks these
+  two tensors ``allow_shape_mismatch``, so a checkpoint padded for one TP loads at any other;
 - linear layers carry an ``_extra_state`` sharded object (``None`` without FP8) that a
   checkpoint must hold for ``dist_checkpointing.load`` to accept it (:meth:`Qwen3Mapping.extra_states`).
 """
@@ -46,6 +52,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from megatron_vespo.config.schema import ModelConfig
+from megatron_vespo.models.full_state import VOCAB_KEYS  # tensors whose rows are the (padded) vocabulary
 from megatron_vespo.models.layout import moe_layer_pattern
 
 
@@ -180,13 +187,17 @@ class Qwen3Mapping:
     ``stacked_layers``: whether Megatron stacks the layers into one key per tensor (default: as
     Megatron-Core does for the models ``build_gpt_model`` builds — dense models stacked, MoE models
     per layer). Pass ``False`` for checkpoints saved with ``metadata={"non_homogeneous_layers": True}``.
+
+    ``tensor_parallel``: the TP size whose padded vocabulary :meth:`dist_tensors` describes (the
+    rows of the embedding / output layer in a checkpoint Megatron saves at that TP).
     """
 
-    def __init__(self, cfg: ModelConfig, *, stacked_layers: Optional[bool] = None):
+    def __init__(self, cfg: ModelConfig, *, stacked_layers: Optional[bool] = None, tensor_parallel: int = 1):
         if cfg.attention_bias:
             raise MappingError("attention_bias: true is not supported: HF Qwen3 then also puts a bias on "
                                "o_proj, which Megatron's linear_proj (add_bias_linear=False) has no parameter for")
         self.cfg = cfg
+        self.padded_vocab_size = cfg.padded_vocab_size(tensor_parallel)
         self.stacked_layers = (not cfg.is_moe) if stacked_layers is None else stacked_layers
         self._pattern = moe_layer_pattern(cfg)
         self.units: list[Unit] = []
@@ -276,12 +287,28 @@ class Qwen3Mapping:
     # -- lookups -----------------------------------------------------------------------------------
 
     def dist_tensors(self) -> dict[str, tuple[int, ...]]:
-        """Every dist-checkpoint tensor key (aliases included) and its global shape."""
+        """Every dist-checkpoint tensor key (aliases included) and its global shape (the vocabulary
+        tensors padded for the mapping's ``tensor_parallel``)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for unit in self.units:
             for key in (unit.key, *unit.aliases):
-                shapes[key] = self._stack_shapes[key] + unit.shape
+                shape = unit.shape
+                if self.is_vocab_key(key):
+                    shape = (self.padded_vocab_size, *shape[1:])
+                shapes[key] = self._stack_shapes[key] + shape
         return shapes
+
+    @staticmethod
+    def is_vocab_key(key: str) -> bool:
+        """Whether ``key`` is a vocabulary-parallel tensor (its rows are the padded vocabulary)."""
+        return key in VOCAB_KEYS
+
+    def vocab_padding_rows(self, key: str) -> Optional[tuple[int, int]]:
+        """``(first_row, count)`` of the padding rows of vocabulary tensor ``key`` in the layout of
+        :meth:`dist_tensors`, or None (not a vocabulary tensor, or no padding)."""
+        if not self.is_vocab_key(key) or self.padded_vocab_size == self.cfg.vocab_size:
+            return None
+        return self.cfg.vocab_size, self.padded_vocab_size - self.cfg.vocab_size
 
     def hf_tensors(self) -> dict[str, tuple[int, ...]]:
         """Every HF tensor name (in HF order: embeddings, layers, final norm, head) and its shape."""
@@ -375,5 +402,5 @@ def detect_stacked_layers(keys: Iterable[str]) -> bool:
 
 __all__ = [
     "ExtraState", "IGNORED_HF_PATTERNS", "MappingError", "Qwen3Mapping", "RULES", "Rule", "Scope", "Transform",
-    "Unit", "detect_stacked_layers",
+    "Unit", "VOCAB_KEYS", "detect_stacked_layers",
 ]

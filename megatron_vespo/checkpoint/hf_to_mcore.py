@@ -1,12 +1,17 @@
 """Hugging Face Qwen3 / Qwen3-MoE safetensors -> Megatron-Core distributed checkpoint (torch_dist).
 
-    python tools/convert_hf_to_mcore.py --hf-dir D --out OUT [--model-yaml M] [--overwrite]
+    python tools/convert_hf_to_mcore.py --hf-dir D --out OUT [--model-yaml M] [--tensor-parallel TP] [--overwrite]
 
 The result loads into any TP/PP/EP layout with ``dist_checkpointing.load(model.sharded_state_dict(),
 OUT)``; it holds the canonical tensors of :mod:`megatron_vespo.checkpoint.hf_mapping` (one chunk per
 layer slice / expert), the ``_extra_state`` objects of the linear layers, Megatron's
 ``metadata.json`` and ``common.pt``, plus ``model_config.yaml`` (so the way back needs no arguments)
 and the original ``config.json`` / ``generation_config.json``.
+
+Vocabulary padding: the embedding and output layer are written with Megatron's padded row count
+for ``--tensor-parallel`` (default 1: a multiple of ``make_vocab_size_divisible_by``), the padding
+rows zero. Megatron loads these two tensors with ``allow_shape_mismatch`` (rows it lacks are zero,
+extra rows are not read), so the checkpoint still loads at any TP; the way back drops the padding.
 
 Streaming: the checkpoint is written with PyTorch distributed checkpointing (the torch_dist format
 itself) through a save planner whose chunks are produced lazily — one Megatron tensor slice is read
@@ -125,6 +130,7 @@ class _Chunk:
     unit: Optional[Unit] = None  # a tensor chunk of this unit ...
     key: Optional[str] = None    # ... stored under this key
     rows: Optional[tuple[int, int]] = None  # ... (only these rows of it)
+    padding: bool = False  # ``rows`` are vocabulary padding past the unit: zeros, nothing read
     object_key: Optional[str] = None  # or an _extra_state object's unique key
 
 
@@ -144,6 +150,7 @@ class _LazySavePlanner(DefaultSavePlanner):
                 item = WriteItem(index=MetadataIndex(chunk.object_key), type=WriteItemType.BYTE_IO)
             else:
                 unit, stack = chunk.unit, len(global_shapes[chunk.key]) - len(chunk.unit.shape)
+                # (a padding chunk's rows lie past the unit, inside the padded global tensor)
                 start, count = chunk.rows or (0, unit.shape[0])
                 offsets = torch.Size((*unit.prefix, start, *[0] * (len(unit.shape) - 1)))
                 sizes = torch.Size((*[1] * stack, count, *unit.shape[1:]))
@@ -217,17 +224,18 @@ def _file_group(layer: Optional[int]) -> str:
 
 
 def convert_hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, model_cfg: Optional[ModelConfig] = None,
-                        *, overwrite: bool = False, max_chunk_bytes: int = 16 * 2**20,
+                        *, overwrite: bool = False, max_chunk_bytes: int = 16 * 2**20, tensor_parallel: int = 1,
                         log: Callable[[str], None] = print) -> ConversionStats:
     """Convert the HF checkpoint in ``hf_dir`` into a Megatron dist checkpoint at ``out``.
 
     Large plain tensors (embedding, output layer) are stored in row chunks of at most
-    ``max_chunk_bytes``, so neither direction ever holds one of them whole."""
+    ``max_chunk_bytes``, so neither direction ever holds one of them whole. The vocabulary is padded
+    with zero rows as Megatron pads it at ``tensor_parallel`` (the result loads at any TP)."""
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     cfg = resolve_model_config(hf_dir, model_cfg)
-    mapping = Qwen3Mapping(cfg)
+    mapping = Qwen3Mapping(cfg, tensor_parallel=tensor_parallel)
     reader = SafetensorsReader(hf_dir)
     dtype = check_hf_weights(reader, mapping, hf_config)
 
@@ -237,6 +245,10 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, model
         for rows in unit.row_blocks(element_size, max_chunk_bytes):
             for key in (unit.key, *unit.aliases):
                 chunks.append(_Chunk(file=_file_group(unit.layer), unit=unit, key=key, rows=rows))
+        for key in (unit.key, *unit.aliases):
+            padding = mapping.vocab_padding_rows(key)
+            if padding is not None:  # Megatron's padded rows, zero (what a freshly built model holds)
+                chunks.append(_Chunk(file=_file_group(unit.layer), unit=unit, key=key, rows=padding, padding=True))
     chunks += [_Chunk(file=_file_group(obj.layer), object_key=obj.unique_key) for obj in mapping.extra_states]
 
     total = sum(reader.info(n).nbytes for n in mapping.hf_tensors())
@@ -246,6 +258,8 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, model
 
     def produce(chunk: _Chunk) -> torch.Tensor:
         unit = chunk.unit
+        if chunk.padding:
+            return torch.zeros(chunk.rows[1], *unit.shape[1:], dtype=dtype)
         if chunk.rows is not None:  # a block of rows of a plain copy
             tensor = reader.read(unit.hf_names[0], rows=chunk.rows)
             done["bytes"] += tensor.nbytes
@@ -287,13 +301,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output Megatron dist-checkpoint directory")
     p.add_argument("--model-yaml", help="model YAML (default: derived from config.json); must agree with it")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="pad the vocabulary as Megatron does at this TP (the result loads at any TP)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     from megatron_vespo.config import ConfigError, load_model_config
 
+    if args.tensor_parallel < 1:
+        p.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     try:
         model_cfg = load_model_config(args.model_yaml) if args.model_yaml else None
         convert_hf_to_mcore(args.hf_dir, args.out, model_cfg, overwrite=args.overwrite,
+                            tensor_parallel=args.tensor_parallel,
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

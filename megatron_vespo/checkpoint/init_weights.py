@@ -24,9 +24,11 @@ def is_hf_dir(path: Path) -> bool:
 
 def check_same_model(found: ModelConfig, expected: ModelConfig, where: str) -> None:
     """Clear error listing the architecture fields in which a checkpoint differs from the run's model."""
+    # Not compared: run settings, and the vocabulary padding (Megatron loads the vocabulary tensors
+    # whatever their padded row count: allow_shape_mismatch).
     diff = [f"{f.name}: checkpoint {getattr(found, f.name)!r} != run {getattr(expected, f.name)!r}"
             for f in dataclasses.fields(ModelConfig)
-            if f.name not in ("max_position_embeddings", "router_aux_loss_coef")
+            if f.name not in ("max_position_embeddings", "router_aux_loss_coef", "make_vocab_size_divisible_by")
             and getattr(found, f.name) != getattr(expected, f.name)]
     if diff:
         raise CheckpointError(f"{where}: the checkpoint's model does not match the run's model YAML: " + "; ".join(diff))

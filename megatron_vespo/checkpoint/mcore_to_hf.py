@@ -6,7 +6,8 @@
 Reads any torch_dist checkpoint holding the canonical model tensors (written by
 ``convert_hf_to_mcore.py`` or by ``dist_checkpointing.save`` of a model in any TP/PP/EP layout; an
 optimizer state next to them is ignored). The model comes from ``DIR/model_config.yaml`` unless
-``--model-yaml`` is given. Writes size-bounded safetensors shards with ``model.safetensors.index.json``,
+``--model-yaml`` is given. The vocabulary padding Megatron adds (any amount, whatever TP saved the
+checkpoint) is not read: the HF tensors have ``vocab_size`` rows. Writes size-bounded safetensors shards with ``model.safetensors.index.json``,
 ``config.json`` (fields for transformers 5 and for older transformers / SGLang), the stored
 ``generation_config.json`` and the tokenizer files of ``--tokenizer-dir``.
 
@@ -143,13 +144,19 @@ def _stored_key(slices: DistCheckpointSlices, unit: Unit) -> str:
 
 
 def check_checkpoint(slices: DistCheckpointSlices, mapping: Qwen3Mapping) -> torch.dtype:
-    """Every tensor of the model is in the checkpoint with its global shape and one floating dtype."""
+    """Every tensor of the model is in the checkpoint with its global shape and one floating dtype.
+
+    The vocabulary tensors may hold any number of rows from ``vocab_size`` up: Megatron pads them
+    for the TP it saved from (and our converter for its ``--tensor-parallel``); only the first
+    ``vocab_size`` rows are read, which strips the padding."""
     shapes = mapping.dist_tensors()
     dtypes = set()
     for unit in mapping.units:
         key = _stored_key(slices, unit)
         got = tuple(slices.tensors[key].size)
-        if got != shapes[key]:
+        padded_vocab = (mapping.is_vocab_key(key) and len(got) == len(unit.shape) and got[0] >= unit.shape[0]
+                        and got[1:] == unit.shape[1:])  # the real rows, then any padding
+        if not padded_vocab and got != shapes[key]:
             raise CheckpointError(f"{slices.ckpt}: tensor {key!r} has global shape {got}, the model config implies "
                                   f"{shapes[key]}: the config does not match the checkpoint")
         dtypes.add(slices.tensors[key].properties.dtype)

@@ -24,6 +24,12 @@ class ModelConfig:
 
     architecture: Literal["qwen3", "qwen3_moe"] = field(help="model family")
     vocab_size: int = field(gt=0, help="vocabulary size (rows of the embedding)")
+    # Megatron-LM's --make-vocab-size-divisible-by: the embedding and output layer get
+    # padded_vocab_size(TP) rows so that every TP rank holds an equal shard of any vocabulary.
+    # The padding never leaves the trainer: log-probs and entropy mask it, HF conversion, export and
+    # weight publication strip it.
+    make_vocab_size_divisible_by: int = field(
+        128, gt=0, help="pad the vocabulary to a multiple of this x TP inside Megatron (Megatron-LM default 128)")
     hidden_size: int = field(gt=0)
     num_hidden_layers: int = field(gt=0)
     num_attention_heads: int = field(gt=0)
@@ -52,6 +58,14 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.architecture == "qwen3_moe"
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        """Rows of Megatron's embedding / output layer at this TP: ``vocab_size`` rounded up to a
+        multiple of ``make_vocab_size_divisible_by * tensor_parallel`` (Megatron-LM's rule)."""
+        if tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
 
     def validate(self, path: str) -> None:
         p = lambda name: f"{path}.{name}" if path else name  # noqa: E731

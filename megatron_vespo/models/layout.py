@@ -6,10 +6,10 @@ module states the rules up front and reports the first broken one as
 ``ConfigError("parallel.<field>", why)``. Called from ``RunConfig.validate`` (world size unknown)
 and from :func:`megatron_vespo.distributed.init_distributed` (with the real world size).
 
-Vocabulary: the embedding and output layer are split by TP in Megatron's vocab-parallel layers,
-which require ``vocab_size % TP == 0``. We do not pad the vocabulary (padding would add logits the
-log-prob kernel and weight export would have to mask and strip); Qwen3's 151936 divides every
-power-of-two TP up to 128.
+Vocabulary: the embedding and output layer are split by TP in Megatron's vocab-parallel layers, so
+the provider pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * TP`` (as
+Megatron-LM does): any vocabulary works at any TP, and there is no vocabulary rule here. The padded
+rows are masked out of log-probs and entropy and stripped by conversion, export and publication.
 """
 from __future__ import annotations
 
@@ -52,13 +52,11 @@ def validate_layout(
     has_moe_layers = any(pattern)
     has_dense_layers = not all(pattern)
 
-    # Tensor parallelism splits attention heads, query groups, the vocabulary and dense MLPs.
+    # Tensor parallelism splits attention heads, query groups and dense MLPs (the vocabulary is padded).
     _check(model.num_attention_heads % tp == 0, "tensor",
            f"TP={tp} must divide num_attention_heads={model.num_attention_heads}")
     _check(model.num_key_value_heads % tp == 0, "tensor",
            f"TP={tp} must divide num_key_value_heads={model.num_key_value_heads} (query groups are split by TP)")
-    _check(model.vocab_size % tp == 0, "tensor",
-           f"TP={tp} must divide vocab_size={model.vocab_size} (the vocabulary is split by TP and not padded)")
     if has_dense_layers:
         _check(model.intermediate_size % tp == 0, "tensor",
                f"TP={tp} must divide intermediate_size={model.intermediate_size} (the dense MLP is split by TP)")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from megatron_vespo.config.schema import (
     RECOMPUTE_MODULES_NEEDING_TE, ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig, RunConfig,
 )
+from megatron_vespo.models.full_state import mark_vocab_padding
 from megatron_vespo.models.layout import megatron_parallel_sizes, moe_layer_pattern, validate_layout
 from typed_config import ConfigError
 
@@ -273,10 +274,11 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=build_layer_spec(cfg.model, config, use_te=use_te, vp_stage=vp_stage),
-        vocab_size=cfg.model.vocab_size,
+        # Megatron-LM's padding: every TP rank holds an equal shard of the embedding / output layer.
+        vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -287,6 +289,10 @@ def build_gpt_model(
         rotary_base=int(cfg.model.rope_theta) if cfg.model.rope_theta.is_integer() else cfg.model.rope_theta,
         vp_stage=vp_stage,
     )
+    # The real vocabulary travels with the model: local_shards strips the padded rows from the
+    # canonical weights (HF export, publication, full state dicts), and the padded rows start at zero.
+    mark_vocab_padding(model, cfg.model.vocab_size)
+    return model
 
 
 __all__ = [

@@ -188,16 +188,18 @@ def estimate_trainer(cfg: RunConfig, world_size: int, recompute: Optional[Recomp
     expert_dp = tp * cp * dp // (p.expert * p.expert_tensor)
     pbytes = DTYPE_BYTES[cfg.precision.params_dtype]
     tokens = cfg.train.micro_batch_tokens / cp
-    vocab_shard = m.vocab_size / tp
+    # Megatron pads the vocabulary (make_vocab_size_divisible_by x TP): shards and logits have padded rows.
+    vocab_shard = m.padded_vocab_size(tp) / tp
+    vocab_padding = m.padded_vocab_size(tp) / m.vocab_size  # counts.embedding / output are HF (unpadded) sizes
 
     best: Optional[TrainerEstimate] = None
     for stage in range(pp):
         layers, moe_layers = _stage_layers(pattern, pp, stage)
         first, last = stage == 0, stage == pp - 1
         split_by_tp = layers * counts.attention_per_layer + (layers - moe_layers) * counts.dense_mlp_per_layer
-        split_by_tp += counts.embedding * first
+        split_by_tp += round(counts.embedding * vocab_padding) * first
         # The output layer (or, when tied and PP > 1, the embedding's copy on the last stage).
-        split_by_tp += (counts.output or (counts.embedding if pp > 1 else 0)) * last
+        split_by_tp += round((counts.output or (counts.embedding if pp > 1 else 0)) * vocab_padding) * last
         replicated = layers * counts.norms_per_layer + moe_layers * counts.router_per_layer + counts.final_norm * last
         experts = moe_layers * counts.num_experts * counts.expert_per_expert // (p.expert * p.expert_tensor)
         dense = split_by_tp // tp + replicated

@@ -3,7 +3,8 @@
 Groups follow how Megatron-Core shards them, so the per-rank shards in ``memory.py`` can be derived:
 
 - ``embedding`` / ``output``: vocabulary-parallel (split by TP; first / last pipeline stage). A tied
-  output layer shares the embedding matrix (counted once in the total).
+  output layer shares the embedding matrix (counted once in the total). Counted unpadded (the HF and
+  published size); ``memory.py`` scales them to Megatron's padded vocabulary per TP.
 - ``attention``: Q/K/V/O projections, split by TP.
 - ``dense_mlp``: gate/up/down of dense layers, split by TP.
 - ``experts``: gate/up/down of every routed expert, split by EP (experts) and ETP (each expert's FFN).

@@ -3,7 +3,9 @@
 For each case of ``--spec`` (a JSON list written by ``test_hf_parity.py``) in the layout it names:
 
 1. build the policy (fp32) and ``dist_checkpointing.load`` the converted checkpoint into it;
-2. forward the fixed tokens and gather the vocab-parallel logits;
+2. forward the fixed tokens and gather the vocab-parallel logits (the real vocabulary's columns:
+   Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * TP``); compute the
+   token log-probs and entropy with the trainer's vocab-parallel kernel (padding masked);
 3. run :class:`HFWeightExporter` and collect what the stage leader yields;
 4. (single process only) compare the mapping's keys/shapes/extra-state objects with the model's own
    ``sharded_state_dict()``;
@@ -27,6 +29,7 @@ from megatron_vespo.config import load_model_config
 from megatron_vespo.config.schema import ParallelConfig, PrecisionConfig, RunConfig
 from megatron_vespo.distributed import destroy_distributed, init_distributed
 from megatron_vespo.models.provider import build_gpt_model
+from megatron_vespo.train.logprobs import vocab_parallel_logprobs
 
 
 def layout_differences(model, mapping: Qwen3Mapping) -> list[str]:
@@ -73,9 +76,31 @@ def run_case(case: dict) -> dict:
             tokens = inputs["tokens"]
             position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
             with torch.no_grad():
-                logits = model(input_ids=tokens, position_ids=position_ids, attention_mask=None)
-                logits = gather_from_tensor_model_parallel_region(logits)
-            result["logits_max_abs_diff"] = (logits.float() - inputs["hf_logits"]).abs().max().item()
+                local = model(input_ids=tokens, position_ids=position_ids, attention_mask=None)
+                logits = gather_from_tensor_model_parallel_region(local)
+                # The trainer's kernel on this rank's shard: labels = the next tokens, padding masked.
+                logp, entropy = vocab_parallel_logprobs(
+                    local[:, :-1].float(), tokens[:, 1:], tp_group=parallel_state.get_tensor_model_parallel_group(),
+                    compute_entropy=True, vocab_size=model_cfg.vocab_size, chunk_tokens=5)
+            vocab = model_cfg.vocab_size
+            result["logits_columns"] = logits.shape[-1]
+            result["logits_max_abs_diff"] = (logits[..., :vocab].float() - inputs["hf_logits"]).abs().max().item()
+            hf_logp_all = torch.log_softmax(inputs["hf_logits"][:, :-1].double(), dim=-1)
+            hf_logp = hf_logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+            hf_entropy = -(hf_logp_all.exp() * hf_logp_all).sum(-1)
+            result["logprobs_max_abs_diff"] = (logp.double() - hf_logp).abs().max().item()
+            result["entropy_max_abs_diff"] = (entropy.double() - hf_entropy).abs().max().item()
+        # Megatron's padded rows stay zero on load (allow_shape_mismatch zero-fills what the checkpoint lacks).
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        padding_abs = 0.0
+        for weight in (getattr(getattr(model, "embedding", None), "word_embeddings", None),
+                       getattr(model, "output_layer", None)):
+            weight = getattr(weight, "weight", None) if weight is not None else None
+            if weight is not None:
+                valid = max(0, min(weight.shape[0], model_cfg.vocab_size - tp_rank * weight.shape[0]))
+                padding_abs = max(padding_abs, weight[valid:].abs().max().item() if valid < weight.shape[0] else 0.0)
+        result["padding_abs_max"] = padding_abs
+        result["padded_rows_per_rank"] = model_cfg.padded_vocab_size(parallel.tensor) // parallel.tensor
 
         exporter = HFWeightExporter([model], model_cfg, bucket_bytes=case["bucket_bytes"])
         exported: dict[str, torch.Tensor] = {}
@@ -94,10 +119,11 @@ def run_case(case: dict) -> dict:
             Path(case["save_to"]).mkdir(parents=True, exist_ok=True)
             dist.barrier()
             dist_checkpointing.save(model.sharded_state_dict(), case["save_to"])
-        diffs: list = [None] * dist.get_world_size()
-        dist.all_gather_object(diffs, result.get("logits_max_abs_diff"))
-        if "logits_max_abs_diff" in result:
-            result["logits_max_abs_diff"] = max(diffs)  # the worst rank
+        for measure in ("logits_max_abs_diff", "logprobs_max_abs_diff", "entropy_max_abs_diff", "padding_abs_max"):
+            diffs: list = [None] * dist.get_world_size()
+            dist.all_gather_object(diffs, result.get(measure))
+            if measure in result:
+                result[measure] = max(diffs)  # the worst rank
 
         # What all stage leaders yielded together must be the HF files' tensors, each exactly once.
         union: dict[str, torch.Tensor] = {}

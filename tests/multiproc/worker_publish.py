@@ -14,11 +14,15 @@ compares it bitwise with the HF export of the same full weights. With ``--kill-l
 test), rank 0 then SIGKILLs a server: the fleet restarts it and it waits for weights (no copy of them
 exists); ``WeightPublisher.catch_up`` re-publishes the live model to it alone, bitwise again.
 
+With ``--vocab-size`` (e.g. 97) the policy and the servers have that vocabulary: Megatron pads it
+(256 rows at TP=2), and the servers must receive the unpadded HF shapes (they reject any other).
+
 Rank 0 writes ``{layout: {"broadcast": [mismatches], "disk": [...], ...}}`` to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -60,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--bucket-bytes", type=int, default=48 << 10, help="several buckets per stage")
     p.add_argument("--kill-layout", default="")
+    p.add_argument("--vocab-size", type=int, default=None, help="another vocabulary than tiny_moe.yaml's")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -92,10 +97,10 @@ def server_mismatches(fleet: Fleet, expected: dict[str, torch.Tensor], version: 
     return bad
 
 
-def start_fleet(workdir: Path, servers: int) -> Fleet:
+def start_fleet(workdir: Path, servers: int, vocab_size: int) -> Fleet:
     from tests.rollout.helpers import save_tiny_moe
 
-    model_dir = save_tiny_moe(workdir / "server_model", seed=5)  # not the trainer's weights
+    model_dir = save_tiny_moe(workdir / "server_model", seed=5, vocab_size=vocab_size)  # not the trainer's weights
     server = {"kind": "cpu", "model_path": str(model_dir), "startup_timeout_s": 180}
     cfg = build(FleetConfig, {"servers": [server] * servers, "health_interval_s": 0.3, "health_failures_to_restart": 2,
                               "log_dir": str(workdir / "fleet_logs")})
@@ -112,7 +117,8 @@ def run_layout(name: str, args, model_cfg, full, fleet, syncs, results: dict) ->
     try:
         chunks = build_model_chunks(cfg)
         exporter = HFWeightExporter(chunks, model_cfg, bucket_bytes=args.bucket_bytes)
-        out: dict = {"stages": exporter.num_stages}
+        out: dict = {"stages": exporter.num_stages,
+                     "padded_vocab": model_cfg.padded_vocab_size(parallel.tensor)}
         for transport, scale in (("distributed", 1.25), ("disk", 0.75)):
             ws_cfg = syncs[transport].cfg if rank == 0 else WeightSyncConfig(transport=transport,
                                                                                bucket_bytes=args.bucket_bytes)
@@ -162,6 +168,8 @@ def main() -> None:
     args = parse_args()
     workdir = Path(args.workdir)
     model_cfg = load_model_config(REPO_ROOT / "configs/models/tiny_moe.yaml")
+    if args.vocab_size:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=args.vocab_size)
     layouts = args.layouts.split(",")
     # The canonical full weights every layout starts from (built once, in the first layout; fp32).
     first = ParallelConfig(**LAYOUTS[layouts[0]])
@@ -174,7 +182,7 @@ def main() -> None:
 
     fleet, syncs = None, {}
     if dist.get_rank() == 0:
-        fleet = start_fleet(workdir, args.servers)
+        fleet = start_fleet(workdir, args.servers, model_cfg.vocab_size)
         syncs = {"distributed": DistributedWeightSync(fleet, WeightSyncConfig(transport="distributed",
                                                                               bucket_bytes=args.bucket_bytes)),
                  "disk": DiskWeightSync(fleet, WeightSyncConfig(transport="disk", disk_dir=str(workdir / "weights"),

@@ -16,12 +16,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_moe_config():
+def tiny_moe_config(vocab_size: Optional[int] = None):
+    """The HF config of configs/models/tiny_moe.yaml (``vocab_size``: another vocabulary)."""
     from transformers import Qwen3MoeConfig
 
     spec = yaml.safe_load((REPO / "configs/models/tiny_moe.yaml").read_text())
     return Qwen3MoeConfig(
-        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_hidden_layers"],
+        vocab_size=vocab_size or spec["vocab_size"], hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_hidden_layers"],
         num_attention_heads=spec["num_attention_heads"], num_key_value_heads=spec["num_key_value_heads"],
         head_dim=spec["head_dim"], intermediate_size=spec["intermediate_size"],
         moe_intermediate_size=spec["moe_intermediate_size"], num_experts=spec["num_experts"],
@@ -33,11 +34,11 @@ def tiny_moe_config():
     )
 
 
-def save_tiny_moe(path: Path, seed: int = 0) -> Path:
+def save_tiny_moe(path: Path, seed: int = 0, vocab_size: Optional[int] = None) -> Path:
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    Qwen3MoeForCausalLM(tiny_moe_config()).save_pretrained(str(path))
+    Qwen3MoeForCausalLM(tiny_moe_config(vocab_size)).save_pretrained(str(path))
     return path
 
 

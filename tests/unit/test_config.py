@@ -75,6 +75,7 @@ BAD_CASES = [
     (["model.num_experts=0"], "model.num_experts", "must be >= 1 for architecture 'qwen3_moe'"),
     (["model.num_experts_per_tok=9"], "model.num_experts_per_tok", "must be in [1, num_experts=8]"),
     (["model.num_key_value_heads=3"], "model.num_key_value_heads", "must divide num_attention_heads=4"),
+    (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by", "must be > 0"),
     (["model.architecture=llama"], "model.architecture", "must be one of"),
     (["model.tie_word_embeddings=yes please"], "model.tie_word_embeddings", "must be true or false"),
     (["precision.fp8.enabled=true"], "precision.fp8.enabled", "needs params_dtype 'bf16'"),

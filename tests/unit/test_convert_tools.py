@@ -112,6 +112,35 @@ def test_moe_round_trip_is_bitwise_and_loads_in_transformers(moe_bf16, tmp_path)
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_odd_vocabulary_is_padded_on_the_way_in_and_stripped_on_the_way_out(tmp_path, tp):
+    """Vocab 97: the Megatron checkpoint holds Megatron's padded rows for ``tensor_parallel`` (zero),
+    the way back writes the 97 real rows, bitwise."""
+    from megatron_vespo.checkpoint.mcore_to_hf import DistCheckpointSlices
+
+    model_cfg = dataclasses.replace(DENSE, vocab_size=97, tie_word_embeddings=False)
+    hf, mcore, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    save_random_hf(model_cfg, hf, torch.bfloat16)
+    # A tiny chunk budget: the embedding is written in row blocks, then the padding block.
+    to_mcore(hf, mcore, tensor_parallel=tp, max_chunk_bytes=4096, **quiet)
+    rows = 128 * tp
+    slices = DistCheckpointSlices(mcore)
+    original = hf_tensors(hf)
+    for key, name in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                      ("output_layer.weight", "lm_head.weight")):
+        assert tuple(slices.tensors[key].size) == (rows, 64), key
+        (stored,) = slices.read([(key, (0, 0), (rows, 64))])
+        assert torch.equal(stored[:97], original[name]), key
+        assert stored[97:].abs().max().item() == 0.0, key
+    to_hf(mcore, back, read_batch_bytes=4096, **quiet)
+    converted = hf_tensors(back)
+    assert set(converted) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(converted[name], tensor), name
+    assert converted["lm_head.weight"].shape == (97, 64)
+    assert json.loads((back / "config.json").read_text())["vocab_size"] == 97
+
+
 def test_dense_tied_round_trip_through_the_command_line(tmp_path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

@@ -76,6 +76,24 @@ def test_megatron_layout_of_a_dense_tied_model_stacks_layers():
     assert per_layer["decoder.layers.1.mlp.linear_fc1.weight"] == (256, 64)
 
 
+def test_vocabulary_is_padded_in_megatron_only():
+    """Megatron's vocabulary tensors hold vocab_size rounded up to make_vocab_size_divisible_by x TP rows;
+    the units (and HF tensors) keep the real vocabulary."""
+    odd = dataclasses.replace(MOE, vocab_size=97)
+    for tp, rows in ((1, 128), (2, 256)):
+        mapping = Qwen3Mapping(odd, tensor_parallel=tp)
+        shapes = mapping.dist_tensors()
+        assert shapes["embedding.word_embeddings.weight"] == shapes["output_layer.weight"] == (rows, 64)
+        assert mapping.vocab_padding_rows("output_layer.weight") == (97, rows - 97)
+        assert mapping.vocab_padding_rows("decoder.final_layernorm.weight") is None
+        assert mapping.hf_tensors()["model.embed_tokens.weight"] == mapping.hf_tensors()["lm_head.weight"] == (97, 64)
+        assert mapping.unit_for_hf("lm_head.weight").shape == (97, 64)
+    assert Qwen3Mapping(MOE, tensor_parallel=2).vocab_padding_rows("embedding.word_embeddings.weight") == (128, 128)
+    unpadded = Qwen3Mapping(dataclasses.replace(odd, make_vocab_size_divisible_by=1))
+    assert unpadded.dist_tensors()["embedding.word_embeddings.weight"] == (97, 64)
+    assert unpadded.vocab_padding_rows("embedding.word_embeddings.weight") is None
+
+
 def test_qkv_is_interleaved_per_query_group():
     cfg = dataclasses.replace(MOE, hidden_size=3, num_attention_heads=4, num_key_value_heads=2, head_dim=2)
     mapping = Qwen3Mapping(cfg)

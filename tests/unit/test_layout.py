@@ -33,6 +33,9 @@ VALID = [
     (DENSE, P(tensor=2), 2),
     (QWEN, P(tensor=4, expert=8, expert_tensor=1, sequence_parallel=True), 16),
     (QWEN, P(tensor=2, expert=8, expert_tensor=1, sequence_parallel=True), None),
+    # Odd vocabularies: Megatron's embedding and output layer are padded (make_vocab_size_divisible_by x TP).
+    (dataclasses.replace(MOE, vocab_size=97), P(tensor=2, expert_tensor=2, sequence_parallel=True), 2),
+    (dataclasses.replace(DENSE, vocab_size=127), P(tensor=2), 2),
 ]
 
 
@@ -45,8 +48,6 @@ INVALID = [
     # (model, parallel, world size, field named in the error, words in the message)
     (MOE, P(tensor=8, expert_tensor=8, sequence_parallel=True), None, "parallel.tensor", "num_attention_heads=4"),
     (MOE, P(tensor=4, expert_tensor=4, sequence_parallel=True), None, "parallel.tensor", "num_key_value_heads=2"),
-    (dataclasses.replace(MOE, vocab_size=127), P(tensor=2, expert_tensor=2, sequence_parallel=True), None,
-     "parallel.tensor", "vocab_size=127"),
     (MOE, P(tensor=2, expert_tensor=2), None, "parallel.sequence_parallel", "MoE"),
     (DENSE, P(sequence_parallel=True), None, "parallel.sequence_parallel", "tensor > 1"),
     (MOE, P(pipeline=3), None, "parallel.pipeline", "num_hidden_layers=4"),
@@ -100,6 +101,15 @@ def test_fp8_rules():
 def test_megatron_gets_a_virtual_pipeline_size_only_for_two_or_more_chunks(parallel, expected):
     assert virtual_pipeline_size(parallel) == expected
     assert megatron_parallel_sizes(parallel)["virtual_pipeline_model_parallel_size"] == expected
+
+
+def test_padded_vocab_size_follows_megatron_lm():
+    odd = dataclasses.replace(DENSE, vocab_size=97)
+    assert [odd.padded_vocab_size(tp) for tp in (1, 2, 4)] == [128, 256, 512]
+    assert dataclasses.replace(odd, make_vocab_size_divisible_by=1).padded_vocab_size(2) == 98
+    assert dataclasses.replace(odd, make_vocab_size_divisible_by=8).padded_vocab_size(1) == 104
+    # Qwen3's 151936 = 128 * 1187 needs no padding at TP=1, and 152064 rows at TP=2 (as in Megatron-LM).
+    assert QWEN.padded_vocab_size(1) == 151936 and QWEN.padded_vocab_size(2) == 152064
 
 
 def test_moe_layer_pattern_follows_hf_rule():

@@ -47,12 +47,14 @@ def test_per_rank_shard_of_30b_under_tp_ep():
     cfg = run_cfg(QWEN3_30B, parallel={"tensor": 4, "expert": 8, "sequence_parallel": True})
     plan = plan_run(cfg, trainer_gpus=16)
     c = plan.params
-    # TP splits vocabulary and attention, EP x ETP the experts; norms and router stay whole.
-    expected = (c.embedding + c.output + c.attention) // 4 + c.replicated + c.experts // 8
+    # TP splits vocabulary and attention, EP x ETP the experts; norms and router stay whole. Megatron pads
+    # the vocabulary to a multiple of 128 x TP = 512: 151936 -> 152064 rows of the embedding and output layer.
+    padding = 2 * (152064 - 151936) * cfg.model.hidden_size
+    expected = (c.embedding + c.output + padding + c.attention) // 4 + c.replicated + c.experts // 8
     assert plan.trainer.params_per_rank == expected
     assert plan.trainer.data_parallel == 4 and plan.trainer.expert_data_parallel == 2
     assert plan.trainer.weights == expected * 2 and plan.trainer.gradients == expected * 4
-    dense = (c.embedding + c.output + c.attention) // 4 + c.replicated
+    dense = (c.embedding + c.output + padding + c.attention) // 4 + c.replicated
     assert plan.trainer.optimizer == pytest.approx(12 * (dense / 4 + c.experts // 8 / 2))
     assert plan.trainer.total < 80 * GIB
 
