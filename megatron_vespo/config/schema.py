@@ -367,6 +367,24 @@ class RewardConfig:
 
 
 @dataclass(kw_only=True)
+class OverlongConfig:
+    """DAPO's overlong handling: a soft length penalty on the reward and masking of truncated responses.
+
+    Penalty of a response of L tokens (L counts every generated token, a stop token included), with
+    B = buffer_len and M = rollout.max_response_len: 0 for L <= M - B, else -penalty_factor * (L - (M - B)) / B,
+    reaching -penalty_factor at L = M. It is added to the verifier's score before the GRPO advantage.
+    """
+
+    buffer_len: int = field(0, ge=0, help="soft overlong penalty: responses longer than max_response_len - "
+                            "buffer_len get a penalty growing linearly to -penalty_factor at max_response_len; "
+                            "0: no penalty")
+    penalty_factor: float = field(1.0, ge=0, help="the penalty at max_response_len (reward units)")
+    mask_truncated: bool = field(False, help="loss mask 0 for responses that hit max_response_len without a stop "
+                                 "(finish reason 'length'): none of their tokens is trained; they still count in "
+                                 "their group's advantage")
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     """Sampling on the fleet. The returned log-probs are μ (the behaviour policy)."""
 
@@ -395,10 +413,17 @@ class RolloutConfig:
     weight_sync: WeightSyncConfig = field(
         default_factory=lambda: WeightSyncConfig(transport="disk"),
         help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
+    overlong: OverlongConfig = field(default_factory=OverlongConfig,
+                                     help="DAPO's soft overlong penalty and masking of truncated responses")
 
     def validate(self, path: str) -> None:
         if self.top_k == 0:  # every server would answer 400 to every request
             raise ConfigError(f"{path}.top_k", "must be -1 (no top-k filtering) or >= 1; got 0")
+        if self.overlong.buffer_len >= self.max_response_len:
+            # The penalty would start at length 0 or below: every response penalised, not just long ones.
+            raise ConfigError(f"{path}.overlong.buffer_len", f"must be < rollout.max_response_len="
+                              f"{self.max_response_len} (the penalty starts at max_response_len - buffer_len); "
+                              f"got {self.overlong.buffer_len}")
 
 
 @dataclass(kw_only=True)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from megatron_vespo.advantages import grpo_advantages
-from megatron_vespo.config.schema import AdvantageConfig, RewardConfig, RolloutConfig
+from megatron_vespo.config.schema import AdvantageConfig, OverlongConfig, RewardConfig, RolloutConfig
 from megatron_vespo.data.dataset import PromptRow
+from megatron_vespo.rewards.overlong import shaped_rewards
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, score_all
 from megatron_vespo.train.sample import TrainSample
 from rollout_sglang.client import generate_batch
@@ -124,26 +125,39 @@ def score_groups(groups: Sequence[RolloutGroup], verifier: Verifier, reward_cfg:
 
 
 def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float],
-                        advantage_cfg: AdvantageConfig) -> RolloutBatch:
+                        advantage_cfg: AdvantageConfig, overlong: Optional[OverlongConfig] = None,
+                        max_response_len: int = 0) -> RolloutBatch:
     """Training samples (GRPO advantage per response over its prompt's group) and rollout metrics.
 
     An aborted response (finish reason ``abort``: the server stopped it before it ended, and it was not
     continued) is cut short: its reward scores an unfinished answer. It is never trained on, and its
     group's advantages are computed over the group's complete responses only
     (``rollout/aborted_excluded`` counts them).
+
+    ``rewards`` are the verifier's scores (``rollout/reward_mean`` reports them). With ``overlong``
+    (:mod:`megatron_vespo.rewards.overlong`, needs ``max_response_len``) the soft length penalty is added
+    before the advantage, and truncated responses (finish reason ``length``) get loss mask 0.
     """
     group_size = len(groups[0].responses)
     if any(len(g.responses) != group_size for g in groups):
         raise ValueError("every prompt must have the same number of responses")
     reward_t = torch.tensor(rewards, dtype=torch.float32)
+    penalties = [0.0] * len(rewards)
+    shaped_t = reward_t
+    if overlong is not None and overlong.buffer_len:
+        shaped, penalties = shaped_rewards(list(rewards), [len(r.output_ids) for g in groups for r in g.responses],
+                                           max_response_len, overlong)
+        shaped_t = torch.tensor(shaped, dtype=torch.float32)
+    mask_truncated = overlong is not None and overlong.mask_truncated
     complete = torch.tensor([r.finish_reason.type != "abort" for g in groups for r in g.responses], dtype=torch.bool)
     group_ids = torch.arange(len(groups)).repeat_interleave(group_size)
     advantages = torch.zeros_like(reward_t)
-    kept_advantages, adv_stats = grpo_advantages(reward_t[complete], group_ids[complete], advantage_cfg)
+    kept_advantages, adv_stats = grpo_advantages(shaped_t[complete], group_ids[complete], advantage_cfg)
     advantages[complete] = kept_advantages
     sample_groups: list[list[TrainSample]] = []
     lengths, finishes, versions = [], Counter(), Counter()
     k = 0
+    masked_responses = 0
     for g in groups:
         sample_groups.append([])
         for r in g.responses:
@@ -157,9 +171,14 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
             if not complete[k - 1]:
                 continue
             routed = response_routed_experts(r, len(g.row.prompt_ids)) if r.routed_experts is not None else None
+            # A truncated response is an unfinished answer: its reward still shapes the group's advantages,
+            # but training on its tokens would teach whatever it was cut off in the middle of.
+            masked = mask_truncated and r.finish_reason.type == "length"
+            masked_responses += int(masked)
             sample_groups[-1].append(TrainSample(
                 prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
                 rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
+                response_mask=[0.0] * len(r.output_ids) if masked else None,
                 rollout_routed_experts=routed))
     n = float(len(rewards))
     metrics = {
@@ -175,6 +194,12 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
         "adv/abs_mean": adv_stats.get("adv/abs_mean", 0.0),
         "rollout/aborted_excluded": float(int((~complete).sum())),
     }
+    if overlong is not None and overlong.buffer_len:
+        metrics["overlong/penalized_responses"] = float(sum(1 for p in penalties if p < 0))
+        metrics["overlong/penalty_mean"] = sum(penalties) / n
+        metrics["overlong/shaped_reward_mean"] = float(shaped_t.mean())
+    if mask_truncated:
+        metrics["overlong/masked_responses"] = float(masked_responses)
     for kind in ("stop", "length", "abort"):
         metrics[f"rollout/finish_{kind}"] = float(finishes.get(kind, 0))
     return RolloutBatch(groups=sample_groups, metrics=metrics, weight_versions=sorted(versions))

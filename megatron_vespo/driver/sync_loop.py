@@ -78,7 +78,7 @@ class SyncRLDriver(RLDriver):
                                  one_request_per_sample=side.fleet.one_request_per_sample)
         t1 = time.monotonic()
         rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
-        batch = build_rollout_batch(groups, rewards, cfg.advantage)
+        batch = build_rollout_batch(groups, rewards, cfg.advantage, cfg.rollout.overlong, cfg.rollout.max_response_len)
         metrics = {**batch.metrics, **reward_stats, **side.dataset_stats,
                    "rollout/epoch": float(side.sampler.epoch),
                    "rollout/stale_version_responses": float(sum(
