@@ -427,6 +427,28 @@ class RolloutConfig:
 
 
 @dataclass(kw_only=True)
+class TrainInferenceGateConfig:
+    """Stop a run whose trainer and rollout engines disagree on the log-probs of the same tokens under the
+    same weights (a lag-0 mini-batch): wrong weights, dtype or model config on one side."""
+
+    enabled: bool = field(False, help="compare the trainer's log-probs with the engine's (μ) on the first mini-batch "
+                          "trained at lag 0 and stop the run if they differ by more than the thresholds")
+    every_step: bool = field(False, help="also check every later mini-batch trained at lag 0 (sync: the first of "
+                             "each rollout batch; async: mini-batches whose every sample has lag 0)")
+    max_logp_gap_mean: float = field(0.1, gt=0, help="largest allowed mean |log π_θ - log μ| per response token "
+                                     "(mismatch/logp_gap_mean)")
+    max_logp_gap_max: Optional[float] = field(None, gt=0, help="largest allowed |log π_θ - log μ| of any one token "
+                                              "(mismatch/logp_gap_max); null: not checked")
+
+    def validate(self, path: str) -> None:
+        if self.every_step and not self.enabled:
+            raise ConfigError(f"{path}.every_step", "only applies with enabled: true")
+        if self.max_logp_gap_max is not None and self.max_logp_gap_max < self.max_logp_gap_mean:
+            raise ConfigError(f"{path}.max_logp_gap_max", f"must be >= max_logp_gap_mean={self.max_logp_gap_mean} "
+                              f"(a token's gap is at least the mean's); got {self.max_logp_gap_max}")
+
+
+@dataclass(kw_only=True)
 class RunLoopConfig:
     """The driver loop around the trainer."""
 
@@ -438,6 +460,9 @@ class RunLoopConfig:
     max_failed_steps: int = field(
         3, ge=1, help="stop with an error after this many consecutive rollout batches in which every response "
         "failed verification or was aborted (a run that cannot learn)")
+    train_inference_gate: TrainInferenceGateConfig = field(
+        default_factory=TrainInferenceGateConfig,
+        help="stop the run when the trainer's and the engine's log-probs differ at lag 0 (see the README)")
 
 
 @dataclass(kw_only=True)

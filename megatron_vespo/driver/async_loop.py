@@ -74,6 +74,7 @@ class AsyncRLDriver(RLDriver):
         if cfg.train.recompute_old_logprobs:
             recompute_s = self.recompute_old_logprobs(batch["samples"])
         record = self.train_step(batch["samples"], {**batch["metrics"], "time/recompute_s": recompute_s})
+        self.check_train_inference_gate(record)  # only mini-batches whose every sample has lag 0
         sync_s = 0.0
         last = step == self.total_steps() - 1
         if (step + 1) % cfg.asynchronous.push_every_steps == 0 or last:

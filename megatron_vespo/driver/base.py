@@ -30,7 +30,7 @@ from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
 from megatron_vespo.driver.publisher import WeightPublisher
 from megatron_vespo.driver.rollout_side import RolloutSide
-from megatron_vespo.driver.run_health import LearningGuard
+from megatron_vespo.driver.run_health import LearningGuard, TrainInferenceGate
 from megatron_vespo.driver.run_state import RunCheckpoints, RunState, RunSummary
 from megatron_vespo.driver.signals import sigterm_raises
 from megatron_vespo.models.trainable import build_model_and_optimizer
@@ -65,6 +65,7 @@ class RLDriver:
                                          cfg.rollout.weight_sync)
         self.state = RunState()
         self.guard = LearningGuard(cfg.run.max_failed_steps)  # rank 0: stops a run that cannot learn
+        self.gate = TrainInferenceGate(cfg.run.train_inference_gate)  # rank 0: trainer vs engine log-probs
         self.checkpoints = RunCheckpoints(TrainingCheckpointer(cfg, trainable.model, trainable.optimizer, scheduler),
                                           cfg.checkpoint.save_every_steps, self.is_driver)
         self.rollout: Optional[RolloutSide] = None  # rank 0, once the fleet runs
@@ -117,6 +118,12 @@ class RLDriver:
             metrics = {"train/skipped_empty_mini_batch": 1.0}
         return {**extra, **metrics, "train_step": self.state.optimizer_steps, "train/samples": float(len(samples)),
                 "time/train_s": time.monotonic() - t0}
+
+    def check_train_inference_gate(self, record: dict[str, Any]) -> None:
+        """Collective when the gate is on: rank 0 checks a training record (:class:`TrainInferenceGate`) and a
+        failure stops every rank, before the weights of that step reach the fleet; adds ``gate/checked``."""
+        if self.cfg.run.train_inference_gate.enabled:  # known on every rank: no broadcast when off
+            record.update(self.from_driver(lambda: self.gate.observe(record)))
 
     def publish_weights(self) -> float:
         """Collective: the current weights to the fleet as version = optimizer steps, each pipeline stage

@@ -93,6 +93,10 @@ class SyncRLDriver(RLDriver):
         recompute_s = 0.0
         if self.cfg.train.recompute_old_logprobs:
             recompute_s = self.recompute_old_logprobs([s for mb in mini_batches for s in mb])
-        return [self.train_step(samples, {**rollout_metrics, "lag": lag, "rollout_weight_version": version_used,
-                                          "time/recompute_s": recompute_s})
-                for lag, samples in enumerate(mini_batches)]
+        records = []
+        for lag, samples in enumerate(mini_batches):
+            records.append(self.train_step(samples, {**rollout_metrics, "lag": lag,
+                                                     "rollout_weight_version": version_used,
+                                                     "time/recompute_s": recompute_s}))
+            self.check_train_inference_gate(records[-1])  # lag 0: trainer and engine held the same weights
+        return records
