@@ -385,6 +385,27 @@ class OverlongConfig:
 
 
 @dataclass(kw_only=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling: prompt groups whose rewards all agree (zero variance: every GRPO advantage is 0,
+    so they carry no gradient) are filtered out and more prompts are generated until the mini-batches are full.
+
+    The rewards compared are those the advantage uses (after rollout.overlong's penalty, over the group's
+    complete responses). Sync mode: after the first generation round, up to max_extra_rounds more rounds draw
+    new prompts (each sized by the fraction kept so far, at most one rollout batch). Async mode: the generator
+    keeps generating; a mini-batch may wait for up to max_extra_rounds x train.mini_batch_prompts filtered
+    groups. When that budget is spent, on_exhausted decides.
+    """
+
+    enabled: bool = field(False, help="filter zero-variance groups and generate more until the mini-batches are full")
+    max_extra_rounds: int = field(4, ge=0, help="sync: generation rounds after the first per rollout batch; async: "
+                                  "filtered groups a mini-batch may wait for, in units of train.mini_batch_prompts")
+    on_exhausted: Literal["fill", "error"] = field(
+        "fill", help="when the budget is spent and the batch is not full: fill: complete it with filtered groups "
+        "(zero advantage, as without dynamic sampling), so every rollout batch still has its N mini-batches; "
+        "error: stop the run (the data is too easy or too hard for the policy)")
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     """Sampling on the fleet. The returned log-probs are μ (the behaviour policy)."""
 
@@ -415,6 +436,8 @@ class RolloutConfig:
         help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
     overlong: OverlongConfig = field(default_factory=OverlongConfig,
                                      help="DAPO's soft overlong penalty and masking of truncated responses")
+    dynamic_sampling: DynamicSamplingConfig = field(
+        default_factory=DynamicSamplingConfig, help="DAPO's dynamic sampling: filter zero-variance prompt groups")
 
     def validate(self, path: str) -> None:
         if self.top_k == 0:  # every server would answer 400 to every request

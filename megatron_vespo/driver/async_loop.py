@@ -8,6 +8,8 @@
 - Every ``asynchronous.push_every_steps`` steps the weights are exported and pushed (version =
   optimizer steps). With partial rollouts the generator aborts what is in flight around the push and
   continues each aborted response from its prefix under the new weights.
+- With ``rollout.dynamic_sampling`` the generator marks groups whose rewards have zero variance and the
+  buffer filters them (see rollout_buffer); ``dynsamp/*`` metrics per mini-batch.
 - Lag of a sample = optimizer steps done when it is trained - the oldest version behind any of its
   tokens; it never exceeds ``asynchronous.max_staleness`` (groups past it are dropped and counted,
   or generation is throttled so that none gets there; see rollout_buffer).
@@ -101,14 +103,19 @@ class AsyncRLDriver(RLDriver):
     # ------------------------------------------------------------------------------ rank 0
     def start_generation(self) -> None:
         cfg = self.cfg
+        dynamic = cfg.rollout.dynamic_sampling
         self.buffer = RolloutBuffer(cfg.train.mini_batch_prompts, cfg.asynchronous.max_staleness,
-                                    cfg.asynchronous.over_staleness, cfg.asynchronous.capacity(cfg.train.mini_batch_prompts))
+                                    cfg.asynchronous.over_staleness, cfg.asynchronous.capacity(cfg.train.mini_batch_prompts),
+                                    filter_flat=dynamic.enabled,
+                                    max_filtered=dynamic.max_extra_rounds * cfg.train.mini_batch_prompts,
+                                    on_exhausted=dynamic.on_exhausted)
         self.generator = BackgroundGenerator(
             self.rollout.fleet.router_url, self.rollout.sampler, cfg.rollout, self.buffer, self._score,
             partial_rollouts=cfg.asynchronous.partial_rollouts, abort_all=self.rollout.fleet.abort_all,
             version=int(self.publisher.version), rid_prefix=f"s{cfg.train.seed}-async-{self.state.optimizer_steps}",
             routed_experts_shape=unreported_experts_shape(cfg.model),
-            one_request_per_sample=self.rollout.fleet.one_request_per_sample)
+            one_request_per_sample=self.rollout.fleet.one_request_per_sample,
+            is_flat=self._is_flat if dynamic.enabled else None)
         if self._resumed_async_state is not None:
             resumed = self._resumed_async_state
             self.buffer.restore(resumed["finished_groups"])
@@ -138,6 +145,28 @@ class AsyncRLDriver(RLDriver):
     def _score(self, group: RolloutGroup) -> tuple[list[float], dict[str, float]]:
         return score_groups([group], self.rollout.verifier, self.cfg.reward, self.rollout.tokenizer)
 
+    def _is_flat(self, group: RolloutGroup, rewards: list[float]) -> bool:
+        """Zero reward variance as the advantage sees it (overlong penalty included): no learning signal."""
+        cfg = self.cfg
+        return build_rollout_batch([group], rewards, cfg.advantage, cfg.rollout.overlong,
+                                   cfg.rollout.max_response_len).flat[0]
+
+    def _dynamic_sampling_metrics(self, taken: TakeResult, payloads: list[GroupPayload],
+                                  metrics: dict[str, Any]) -> dict[str, float]:
+        """``dynsamp/*`` of one mini-batch; ``rollout/reward_mean`` becomes the mean over the groups trained and
+        the flat ones filtered since the previous mini-batch (what the policy scores, not only what is kept)."""
+        completed = taken.flat_completed + taken.varied_completed
+        generated = [r for p in payloads if not p.flat for r in p.rewards] + taken.flat_rewards
+        out = {"dynsamp/flat_groups": float(taken.flat_completed),
+               "dynsamp/filtered_fraction": taken.flat_completed / completed if completed else 0.0,
+               "dynsamp/filled_groups": float(taken.filled),
+               "dynsamp/extra_groups": float(taken.flat_completed - taken.filled),
+               "dynsamp/generation_cost": completed / self.cfg.train.mini_batch_prompts,
+               "dynsamp/trained_reward_mean": metrics["rollout/reward_mean"]}
+        if generated:
+            out["rollout/reward_mean"] = sum(generated) / len(generated)
+        return out
+
     def _mini_batch(self) -> dict[str, Any]:
         """Rank 0: the next mini-batch from the buffer as training samples, and its metrics."""
         cfg = self.cfg
@@ -163,6 +192,8 @@ class AsyncRLDriver(RLDriver):
             "time/push_drain_s": self._push_drain_s,
         }
         metrics["lag"] = metrics["async/lag_max"]
+        if cfg.rollout.dynamic_sampling.enabled:
+            metrics.update(self._dynamic_sampling_metrics(taken, payloads, metrics))
         errors = [p.reward_stats["reward/first_error"] for p in payloads if "reward/first_error" in p.reward_stats]
         if errors:
             metrics["reward/first_error"] = errors[0]

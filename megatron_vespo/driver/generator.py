@@ -40,6 +40,7 @@ from rollout_sglang.contracts import GenerationTarget
 from rollout_sglang.types import Sample
 
 Scorer = Callable[[RolloutGroup], tuple[list[float], dict[str, float]]]
+FlatTest = Callable[[RolloutGroup, list[float]], bool]  # zero reward variance: no learning signal
 MAX_RESUMES = 16  # a response aborted this often for other reasons than pushes is kept as it is
 
 
@@ -52,6 +53,7 @@ class GroupPayload:
     reward_stats: dict[str, float]
     resumed_responses: int  # responses continued after at least one abort
     submitted_version: int
+    flat: bool = False  # zero reward variance (dynamic sampling filters it)
 
 
 @dataclass(eq=False)
@@ -125,8 +127,10 @@ class BackgroundGenerator:
 
     def __init__(self, url: str, sampler: PromptSampler, cfg: RolloutConfig, buffer: RolloutBuffer, scorer: Scorer,
                  *, partial_rollouts: bool, abort_all: Callable[[], None], version: int, rid_prefix: str,
-                 routed_experts_shape: Optional[tuple[int, int]] = None, one_request_per_sample: bool = False):
+                 routed_experts_shape: Optional[tuple[int, int]] = None, one_request_per_sample: bool = False,
+                 is_flat: Optional[FlatTest] = None):
         self.url = url
+        self.is_flat = is_flat  # dynamic sampling: flat groups are marked for the buffer to filter
         self.one_request_per_sample = one_request_per_sample
         self.routed_experts_shape = routed_experts_shape  # the model's, for workers that do not report theirs
         self.sampler = sampler
@@ -304,7 +308,8 @@ class BackgroundGenerator:
         if self._stop.is_set():  # cut short by stop(): not a sample of the policy's full responses
             self.buffer.cancel(ticket)
         else:
-            self.buffer.complete(ticket, oldest, newest, per_response, payload)
+            self.buffer.complete(ticket, oldest, newest, per_response, payload, flat=payload.flat,
+                                 rewards=payload.rewards)
         with self._lock:  # after complete(): a checkpoint reads these rows first, then the buffer
             self._rows.pop(ticket, None)
 
@@ -326,7 +331,8 @@ class BackgroundGenerator:
         rewards, stats = await asyncio.to_thread(self.scorer, group)
         with self._lock:
             self._resumed_responses += resumed
-        payload = GroupPayload(group, rewards, stats, resumed, admitted)
+        flat = self.is_flat is not None and self.is_flat(group, rewards)
+        payload = GroupPayload(group, rewards, stats, resumed, admitted, flat=flat)
         return (payload, min(r.oldest_version for r in responses), max(r.newest_version for r in responses),
                 [r.oldest_version for r in responses])
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -49,6 +49,8 @@ class RolloutBatch:
     groups: list[list[TrainSample]]  # training samples per prompt, in prompt order
     metrics: dict[str, float]
     weight_versions: list[str]  # distinct versions that produced the batch
+    # Per prompt group: its rewards (as the advantage sees them) have zero variance, so every advantage is 0.
+    flat: list[bool] = field(default_factory=list)
 
 
 def sampling_params(cfg: RolloutConfig) -> dict[str, Any]:
@@ -202,7 +204,10 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
         metrics["overlong/masked_responses"] = float(masked_responses)
     for kind in ("stop", "length", "abort"):
         metrics[f"rollout/finish_{kind}"] = float(finishes.get(kind, 0))
-    return RolloutBatch(groups=sample_groups, metrics=metrics, weight_versions=sorted(versions))
+    # GRPO gives a group all-zero advantages exactly when its complete responses' rewards are equal
+    # (advantages.py); a group without complete responses has nothing to train either.
+    flat = [all(s.advantage == 0.0 for s in g) for g in sample_groups]
+    return RolloutBatch(groups=sample_groups, metrics=metrics, weight_versions=sorted(versions), flat=flat)
 
 
 def split_mini_batches(groups: Sequence[list[TrainSample]], num: int) -> list[list[TrainSample]]:

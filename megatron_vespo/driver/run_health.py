@@ -64,6 +64,10 @@ class LearningGuard:
                                    + "; ".join(reasons) + " (run.max_failed_steps)")
 
 
+class DynamicSamplingExhaustedError(CannotLearnError):
+    """Dynamic sampling found too few prompt groups with reward variance within its budget (on_exhausted: error)."""
+
+
 class TrainInferenceGateError(CannotLearnError):
     """The trainer's and the rollout engine's log-probs differ past the gate's thresholds at lag 0."""
 

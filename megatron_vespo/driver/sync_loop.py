@@ -4,7 +4,9 @@ Every rollout step:
 
 1. rank 0 takes ``train.mini_batch_prompts * N`` prompts, generates ``rollout.n_samples`` responses
    each through the fleet's router; the returned token log-probs are μ (no recompute by default);
-2. rank 0 scores them with the verifier and computes GRPO advantages per prompt group;
+2. rank 0 scores them with the verifier and computes GRPO advantages per prompt group; with
+   ``rollout.dynamic_sampling`` groups without reward variance are dropped and more prompts generated,
+   on the same weights, until the batch is full (``dynamic_sampling.py``);
 3. the batch is split IN ORDER into N mini-batches of whole prompt groups and broadcast to every
    rank; with ``train.recompute_old_logprobs`` π_old is computed for the whole batch first, under
    the weights that generated it;
@@ -30,7 +32,10 @@ import time
 from typing import Any
 
 from megatron_vespo.driver.base import RLDriver
-from megatron_vespo.driver.rollout import build_rollout_batch, generate_groups, score_groups, split_mini_batches
+from megatron_vespo.driver.dynamic_sampling import collect_groups, merge_reward_stats
+from megatron_vespo.driver.rollout import (
+    RolloutBatch, RolloutGroup, build_rollout_batch, generate_groups, score_groups, split_mini_batches,
+)
 from megatron_vespo.train.routing import unreported_experts_shape
 from megatron_vespo.train.sample import TrainSample
 
@@ -71,21 +76,47 @@ class SyncRLDriver(RLDriver):
     def _rollout(self, step: int) -> dict[str, Any]:
         """Rank 0: one rollout batch, scored, as N in-order mini-batches of training samples, and its metrics."""
         cfg, side = self.cfg, self.rollout
-        rows = side.sampler.next_batch(cfg.train.mini_batch_prompts * cfg.train.staleness)
-        t0 = time.monotonic()
-        groups = generate_groups(side.fleet.router_url, rows, cfg.rollout, rid_prefix=f"s{cfg.train.seed}-step{step}",
-                                 routed_experts_shape=unreported_experts_shape(cfg.model),
-                                 one_request_per_sample=side.fleet.one_request_per_sample)
-        t1 = time.monotonic()
-        rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
-        batch = build_rollout_batch(groups, rewards, cfg.advantage, cfg.rollout.overlong, cfg.rollout.max_response_len)
-        metrics = {**batch.metrics, **reward_stats, **side.dataset_stats,
+        need = cfg.train.mini_batch_prompts * cfg.train.staleness
+        seconds = {"generate": 0.0, "score": 0.0}  # summed over the generation rounds
+
+        def generate_and_score(prompts: int, extra_round: int) -> tuple[list[RolloutGroup], list[float], dict]:
+            rows = side.sampler.next_batch(prompts)
+            t0 = time.monotonic()
+            # Extra rounds get request ids of their own (sampling seeds derive from them).
+            prefix = f"s{cfg.train.seed}-step{step}" + (f"-r{extra_round}" if extra_round else "")
+            groups = generate_groups(side.fleet.router_url, rows, cfg.rollout, rid_prefix=prefix,
+                                     routed_experts_shape=unreported_experts_shape(cfg.model),
+                                     one_request_per_sample=side.fleet.one_request_per_sample)
+            t1 = time.monotonic()
+            rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
+            seconds["generate"] += t1 - t0
+            seconds["score"] += time.monotonic() - t1
+            return groups, rewards, reward_stats
+
+        def build(groups: list[RolloutGroup], rewards: list[float]) -> RolloutBatch:
+            return build_rollout_batch(groups, rewards, cfg.advantage, cfg.rollout.overlong,
+                                       cfg.rollout.max_response_len)
+
+        if cfg.rollout.dynamic_sampling.enabled:
+            collected = collect_groups(need, generate_and_score, lambda g, r: build(g, r).flat,
+                                       cfg.rollout.dynamic_sampling)
+            groups, reward_stats = collected.groups, merge_reward_stats(collected.reward_stats)
+            batch = build(groups, collected.rewards)  # rollout/* describe every generated response
+            trained_groups = [batch.groups[i] for i in collected.chosen]
+            chosen_rewards = [r for i in collected.chosen for r in collected.rewards[
+                i * cfg.rollout.n_samples:(i + 1) * cfg.rollout.n_samples]]
+            extra = {**collected.metrics, "dynsamp/trained_reward_mean": sum(chosen_rewards) / len(chosen_rewards)}
+        else:
+            groups, rewards, reward_stats = generate_and_score(need, 0)
+            batch = build(groups, rewards)
+            trained_groups, extra = batch.groups, {}
+        metrics = {**batch.metrics, **reward_stats, **side.dataset_stats, **extra,
                    "rollout/epoch": float(side.sampler.epoch),
                    "rollout/stale_version_responses": float(sum(
                        1 for g in groups for r in g.responses if r.weight_version != self.publisher.version)),
-                   "time/generate_s": t1 - t0, "time/score_s": time.monotonic() - t1}
+                   "time/generate_s": seconds["generate"], "time/score_s": seconds["score"]}
         self.guard.observe(metrics)
-        return {"mini_batches": split_mini_batches(batch.groups, cfg.train.staleness), "metrics": metrics}
+        return {"mini_batches": split_mini_batches(trained_groups, cfg.train.staleness), "metrics": metrics}
 
     def _train(self, mini_batches: list[list[TrainSample]], rollout_metrics: dict[str, float]) -> list[dict]:
         """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""
