@@ -40,7 +40,8 @@ from megatron_vespo.train.step import PolicyTrainer
 
 PROGRESS_KEYS = {"rollout/reward_mean": "reward", "rollout/response_len_mean": "len",
                  "rollout/zero_std_fraction": "flat", "vespo/W_mean": "W", "vespo/phi_mean": "phi",
-                 "mismatch/logp_gap_mean": "gap", "mismatch/routing_flip_rate": "flip", "train/grad_norm": "gnorm"}
+                 "mismatch/logp_gap_mean": "gap", "mismatch/routing_flip_rate": "flip", "train/grad_norm": "gnorm",
+                 "dynsamp/generation_cost": "gen_x"}  # absent keys (dynamic sampling off) are not shown
 
 
 class RankZeroError(RuntimeError):

@@ -2,16 +2,18 @@
 error, metrics) against hand-computed values, and the async buffer's filter (fill, error, lags, staleness)."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from megatron_vespo.config import ConfigError, load_run_config
 from megatron_vespo.config.schema import AdvantageConfig, DynamicSamplingConfig, OverlongConfig
 from megatron_vespo.data.dataset import PromptRow
 from megatron_vespo.driver.dynamic_sampling import collect_groups, merge_reward_stats, next_round_size
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch
-from megatron_vespo.driver.rollout_buffer import RolloutBuffer
+from megatron_vespo.driver.rollout_buffer import BufferClosed, RolloutBuffer
 from megatron_vespo.driver.run_health import CannotLearnError, DynamicSamplingExhaustedError
 from rollout_sglang.types import FinishReason, Sample
 
@@ -192,3 +194,45 @@ def test_bad_dynamic_sampling_config_names_the_field(overrides, path, fragment):
 
 def test_default_is_off():
     assert not load_run_config(REPO / "configs/quickstart.yaml").rollout.dynamic_sampling.enabled
+
+
+@settings(max_examples=25, deadline=None)
+@given(mb=st.integers(1, 3), bound=st.integers(0, 3), push_every=st.integers(1, 3), seed=st.integers(0, 10_000),
+       mode=st.sampled_from(["drop", "throttle"]), flat_p=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+       budget=st.integers(0, 4))
+def test_simulated_run_with_filtering_keeps_the_bound_and_full_mini_batches(mb, bound, push_every, seed, mode,
+                                                                           flat_p, budget):
+    """The buffer's staleness simulation (test_rollout_buffer.py) with a fraction of flat groups: every
+    mini-batch is full, no lag exceeds the bound, throttle drops nothing, flat groups are trained only as
+    fill once the budget of flat completions is spent, and the run makes progress even if every group is flat."""
+    push_every = min(push_every, bound + 1)
+    rng = random.Random(seed)
+    buf = RolloutBuffer(mb, bound, mode, capacity=2 * mb, filter_flat=True, max_filtered=budget * mb)
+    version, step, pending, trained = 0, 0, [], 0
+    for _tick in range(400):
+        while len(pending) < 4 * mb:
+            t = buf.try_admit(version)
+            if t is None:
+                break
+            pending.append([t, version, rng.randint(1, 6), rng.random() < flat_p])
+        for p in pending:
+            p[2] -= 1
+        for p in [p for p in pending if p[2] <= 0]:
+            pending.remove(p)
+            buf.complete(p[0], p[1], p[1], [p[1], p[1]], ("flat" if p[3] else "varied", p[0]), flat=p[3],
+                         rewards=[1.0, 1.0])
+        try:
+            res = buf.take(step, timeout_s=0.0)
+        except BufferClosed:
+            continue
+        assert len(res.groups) == mb and all(lag <= bound for lag in res.sample_lags())
+        flat_taken = sum(1 for g in res.groups if g.payload[0] == "flat")
+        assert flat_taken == res.filled
+        assert flat_taken == 0 or res.flat_completed >= budget * mb
+        if mode == "throttle":
+            assert res.dropped == []
+        step += 1
+        trained += 1
+        if step % push_every == 0:
+            version = step
+    assert trained > 5
