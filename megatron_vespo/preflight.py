@@ -24,7 +24,7 @@ def _check_verifiers_and_eval_sets(cfg: RunConfig) -> None:
                    for i, s in enumerate(cfg.eval.sets)]
     for path, name in wanted:
         try:
-            get_verifier(name)
+            get_verifier(name, cfg.reward)
         except KeyError as exc:
             raise ConfigError(path, str(exc.args[0]).split(": ", 1)[-1]) from None
 

@@ -361,9 +361,42 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class HttpVerifierConfig:
+    """A remote verifier (``reward.verifier: http``): each response is POSTed as JSON (prompt_ids, response_ids,
+    response_text, ground_truth) to ``url``, which answers ``{"score": float}``. Reference server:
+    ``python -m megatron_vespo.rewards.server``."""
+
+    url: str = field("", help="endpoint the requests are POSTed to, e.g. http://127.0.0.1:8020/score")
+    timeout_s: float = field(5.0, gt=0, help="per-attempt HTTP timeout (must be <= reward.timeout_s, which bounds "
+                             "all attempts of one response together)")
+    retries: int = field(2, ge=0, le=20, help="extra attempts after a connection error, a timeout or a 5xx/429 answer "
+                         "(4xx answers are not retried)")
+    backoff_s: float = field(0.2, ge=0, le=60, help="wait before the first retry; doubled before each further one")
+    max_concurrency: int = field(16, ge=1, le=1024, help="requests in flight at once (all scorers of the run together)")
+
+    def validate(self, path: str) -> None:
+        if self.url:
+            import re
+
+            if not re.match(r"^https?://[^/\s:?#]+", self.url):
+                raise ConfigError(f"{path}.url", f"must be an http:// or https:// URL with a host; got {self.url!r}")
+
+
+@dataclass(kw_only=True)
 class RewardConfig:
-    verifier: str = field("synthetic", help="registered verifier name (synthetic, math)")
+    verifier: str = field("synthetic", help="registered verifier name (synthetic, math) or http (reward.http)")
     timeout_s: float = field(10.0, gt=0, help="a verifier call slower than this scores 0 and is counted")
+    http: HttpVerifierConfig = field(default_factory=HttpVerifierConfig, help="the remote verifier of verifier: http")
+
+    def validate(self, path: str) -> None:
+        if self.verifier != "http":
+            return
+        if not self.http.url:
+            raise ConfigError(f"{path}.http.url", "is required with verifier: http")
+        if self.http.timeout_s > self.timeout_s:
+            # reward.timeout_s bounds a response's whole scoring: a longer attempt would always be cut short.
+            raise ConfigError(f"{path}.http.timeout_s", f"must be <= {path}.timeout_s={self.timeout_s} (the bound on "
+                              f"all attempts of one response); got {self.http.timeout_s}")
 
 
 @dataclass(kw_only=True)
