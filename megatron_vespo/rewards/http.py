@@ -23,11 +23,13 @@ response fails stops after ``run.max_failed_steps`` batches with that message.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,11 @@ class HttpVerifier:
         self._slots = threading.BoundedSemaphore(settings.max_concurrency)
         self._lock = threading.Lock()
         self._server_down = False  # the last response that used all its attempts had no success since
+        # A verifier on this machine is reached directly even where http_proxy is set for the outside world.
+        host = urllib.parse.urlsplit(settings.url).hostname or ""
+        local = host in ("localhost", "::1") or host.startswith("127.")
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if local \
+            else urllib.request.build_opener()
         self.requests_sent = 0
 
     def __call__(self, request: ScoreRequest) -> float:
@@ -131,7 +138,7 @@ class HttpVerifier:
         with self._lock:
             self.requests_sent += 1
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            with self._opener.open(req, timeout=timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             detail = _one_line(exc.read().decode(errors="replace"))
@@ -139,7 +146,7 @@ class HttpVerifier:
             if exc.code >= 500 or exc.code in RETRY_STATUS:
                 raise _Retryable(message) from None
             raise RemoteVerifierError(f"http verifier {url}: refused the request ({message})") from None
-        except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out, DNS
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, torn
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             raise _Retryable(_one_line(f"{type(reason).__name__}: {reason}")) from None
         return parse_score(raw, url)

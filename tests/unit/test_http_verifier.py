@@ -78,7 +78,8 @@ def fake_verifier(respond: Callable[[dict, int], tuple[int, dict]]) -> Iterator[
         server.server_close()
 
 
-def test_posts_prompt_response_and_ground_truth_and_reads_the_score():
+def test_posts_prompt_response_and_ground_truth_and_reads_the_score(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a loopback verifier is reached without the proxy
     with fake_verifier(lambda body, i: (200, {"score": 0.25 * len(body["response_ids"])})) as srv:
         scores, stats = score_all(HttpVerifier(settings(srv["url"])), [req([1]), req([1, 2, 3])], timeout_s=5)
     assert scores == [0.25, 0.75] and stats.errors == stats.timeouts == 0
