@@ -428,10 +428,17 @@ class RolloutConfig:
     weight_sync: WeightSyncConfig = field(
         default_factory=lambda: WeightSyncConfig(transport="disk"),
         help="how new weights reach the fleet (disk_dir empty: <run.output_dir>/weights)")
+    dump_dir: str = field("", help="save every scored batch here as it is trained (batch_<step>.safetensors: tokens, "
+                          "μ log-probs, advantages, rewards, versions, routed experts); empty: off")
+    replay_dir: str = field("", help="train on the batches a run saved with dump_dir instead of generating: no fleet "
+                            "starts, one file per rollout step, in order; empty: off")
 
     def validate(self, path: str) -> None:
         if self.top_k == 0:  # every server would answer 400 to every request
             raise ConfigError(f"{path}.top_k", "must be -1 (no top-k filtering) or >= 1; got 0")
+        if self.dump_dir and self.replay_dir:
+            raise ConfigError(f"{path}.dump_dir", "cannot be combined with rollout.replay_dir (a replay generates "
+                              "nothing new to save)")
 
 
 @dataclass(kw_only=True)
@@ -560,6 +567,10 @@ class RunConfig:
         if self.correction.mode != "none" and not self.train.recompute_old_logprobs:
             raise ConfigError("correction.mode",
                               f"{self.correction.mode!r} weighs π_old/μ and needs train.recompute_old_logprobs: true")
+        if self.rollout.replay_dir and self.eval.sets and self.eval.every_steps:
+            # Evaluation generates on the fleet, and a replay starts none.
+            raise ConfigError("eval.every_steps", "must be 0 with rollout.replay_dir (a replay starts no fleet to "
+                              f"evaluate on); got {self.eval.every_steps}")
         if self.loss.norm_constant is not None and self.loss.resolved_aggregation != "seq-mean-token-sum-norm":
             raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:

@@ -69,7 +69,7 @@ class AsyncRLDriver(RLDriver):
 
     def run_step(self, step: int) -> bool:
         cfg = self.cfg
-        batch = self.from_driver(self._mini_batch)
+        batch = self.from_driver(lambda: self._mini_batch(step))
         recompute_s = 0.0
         if cfg.train.recompute_old_logprobs:
             recompute_s = self.recompute_old_logprobs(batch["samples"])
@@ -137,8 +137,9 @@ class AsyncRLDriver(RLDriver):
     def _score(self, group: RolloutGroup) -> tuple[list[float], dict[str, float]]:
         return score_groups([group], self.rollout.verifier, self.cfg.reward, self.rollout.tokenizer)
 
-    def _mini_batch(self) -> dict[str, Any]:
-        """Rank 0: the next mini-batch from the buffer as training samples, and its metrics."""
+    def _mini_batch(self, step: int) -> dict[str, Any]:
+        """Rank 0: the next mini-batch from the buffer as training samples (saved as batch ``step`` with
+        ``rollout.dump_dir``), and its metrics."""
         cfg = self.cfg
         taken: TakeResult = self.buffer.take(self.state.optimizer_steps, should_stop=lambda: self.generator.error)
         payloads: list[GroupPayload] = [g.payload for g in taken.groups]
@@ -168,7 +169,9 @@ class AsyncRLDriver(RLDriver):
         self.guard.observe(metrics)
         self._fleet_idle_mark = fleet_idle
         self._push_drain_s = 0.0
-        return {"samples": trainable(batch.groups), "metrics": metrics}
+        samples = trainable(batch.groups)
+        metrics.update(self.dump_batch(step, [samples], metrics))
+        return {"samples": samples, "metrics": metrics}
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:

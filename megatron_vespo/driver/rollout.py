@@ -160,7 +160,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
             sample_groups[-1].append(TrainSample(
                 prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
                 rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
-                rollout_routed_experts=routed))
+                rollout_routed_experts=routed, reward=float(rewards[k - 1]), weight_version=r.weight_version))
     n = float(len(rewards))
     metrics = {
         "rollout/reward_mean": float(reward_t.mean()),
