@@ -187,7 +187,8 @@ def read_header(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise RolloutDumpError(f"{path}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise RolloutDumpError(f"{path}: not a rollout batch (format {header.get('format') if isinstance(header, dict) else None!r})")
+        found = header.get("format") if isinstance(header, dict) else None
+        raise RolloutDumpError(f"{path}: not a rollout batch (format {found!r})")
     if header.get("version") != FORMAT_VERSION:
         raise RolloutDumpError(f"{path}: format version {header.get('version')!r}; this build reads {FORMAT_VERSION}")
     return header
@@ -261,9 +262,10 @@ def read_batch(path: Path, expected: BatchContext) -> SavedBatch:
         if len(prompt) < 1:
             raise RolloutDumpError(f"{path}: sample {i} has an empty prompt")
         tokens = np.concatenate([prompt, response])
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= expected.vocab_size):
-            raise RolloutDumpError(f"{path}: sample {i} has token id {int(tokens.max() if tokens.max() >= 0 else tokens.min())} "
-                                   f"outside the vocabulary [0, model.vocab_size={expected.vocab_size})")
+        outside = tokens[(tokens < 0) | (tokens >= expected.vocab_size)]
+        if outside.size:
+            raise RolloutDumpError(f"{path}: sample {i} has token id {int(outside[0])} outside the vocabulary "
+                                   f"[0, model.vocab_size={expected.vocab_size})")
         if tokens.size > expected.max_position_embeddings:
             raise RolloutDumpError(f"{path}: sample {i} has {tokens.size} tokens; model.max_position_embeddings is "
                                    f"{expected.max_position_embeddings}")

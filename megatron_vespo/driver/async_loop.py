@@ -31,7 +31,9 @@ from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext
 from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
-from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups, trainable
+from megatron_vespo.driver.rollout import (
+    RolloutGroup, build_rollout_batch, score_groups, trainable, verifier_metrics,
+)
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
 from megatron_vespo.train.routing import unreported_experts_shape
 
@@ -151,6 +153,7 @@ class AsyncRLDriver(RLDriver):
             **lag_metrics(taken.sample_lags()),
             "reward/verifier_errors": sum(p.reward_stats.get("reward/verifier_errors", 0.0) for p in payloads),
             "reward/verifier_timeouts": sum(p.reward_stats.get("reward/verifier_timeouts", 0.0) for p in payloads),
+            **verifier_metrics(self.rollout.verifier),
             "rollout/epoch": float(self.rollout.sampler.epoch),
             "rollout_weight_version": self.publisher.version,
             "async/max_staleness": float(cfg.asynchronous.max_staleness),

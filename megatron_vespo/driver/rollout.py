@@ -120,7 +120,14 @@ def score_groups(groups: Sequence[RolloutGroup], verifier: Verifier, reward_cfg:
                                "reward/verifier_timeouts": float(stats.timeouts)}
     if stats.first_error:  # kept with the metrics (JSONL), shown when a run stops for it (run_health.py)
         metrics["reward/first_error"] = stats.first_error
+    metrics.update(verifier_metrics(verifier))
     return scores, metrics
+
+
+def verifier_metrics(verifier: Verifier) -> dict[str, float]:
+    """A verifier's own counters, for those that keep some (the remote verifier: requests, retries, failures)."""
+    metrics = getattr(verifier, "metrics", None)
+    return metrics() if callable(metrics) else {}
 
 
 def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float],

@@ -87,19 +87,33 @@ class HttpVerifier:
         local = host in ("localhost", "::1") or host.startswith("127.")
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if local \
             else urllib.request.build_opener()
-        self.requests_sent = 0
+        self.requests_sent = 0  # every POST, retries included
+        self.retries_sent = 0
+        self.failed_responses = 0  # responses that could not be scored
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counters since the run started (exact whichever scorers share the verifier)."""
+        with self._lock:
+            return {"reward/remote_requests_total": float(self.requests_sent),
+                    "reward/remote_retries_total": float(self.retries_sent),
+                    "reward/remote_failed_total": float(self.failed_responses)}
 
     def __call__(self, request: ScoreRequest) -> float:
         s = self.settings
         deadline = time.monotonic() + max(s.deadline_s - DEADLINE_MARGIN_S, 0.0)
-        body = request_body(request)
-        if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            raise RemoteVerifierError(f"http verifier {s.url}: no free request slot within {s.deadline_s:g} s "
-                                      f"(reward.http.max_concurrency={s.max_concurrency})")
         try:
-            return self._score(body, deadline)
-        finally:
-            self._slots.release()
+            body = request_body(request)
+            if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                raise RemoteVerifierError(f"http verifier {s.url}: no free request slot within {s.deadline_s:g} s "
+                                          f"(reward.http.max_concurrency={s.max_concurrency})")
+            try:
+                return self._score(body, deadline)
+            finally:
+                self._slots.release()
+        except Exception:
+            with self._lock:
+                self.failed_responses += 1
+            raise
 
     def _score(self, body: bytes, deadline: float) -> float:
         s = self.settings
@@ -117,11 +131,18 @@ class HttpVerifier:
             if left <= 0:
                 break
             made += 1
+            if attempt:
+                with self._lock:
+                    self.retries_sent += 1
             try:
                 score = self._attempt(body, min(s.timeout_s, left))
             except _Retryable as exc:
                 last_error = str(exc)
                 continue
+            except RemoteVerifierError:  # the server answered (refused, or a bad answer): it is up
+                with self._lock:
+                    self._server_down = False
+                raise
             with self._lock:
                 self._server_down = False
             return score
@@ -157,8 +178,8 @@ def parse_score(raw: bytes, url: str) -> float:
     try:
         answer: Any = json.loads(raw)
     except ValueError:
-        raise RemoteVerifierError(f"http verifier {url}: answer is not JSON: {_one_line(raw.decode(errors='replace'))!r}") \
-            from None
+        text = _one_line(raw.decode(errors="replace"))
+        raise RemoteVerifierError(f"http verifier {url}: answer is not JSON: {text!r}") from None
     score = answer.get("score") if isinstance(answer, dict) else None
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise RemoteVerifierError(f"http verifier {url}: answer has no finite number 'score': "

@@ -35,6 +35,9 @@ PR_SET_PDEATHSIG = 1
 
 class VerifierServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung verifier call must not keep the process alive at exit
+    # socketserver's default backlog of 5 refuses connections when a trainer sends its max_concurrency
+    # requests at once (seen as retried connection errors); the kernel caps it at somaxconn anyway.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], verifier: Verifier, timeout_s: float, max_body_bytes: int):
         super().__init__(address, _Handler)

@@ -1,7 +1,7 @@
 """Rollout dump and replay end to end, scored by the remote verifier.
 
-1. A short run of the quickstart task (synchronous, and fully asynchronous) through the CLI (CPU server behind the real router,
-   routed experts returned) with ``rollout.dump_dir`` and ``reward.verifier: http`` against the
+1. A short run of the quickstart task (synchronous, and fully asynchronous) through the CLI (CPU server
+   behind the real router, routed experts returned) with ``rollout.dump_dir`` and ``reward.verifier: http`` against the
    reference verifier server (``python -m megatron_vespo.rewards.server``, started here, dying with
    this process): every response is scored over HTTP, without a single verifier error.
    The synchronous run saves one file per rollout batch (its N mini-batches), the asynchronous one a
@@ -76,6 +76,11 @@ def test_replay_trains_on_the_dumped_batches_with_identical_losses(tmp_path, mod
     original = read_metrics(tmp_path / "original" / "metrics.jsonl")
     assert len(original) == ROLLOUT_STEPS * STALENESS
     assert all(r["reward/verifier_errors"] == 0 and r["dump/bytes"] > 0 for r in original)
+    # The verifier's counters are logged (asynchronous generation goes on scoring after the last step's record).
+    logged = original[-1]["reward/remote_requests_total"]
+    assert logged == counts["scored"] if mode == "sync" else 0 < logged <= counts["scored"]
+    assert original[-1]["reward/remote_failed_total"] == 0
+    print(f"{mode}: {logged:.0f} verifier requests, {original[-1]['reward/remote_retries_total']:.0f} retried")
     assert "[fleet]" in original_log
     files = sorted(p.name for p in dump.iterdir())
     saved = ROLLOUT_STEPS * (STALENESS if mode == "async" else 1)  # async: a file per mini-batch
@@ -95,5 +100,6 @@ def test_replay_trains_on_the_dumped_batches_with_identical_losses(tmp_path, mod
         assert [r["async/lag_max"] for r in replay] == [r["async/lag_max"] for r in original]
     assert [_compared(r) for r in replay] == [_compared(r) for r in original]
     # The comparison covered the losses and the routing diagnostics, not just bookkeeping.
-    assert {"loss/policy_loss", "vespo/W_mean", "train/grad_norm", "mismatch/routing_flip_rate"} <= set(_compared(original[0]))
+    covered = set(_compared(original[0]))
+    assert {"loss/policy_loss", "vespo/W_mean", "train/grad_norm", "mismatch/routing_flip_rate"} <= covered
     assert len({r["loss/policy_loss"] for r in original}) > 1  # the steps differ from each other

@@ -83,8 +83,8 @@ def test_posts_prompt_response_and_ground_truth_and_reads_the_score(monkeypatch)
     with fake_verifier(lambda body, i: (200, {"score": 0.25 * len(body["response_ids"])})) as srv:
         scores, stats = score_all(HttpVerifier(settings(srv["url"])), [req([1]), req([1, 2, 3])], timeout_s=5)
     assert scores == [0.25, 0.75] and stats.errors == stats.timeouts == 0
-    assert min(srv["bodies"], key=lambda b: len(b["response_ids"])) == {"prompt_ids": [1, 2], "response_ids": [1], "response_text": None,
-                                "ground_truth": [3, 2, 1]}
+    shortest = min(srv["bodies"], key=lambda b: len(b["response_ids"]))
+    assert shortest == {"prompt_ids": [1, 2], "response_ids": [1], "response_text": None, "ground_truth": [3, 2, 1]}
 
 
 def test_5xx_is_retried_with_backoff_until_it_succeeds():
@@ -124,6 +124,8 @@ def test_dead_server_fails_fast_after_the_first_response_used_its_retries():
     assert url in stats.first_error and "ConnectionRefusedError" in stats.first_error
     # The first response retried (0.2 + 0.4 + 0.8 s of backoff), the other four one attempt each.
     assert verifier.requests_sent == 4 + 4
+    assert verifier.metrics() == {"reward/remote_requests_total": 8.0, "reward/remote_retries_total": 3.0,
+                                  "reward/remote_failed_total": 5.0}
     assert 1.4 <= elapsed < 4.0
 
 
