@@ -47,6 +47,14 @@ class VerifierServer(ThreadingHTTPServer):
         self.counts: Counter = Counter()
         self.counts_lock = threading.Lock()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (its timeout) closed the connection before the answer: counted, no traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            self.count("client_gone")
+            return
+        super().handle_error(request, client_address)
+
     def count(self, outcome: str) -> None:
         with self.counts_lock:
             self.counts[outcome] += 1

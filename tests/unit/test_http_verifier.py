@@ -68,6 +68,7 @@ def fake_verifier(respond: Callable[[dict, int], tuple[int, dict]]) -> Iterator[
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    server.handle_error = lambda *args: None  # a client that timed out closed the connection: expected here
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state["url"] = f"http://127.0.0.1:{server.server_address[1]}/score"
