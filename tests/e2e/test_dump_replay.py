@@ -8,7 +8,8 @@
    file per mini-batch.
 2. The same config with ``rollout.replay_dir`` pointing at the dump, in another output directory: no
    fleet, router or verifier starts, and every optimizer step sees exactly the original step's samples,
-   so every loss, W/φ, gradient-norm and mismatch metric (routing flips included) is identical.
+   so every loss, W/φ, gradient-norm and mismatch metric (routing flips included) is identical; and
+   (synchronous dump) the same under torchrun with two data-parallel ranks, up to the reduction order.
 """
 from __future__ import annotations
 
@@ -103,3 +104,21 @@ def test_replay_trains_on_the_dumped_batches_with_identical_losses(tmp_path, mod
     covered = set(_compared(original[0]))
     assert {"loss/policy_loss", "vespo/W_mean", "train/grad_norm", "mismatch/routing_flip_rate"} <= covered
     assert len({r["loss/policy_loss"] for r in original}) > 1  # the steps differ from each other
+    if mode == "sync":
+        _replay_under_torchrun(dump, tmp_path / "replay_dp2", saved, original)
+
+
+def _replay_under_torchrun(dump: Path, out: Path, saved: int, original: list[dict]) -> None:
+    """Two data-parallel ranks: rank 0 reads each file and broadcasts its mini-batches; the losses equal the
+    single-process run's up to the order of the gradient reduction."""
+    from tests.multiproc.torchrun import run_torchrun
+
+    log = run_torchrun("-m", ["megatron_vespo.cli", "train", str(REPO / "configs/quickstart.yaml"),
+                              *_overrides(out, "sync", rollout_steps=saved), f"rollout.replay_dir={dump}"],
+                       nproc=2, timeout=RUN_TIMEOUT_S)
+    assert "[fleet]" not in log and log.count("megatron-vespo run summary") == 1
+    replay = read_metrics(out / "metrics.jsonl")
+    assert [r["train_step"] for r in replay] == [r["train_step"] for r in original]
+    for got, want in zip(replay, original):
+        for key in ("loss/policy_loss", "train/grad_norm", "vespo/W_mean", "mismatch/routing_flip_rate"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (key, got["train_step"])
