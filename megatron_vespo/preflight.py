@@ -24,7 +24,7 @@ def _check_verifiers_and_eval_sets(cfg: RunConfig) -> None:
                    for i, s in enumerate(cfg.eval.sets)]
     for path, name in wanted:
         try:
-            get_verifier(name)
+            get_verifier(name, cfg.reward)
         except KeyError as exc:
             raise ConfigError(path, str(exc.args[0]).split(": ", 1)[-1]) from None
 
@@ -64,9 +64,28 @@ def preflight(cfg: RunConfig, world_size: Optional[int] = None, files: bool = Tr
 
         cfg.parallel.check_world_size(world_size)
         validate_layout(cfg.model, cfg.parallel, cfg.precision, world_size)
-    _check_verifiers_and_eval_sets(cfg)
+    if not cfg.rollout.replay_dir:  # a replay scores nothing: its rewards are in the files
+        _check_verifiers_and_eval_sets(cfg)
     if not files:
         return []
+    checkpoint_notes = _check_checkpoint_files(cfg)
+    return _check_rollout_files(cfg, resuming=any(n.startswith("checkpoint: resumes") for n in checkpoint_notes)) \
+        + checkpoint_notes
+
+
+def _check_rollout_files(cfg: RunConfig, resuming: bool) -> list[str]:
+    """What the run reads before the first rollout: the prompt data, or with ``rollout.replay_dir`` every saved
+    batch (checked against the model and sampling settings); and that ``rollout.dump_dir`` can take this run."""
+    from megatron_vespo.data import rollout_dump
+
+    if cfg.rollout.replay_dir:
+        files = rollout_dump.check_replay_dir(cfg.rollout.replay_dir, rollout_dump.BatchContext.from_config(cfg))
+        steps = min(len(files), cfg.run.rollout_steps)
+        return [f"replay: {len(files)} saved batch(es) in {cfg.rollout.replay_dir}, {steps} trained (no fleet starts)"]
     from megatron_vespo.data.dataset import check_run_data
 
-    return check_run_data(cfg) + _check_checkpoint_files(cfg)
+    notes = check_run_data(cfg)
+    if cfg.rollout.dump_dir:
+        rollout_dump.check_dump_dir(cfg.rollout.dump_dir, fresh_run=not resuming)
+        notes.append(f"dump: every scored batch is saved to {cfg.rollout.dump_dir}")
+    return notes

@@ -361,9 +361,42 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class HttpVerifierConfig:
+    """A remote verifier (``reward.verifier: http``): each response is POSTed as JSON (prompt_ids, response_ids,
+    response_text, ground_truth) to ``url``, which answers ``{"score": float}``. Reference server:
+    ``python -m megatron_vespo.rewards.server``."""
+
+    url: str = field("", help="endpoint the requests are POSTed to, e.g. http://127.0.0.1:8020/score")
+    timeout_s: float = field(5.0, gt=0, help="per-attempt HTTP timeout (must be <= reward.timeout_s, which bounds "
+                             "all attempts of one response together)")
+    retries: int = field(2, ge=0, le=20, help="extra attempts after a connection error, a timeout or a 5xx/429 answer "
+                         "(4xx answers are not retried)")
+    backoff_s: float = field(0.2, ge=0, le=60, help="wait before the first retry; doubled before each further one")
+    max_concurrency: int = field(16, ge=1, le=1024, help="requests in flight at once (all scorers of the run together)")
+
+    def validate(self, path: str) -> None:
+        if self.url:
+            import re
+
+            if not re.match(r"^https?://[^/\s:?#]+", self.url):
+                raise ConfigError(f"{path}.url", f"must be an http:// or https:// URL with a host; got {self.url!r}")
+
+
+@dataclass(kw_only=True)
 class RewardConfig:
-    verifier: str = field("synthetic", help="registered verifier name (synthetic, math)")
+    verifier: str = field("synthetic", help="registered verifier name (synthetic, math) or http (reward.http)")
     timeout_s: float = field(10.0, gt=0, help="a verifier call slower than this scores 0 and is counted")
+    http: HttpVerifierConfig = field(default_factory=HttpVerifierConfig, help="the remote verifier of verifier: http")
+
+    def validate(self, path: str) -> None:
+        if self.verifier != "http":
+            return
+        if not self.http.url:
+            raise ConfigError(f"{path}.http.url", "is required with verifier: http")
+        if self.http.timeout_s > self.timeout_s:
+            # reward.timeout_s bounds a response's whole scoring: a longer attempt would always be cut short.
+            raise ConfigError(f"{path}.http.timeout_s", f"must be <= {path}.timeout_s={self.timeout_s} (the bound on "
+                              f"all attempts of one response); got {self.http.timeout_s}")
 
 
 @dataclass(kw_only=True)
@@ -438,6 +471,10 @@ class RolloutConfig:
                                      help="DAPO's soft overlong penalty and masking of truncated responses")
     dynamic_sampling: DynamicSamplingConfig = field(
         default_factory=DynamicSamplingConfig, help="DAPO's dynamic sampling: filter zero-variance prompt groups")
+    dump_dir: str = field("", help="save every scored batch here as it is trained (batch_<step>.safetensors: tokens, "
+                          "μ log-probs, advantages, rewards, versions, routed experts); empty: off")
+    replay_dir: str = field("", help="train on the batches a run saved with dump_dir instead of generating: no fleet "
+                            "starts, one file per rollout step, in order; empty: off")
 
     def validate(self, path: str) -> None:
         if self.top_k == 0:  # every server would answer 400 to every request
@@ -447,6 +484,13 @@ class RolloutConfig:
             raise ConfigError(f"{path}.overlong.buffer_len", f"must be < rollout.max_response_len="
                               f"{self.max_response_len} (the penalty starts at max_response_len - buffer_len); "
                               f"got {self.overlong.buffer_len}")
+
+        if self.dump_dir and self.replay_dir:
+            raise ConfigError(f"{path}.dump_dir", "cannot be combined with rollout.replay_dir (a replay generates "
+                              "nothing new to save)")
+        if self.replay_dir and self.dynamic_sampling.enabled:
+            raise ConfigError(f"{path}.dynamic_sampling.enabled", "cannot be combined with rollout.replay_dir (a "
+                              "replay trains the saved batches as they are and generates nothing)")
 
 
 @dataclass(kw_only=True)
@@ -600,6 +644,10 @@ class RunConfig:
         if self.correction.mode != "none" and not self.train.recompute_old_logprobs:
             raise ConfigError("correction.mode",
                               f"{self.correction.mode!r} weighs π_old/μ and needs train.recompute_old_logprobs: true")
+        if self.rollout.replay_dir and self.eval.sets and self.eval.every_steps:
+            # Evaluation generates on the fleet, and a replay starts none.
+            raise ConfigError("eval.every_steps", "must be 0 with rollout.replay_dir (a replay starts no fleet to "
+                              f"evaluate on); got {self.eval.every_steps}")
         if self.loss.norm_constant is not None and self.loss.resolved_aggregation != "seq-mean-token-sum-norm":
             raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:

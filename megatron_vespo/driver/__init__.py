@@ -10,7 +10,12 @@ from megatron_vespo.driver.sync_loop import SyncRLDriver
 
 
 def run_training(cfg: RunConfig) -> Optional[RunSummary]:
-    """The loop ``train.mode`` names (sync: staleness-N batches; async: continuous generation)."""
+    """The loop ``train.mode`` names (sync: staleness-N batches; async: continuous generation), or with
+    ``rollout.replay_dir`` the replay of saved batches (no fleet)."""
+    if cfg.rollout.replay_dir:
+        from megatron_vespo.driver.replay_loop import ReplayRLDriver
+
+        return ReplayRLDriver.launch(cfg)
     if cfg.train.mode == "async":
         from megatron_vespo.driver.async_loop import AsyncRLDriver
 

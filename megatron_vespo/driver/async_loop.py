@@ -33,7 +33,9 @@ from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext
 from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
-from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch, score_groups, trainable
+from megatron_vespo.driver.rollout import (
+    RolloutGroup, build_rollout_batch, score_groups, trainable, verifier_metrics,
+)
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
 from megatron_vespo.train.routing import unreported_experts_shape
 
@@ -71,7 +73,7 @@ class AsyncRLDriver(RLDriver):
 
     def run_step(self, step: int) -> bool:
         cfg = self.cfg
-        batch = self.from_driver(self._mini_batch)
+        batch = self.from_driver(lambda: self._mini_batch(step))
         recompute_s = 0.0
         if cfg.train.recompute_old_logprobs:
             recompute_s = self.recompute_old_logprobs(batch["samples"])
@@ -167,8 +169,9 @@ class AsyncRLDriver(RLDriver):
             out["rollout/reward_mean"] = sum(generated) / len(generated)
         return out
 
-    def _mini_batch(self) -> dict[str, Any]:
-        """Rank 0: the next mini-batch from the buffer as training samples, and its metrics."""
+    def _mini_batch(self, step: int) -> dict[str, Any]:
+        """Rank 0: the next mini-batch from the buffer as training samples (saved as batch ``step`` with
+        ``rollout.dump_dir``), and its metrics."""
         cfg = self.cfg
         taken: TakeResult = self.buffer.take(self.state.optimizer_steps, should_stop=lambda: self.generator.error)
         payloads: list[GroupPayload] = [g.payload for g in taken.groups]
@@ -180,6 +183,7 @@ class AsyncRLDriver(RLDriver):
             **lag_metrics(taken.sample_lags()),
             "reward/verifier_errors": sum(p.reward_stats.get("reward/verifier_errors", 0.0) for p in payloads),
             "reward/verifier_timeouts": sum(p.reward_stats.get("reward/verifier_timeouts", 0.0) for p in payloads),
+            **verifier_metrics(self.rollout.verifier),
             "rollout/epoch": float(self.rollout.sampler.epoch),
             "rollout_weight_version": self.publisher.version,
             "async/max_staleness": float(cfg.asynchronous.max_staleness),
@@ -200,7 +204,9 @@ class AsyncRLDriver(RLDriver):
         self.guard.observe(metrics)
         self._fleet_idle_mark = fleet_idle
         self._push_drain_s = 0.0
-        return {"samples": trainable(batch.groups), "metrics": metrics}
+        samples = trainable(batch.groups)
+        metrics.update(self.dump_batch(step, [samples], metrics))
+        return {"samples": samples, "metrics": metrics}
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:

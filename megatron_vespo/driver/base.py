@@ -126,6 +126,19 @@ class RLDriver:
         if self.cfg.run.train_inference_gate.enabled:  # known on every rank: no broadcast when off
             record.update(self.from_driver(lambda: self.gate.observe(record)))
 
+    def dump_batch(self, step: int, mini_batches: list[list[TrainSample]], metrics: dict[str, Any]) -> dict[str, float]:
+        """Rank 0: with ``rollout.dump_dir``, the scored batch as it will be trained (its mini-batches, with the
+        rollout ``metrics``) written to ``batch_<step>.safetensors`` (``data/rollout_dump.py``); the dump's
+        metrics (``dump/bytes``, ``time/dump_s``), {} without a dump directory."""
+        if not self.cfg.rollout.dump_dir:
+            return {}
+        from megatron_vespo.data.rollout_dump import BatchContext, write_batch
+
+        t0 = time.monotonic()
+        path = write_batch(Path(self.cfg.rollout.dump_dir), step, mini_batches, metrics,
+                           BatchContext.from_config(self.cfg))
+        return {"dump/bytes": float(path.stat().st_size), "time/dump_s": time.monotonic() - t0}
+
     def publish_weights(self) -> float:
         """Collective: the current weights to the fleet as version = optimizer steps, each pipeline stage
         streaming its own buckets (see ``publisher.py``). Seconds taken."""

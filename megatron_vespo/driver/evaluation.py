@@ -73,12 +73,13 @@ class SetResult:
 
 
 def load_eval_set(set_cfg: EvalSetConfig, index: int, cfg: RunConfig, seed: int, tokenizer: Any = None,
-                  verifier_lookup: Callable[[str], Verifier] = get_verifier) -> EvalSet:
+                  verifier_lookup: Optional[Callable[[str], Verifier]] = None) -> EvalSet:
     """The prompts and verifier of ``cfg.eval.sets[index]``; errors name the config field or the row."""
     where = f"eval.sets[{index}]"
     verifier_name = set_cfg.verifier or cfg.reward.verifier
     try:
-        verifier = verifier_lookup(verifier_name)
+        # The run's reward section: the http verifier is built from it (shared with training's scoring).
+        verifier = (verifier_lookup or (lambda name: get_verifier(name, cfg.reward)))(verifier_name)
     except KeyError as exc:
         raise ConfigError(f"{where}.verifier", str(exc.args[0]).split(": ", 1)[-1]) from None
     max_prompt_len = cfg.rollout.max_prompt_len

@@ -123,7 +123,14 @@ def score_groups(groups: Sequence[RolloutGroup], verifier: Verifier, reward_cfg:
                                "reward/verifier_timeouts": float(stats.timeouts)}
     if stats.first_error:  # kept with the metrics (JSONL), shown when a run stops for it (run_health.py)
         metrics["reward/first_error"] = stats.first_error
+    metrics.update(verifier_metrics(verifier))
     return scores, metrics
+
+
+def verifier_metrics(verifier: Verifier) -> dict[str, float]:
+    """A verifier's own counters, for those that keep some (the remote verifier: requests, retries, failures)."""
+    metrics = getattr(verifier, "metrics", None)
+    return metrics() if callable(metrics) else {}
 
 
 def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float],
@@ -181,7 +188,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
                 prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
                 rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
                 response_mask=[0.0] * len(r.output_ids) if masked else None,
-                rollout_routed_experts=routed))
+                rollout_routed_experts=routed, reward=float(rewards[k - 1]), weight_version=r.weight_version))
     n = float(len(rewards))
     metrics = {
         "rollout/reward_mean": float(reward_t.mean()),

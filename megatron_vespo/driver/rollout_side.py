@@ -40,7 +40,7 @@ def cpu_fleet_config(cfg: RunConfig, model_dir: Path, version: str) -> FleetConf
 
 def load_verifier(cfg: RunConfig) -> Verifier:
     try:
-        return get_verifier(cfg.reward.verifier)
+        return get_verifier(cfg.reward.verifier, cfg.reward)
     except KeyError as exc:
         raise ConfigError("reward.verifier", str(exc.args[0]).split(": ", 1)[-1]) from None
 

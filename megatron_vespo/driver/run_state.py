@@ -128,6 +128,8 @@ class RunAlreadyFinished(SystemExit):
 def loop_steps(cfg: RunConfig) -> int:
     """Loop steps of the whole run as configured (the unit of ``rollout_step`` in the driver state):
     rollout steps, or mini-batches in async mode (as ``SyncRLDriver`` / ``AsyncRLDriver.total_steps``)."""
+    if cfg.rollout.replay_dir:  # a replay's step is one saved batch, whatever mode generated it
+        return cfg.run.rollout_steps
     return cfg.run.rollout_steps * (cfg.train.staleness if cfg.train.mode == "async" else 1)
 
 

@@ -116,7 +116,9 @@ class SyncRLDriver(RLDriver):
                        1 for g in groups for r in g.responses if r.weight_version != self.publisher.version)),
                    "time/generate_s": seconds["generate"], "time/score_s": seconds["score"]}
         self.guard.observe(metrics)
-        return {"mini_batches": split_mini_batches(trained_groups, cfg.train.staleness), "metrics": metrics}
+        mini_batches = split_mini_batches(trained_groups, cfg.train.staleness)
+        metrics.update(self.dump_batch(step, mini_batches, metrics))
+        return {"mini_batches": mini_batches, "metrics": metrics}
 
     def _train(self, mini_batches: list[list[TrainSample]], rollout_metrics: dict[str, float]) -> list[dict]:
         """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""

@@ -1,8 +1,10 @@
 """Verifiers by name, and batch scoring that survives a broken or hanging verifier.
 
-A verifier is ``fn(request: ScoreRequest) -> float``. :func:`score_all` runs each call in its own
-thread with a deadline: an exception or a call past ``timeout_s`` scores 0.0 and is counted in
-:class:`RewardStats` (a hung thread cannot be killed; it is abandoned and finishes on its own).
+A verifier is ``fn(request: ScoreRequest) -> float``. Registered verifiers need no settings; ``http``
+(``rewards/http.py``) is built from the run's ``reward`` section, so :func:`get_verifier` takes it.
+:func:`score_all` runs each call in its own thread with a deadline: an exception or a call past
+``timeout_s`` scores 0.0 and is counted in :class:`RewardStats` (a hung thread cannot be killed;
+it is abandoned and finishes on its own).
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from megatron_vespo.config.schema import RewardConfig
 
 Verifier = Callable[["ScoreRequest"], float]
 
@@ -31,6 +36,8 @@ class RewardStats:
 
 
 _REGISTRY: dict[str, Verifier] = {}
+# Built from settings (reward.http) rather than registered: one per process and URL (rewards/http.py).
+HTTP_VERIFIER = "http"
 _BUILTINS_LOADED = False
 
 
@@ -54,13 +61,20 @@ def _load_builtins() -> None:
 
 def registered_verifiers() -> list[str]:
     _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, HTTP_VERIFIER])
 
 
-def get_verifier(name: str) -> Verifier:
+def get_verifier(name: str, reward: Optional["RewardConfig"] = None) -> Verifier:
+    """The verifier called ``name``; ``http`` is built from ``reward`` (``reward.http``, ``reward.timeout_s``)."""
     _load_builtins()
+    if name == HTTP_VERIFIER and name not in _REGISTRY:
+        if reward is None:
+            raise KeyError("reward.verifier: 'http' is built from the run's reward section (reward.http)")
+        from megatron_vespo.rewards.http import http_verifier, settings_from_config
+
+        return http_verifier(settings_from_config(reward))
     if name not in _REGISTRY:
-        raise KeyError(f"reward.verifier: unknown verifier {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(f"reward.verifier: unknown verifier {name!r}; registered: {', '.join(registered_verifiers())}")
     return _REGISTRY[name]
 
 
@@ -72,10 +86,13 @@ def _call(verifier: Verifier, request: ScoreRequest, box: dict) -> None:
 
 
 def score_all(verifier: Verifier, requests: Sequence[ScoreRequest], timeout_s: float,
-              max_workers: int = 8) -> tuple[list[float], RewardStats]:
+              max_workers: Optional[int] = None) -> tuple[list[float], RewardStats]:
     """Score every request; a call that raises, runs past ``timeout_s`` or returns a non-finite
-    value scores 0.0 and is counted. Up to ``max_workers`` calls run at once, each in a daemon
-    thread (a timed-out thread is abandoned and its slot reused)."""
+    value scores 0.0 and is counted. Up to ``max_workers`` calls run at once (default: the verifier's
+    ``parallel_calls`` if it has one, else 8), each in a daemon thread (a timed-out thread is
+    abandoned and its slot reused)."""
+    if max_workers is None:
+        max_workers = int(getattr(verifier, "parallel_calls", 8))
     stats = RewardStats()
     scores = [0.0] * len(requests)
     pending = list(range(len(requests)))[::-1]

@@ -27,6 +27,10 @@ class TrainSample:
     response_mask: Optional[list[float]] = None  # 1 = train on this token; None: every token
     # [R, layers, topk] experts the engine routed each response token's position to (MoE, when asked for)
     rollout_routed_experts: Optional[np.ndarray] = None
+    # Where the sample came from (not used by the loss): its verifier reward and the weight version that
+    # generated it. Saved with the sample by rollout.dump_dir.
+    reward: Optional[float] = None
+    weight_version: Optional[str] = None
 
     @property
     def num_tokens(self) -> int:

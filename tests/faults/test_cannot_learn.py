@@ -100,3 +100,18 @@ def test_non_finite_initial_weights_are_refused_before_the_fleet_starts(tmp_path
     assert code != 0, log
     assert "model.layers.0.self_attn.q_proj.weight has 1 non-finite value" in log
     assert "[fleet]" not in log  # refused before any server started
+
+
+def test_a_dead_remote_verifier_stops_the_run_with_one_line_naming_its_url(tmp_path):
+    """reward.verifier: http with nothing listening: every response fails after its retries (the later ones
+    after one attempt), and the run stops with one ``error:`` line naming the URL and the last error."""
+    from rollout_sglang.net import find_free_port
+
+    url = f"http://127.0.0.1:{find_free_port()}/score"
+    code, log = _train(tmp_path, "reward.verifier=http", f"reward.http.url={url}", "reward.http.retries=2",
+                       "run.max_failed_steps=1")
+    assert code != 0, log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log
+    assert "1 rollout batches in a row without a learning signal" in errors[0]
+    assert f"http verifier {url}: 3 attempt(s) failed" in errors[0] and "ConnectionRefusedError" in errors[0]

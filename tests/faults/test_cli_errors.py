@@ -184,3 +184,21 @@ def test_token_id_outside_the_vocabulary_is_found_at_load(tmp_path):
     assert_one_line_error(cli("check", TINY, f"data.path={data}"), str(data), "row 1", "999", "128")
     res = cli("train", TINY, f"data.path={data}", f"run.output_dir={tmp_path / 'out'}", timeout=120)
     assert_one_line_error(res, str(data), "row 1", "999", "128")
+
+
+# ------------------------------------------------------- rollout dump / replay directories (issue 18)
+def test_check_names_a_bad_replay_or_dump_directory(tmp_path):
+    from megatron_vespo.data.rollout_dump import BatchContext, write_batch
+    from megatron_vespo.train.sample import TrainSample
+
+    quickstart = str(REPO / "configs" / "quickstart.yaml")
+    res = cli("check", quickstart, "eval.every_steps=0", f"rollout.replay_dir={tmp_path / 'none'}")
+    assert res.rc == 2 and "rollout.replay_dir" in assert_one_line_error(res, "is not a directory")
+    other_model = BatchContext(vocab_size=32, max_position_embeddings=64, num_hidden_layers=2, num_moe_layers=2,
+                               num_experts=4, experts_per_token=2, temperature=1.0)
+    sample = TrainSample(prompt_ids=[1], response_ids=[2], rollout_logp=[-1.0], advantage=1.0)
+    path = write_batch(tmp_path / "dump", 0, [[sample]], {}, other_model)
+    res = cli("check", quickstart, "eval.every_steps=0", f"rollout.replay_dir={tmp_path / 'dump'}")
+    assert_one_line_error(res, str(path), "vocabulary of 32 tokens", "model.vocab_size is 16")
+    res = cli("check", quickstart, f"rollout.dump_dir={tmp_path / 'dump'}", f"run.output_dir={tmp_path / 'out'}")
+    assert res.rc == 2 and assert_one_line_error(res, "rollout.dump_dir", "already holds 1 batch file(s)")
