@@ -7,7 +7,8 @@ Every rollout step:
 2. rank 0 scores them with the verifier and computes GRPO advantages per prompt group;
 3. the batch is split IN ORDER into N mini-batches of whole prompt groups and broadcast to every
    rank; with ``train.recompute_old_logprobs`` π_old is computed for the whole batch first, under
-   the weights that generated it;
+   the weights that generated it (per mini-batch with ``train.routing_replay: r2``, which records
+   each mini-batch's routing in that pass and replays it in its update);
 4. every rank runs N optimizer steps: mini-batch j trains at policy lag j;
 5. the weights are published (collective: each pipeline stage's source rank streams its own HF-named
    buckets to the servers, see ``publisher.py``) with version = number of optimizer steps so far, then
@@ -78,7 +79,8 @@ class SyncRLDriver(RLDriver):
                                  one_request_per_sample=side.fleet.one_request_per_sample)
         t1 = time.monotonic()
         rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
-        batch = build_rollout_batch(groups, rewards, cfg.advantage)
+        batch = build_rollout_batch(groups, rewards, cfg.advantage,
+                                    keep_prompt_routed=cfg.train.routing_replay == "r3")
         metrics = {**batch.metrics, **reward_stats, **side.dataset_stats,
                    "rollout/epoch": float(side.sampler.epoch),
                    "rollout/stale_version_responses": float(sum(
@@ -91,7 +93,11 @@ class SyncRLDriver(RLDriver):
         """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""
         version_used = self.publisher.version
         recompute_s = 0.0
-        if self.cfg.train.recompute_old_logprobs:
+        if self.cfg.train.recompute_old_logprobs and self.cfg.train.routing_replay == "r2":
+            # r2 replays, in each update, the routing its π_old pass recorded on this rank: the pass
+            # must pack exactly the update's mini-batch, so it runs per mini-batch.
+            recompute_s = sum(self.recompute_old_logprobs(mb) for mb in mini_batches)
+        elif self.cfg.train.recompute_old_logprobs:
             recompute_s = self.recompute_old_logprobs([s for mb in mini_batches for s in mb])
         return [self.train_step(samples, {**rollout_metrics, "lag": lag, "rollout_weight_version": version_used,
                                           "time/recompute_s": recompute_s})

@@ -27,6 +27,9 @@ class TrainSample:
     response_mask: Optional[list[float]] = None  # 1 = train on this token; None: every token
     # [R, layers, topk] experts the engine routed each response token's position to (MoE, when asked for)
     rollout_routed_experts: Optional[np.ndarray] = None
+    # [P - 1, layers, topk] experts of the prompt positions that were fed forward (kept for
+    # train.routing_replay r3 where the engine reports them; None: the trainer routes the prompt itself)
+    rollout_prompt_routed_experts: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:
