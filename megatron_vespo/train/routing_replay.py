@@ -94,11 +94,12 @@ def checked_replay_rows(samples: Sequence[TrainSample], model: ModelConfig) -> l
 
 def replay_rows(rows: Sequence[tuple[Optional[np.ndarray], np.ndarray]], samples: Sequence[TrainSample],
                 sample_index: Sequence[int], num_tokens: int) -> torch.Tensor:
-    """``[num_tokens, layers, topk]`` int64 replay rows of one packed micro-batch holding
+    """``[num_tokens, layers, topk]`` int16 replay rows of one packed micro-batch holding
     ``samples[i] for i in sample_index`` in order; ``-1`` where the router routes itself (positions
-    without an engine row: each sequence's last token, padding, unreported prompt rows)."""
+    without an engine row: each sequence's last token, padding, unreported prompt rows). int16 (the
+    router widens them): a long response times 48 layers x top-8 would be hundreds of MB in int64."""
     layers, topk = rows[0][1].shape[1:]
-    out = torch.full((num_tokens, layers, topk), -1, dtype=torch.long)
+    out = torch.full((num_tokens, layers, topk), -1, dtype=torch.int16)
     offset = 0
     for i in sample_index:
         prompt, response = rows[i]
@@ -124,6 +125,11 @@ class RoutingReplay:
         self.columns = moe_layer_rows(model.num_hidden_layers, model.mlp_only_layers)
         self.num_hidden_layers = model.num_hidden_layers
         self.sequence_parallel, self.tp_size, self.tp_rank = sequence_parallel, tp_size, tp_rank
+        # r2 keeps every router's choice for up to a whole rollout batch (N mini-batches): on the host,
+        # in the smallest integer type that holds an expert id.
+        self.record_dtype = torch.uint8 if model.num_experts <= 256 else torch.int16
+        if model.num_experts > torch.iinfo(torch.int16).max:
+            raise ValueError(f"routing replay keeps expert ids as int16; the model has {model.num_experts} experts")
         # id(chunk) -> [(global 0-based layer, RouterReplay)]
         self.routers: dict[int, list[tuple[int, Any]]] = {}
         for chunk in model_chunks:
@@ -195,5 +201,5 @@ class RoutingReplay:
             idx = r.get_recorded_indices()
             if idx is None:
                 raise RuntimeError(f"routing replay r2: the router of layer {layer} recorded nothing")
-            out[layer] = idx.detach().clone()
+            out[layer] = idx.detach().to(device="cpu", dtype=self.record_dtype)
         return out

@@ -96,7 +96,7 @@ def r3_flips(trainer: PolicyTrainer, samples: list[TrainSample]) -> dict[str, fl
             from megatron_vespo.train.routing_replay import checked_replay_rows, replay_rows
             rows = replay_rows(checked_replay_rows(samples, trainer.cfg.model), samples, mb["sample_index"].tolist(),
                                mb["num_tokens"])
-        counts += count_flips(records[m * per_mb:(m + 1) * per_mb], rows, torch.ones(mb["num_tokens"]),
+        counts += count_flips(records[m * per_mb:(m + 1) * per_mb], rows.long(), torch.ones(mb["num_tokens"]),
                               trainer.router_recorder, tp_rank=trainer.tp_rank)
     flipped, compared = world_sum(counts.tolist())
     return {"flipped": flipped, "compared": compared, "logp": [lp.tolist() for lp in logp]}
