@@ -1,7 +1,7 @@
 """Routing flip rate in the real train step: the trainer's own routing (recorded forward-only) as
 the rollout experts gives exactly 0 flips, three edited sets exactly 3 and a reordered set none,
-in one process and under TP=2+SP (token slices), PP=2 (global layer numbers) and EP=2 with DP=2
-(per-rank sequences), all from the same weights.
+in one process and under TP=2+SP (token slices), PP=2 (global layer numbers), PP=2 with 2 virtual
+stages (routers found per model chunk) and EP=2 with DP=2 (per-rank sequences), all from the same weights.
 
 Routing replay in the same launches (``worker_routing_flip.replay_phases``): with r3 the trainer's
 top-k sets equal random engine experts at every (prompt or response position, MoE layer) in the
@@ -70,7 +70,8 @@ def test_single_process_counts_exactly(reference):
     ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.sequence_parallel=true"],  # SP token slices
     ["parallel.pipeline=2"],  # global layer numbers (PP offset)
     ["parallel.expert=2"],  # EP=2, DP=2: each rank its own sequences
-], ids=["tp2_sp", "pp2", "ep2_dp2"])
+    ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],  # one layer per chunk, interleaved schedule
+], ids=["tp2_sp", "pp2", "ep2_dp2", "pp2_vpp2"])
 def test_layouts_reduce_to_the_same_counts(reference, layout, tmp_path):
     out = tmp_path / "report.json"
     run_torchrun(WORKER, ["--out", str(out), "--reference", str(reference[0]), *layout], nproc=2, timeout=240)

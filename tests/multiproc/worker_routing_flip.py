@@ -80,24 +80,49 @@ def world_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+class Peek:
+    """An iterator that remembers the micro-batch it handed out last."""
+
+    def __init__(self, it):
+        self.it, self.last = it, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.last = next(self.it)
+        return self.last
+
+
 def r3_flips(trainer: PolicyTrainer, samples: list[TrainSample]) -> dict[str, float]:
     """(flipped, compared) pairs over every position with a replay row (prompt and response) in a
-    log-prob pass, summed over ranks, and the replayed log-probs."""
+    log-prob pass, summed over ranks, and the replayed log-probs. Counted per forward call (under
+    virtual pipeline stages a micro-batch's chunks do not run back to back)."""
     from megatron_vespo.train.routing import count_flips
+    from megatron_vespo.train.routing_replay import checked_replay_rows, replay_rows
 
-    micro_batches = trainer._plan(samples)
-    with trainer.router_recorder.capture() as records:
-        logp = trainer.compute_logprobs(samples)
-    per_mb = len(records) // len(micro_batches)
+    checked = checked_replay_rows(samples, trainer.cfg.model)
     counts = torch.zeros(2, dtype=torch.float64)
-    for m, mb in enumerate(micro_batches):
+    original = trainer._forward_step
+
+    def counting_forward_step(normalizer, data_iterator, model):
+        nonlocal counts
+        peek = Peek(data_iterator)
+        with trainer.router_recorder.capture() as records:
+            out = original(normalizer, peek, model)
+        mb = peek.last
         rows = mb.get("replay_rows")
         if rows is None:  # replay off (the control): the same rows, laid out the same way
-            from megatron_vespo.train.routing_replay import checked_replay_rows, replay_rows
-            rows = replay_rows(checked_replay_rows(samples, trainer.cfg.model), samples, mb["sample_index"].tolist(),
-                               mb["num_tokens"])
-        counts += count_flips(records[m * per_mb:(m + 1) * per_mb], rows.long(), torch.ones(mb["num_tokens"]),
-                              trainer.router_recorder, tp_rank=trainer.tp_rank)
+            rows = replay_rows(checked, samples, mb["sample_index"].tolist(), mb["num_tokens"])
+        counts += count_flips(list(records), rows.long(), torch.ones(mb["num_tokens"]), trainer.router_recorder,
+                              tp_rank=trainer.tp_rank)
+        return out
+
+    trainer._forward_step = counting_forward_step
+    try:
+        logp = trainer.compute_logprobs(samples)
+    finally:
+        del trainer._forward_step
     flipped, compared = world_sum(counts.tolist())
     return {"flipped": flipped, "compared": compared, "logp": [lp.tolist() for lp in logp]}
 
