@@ -19,4 +19,5 @@ python -c "import megatron.core as m; v = m.__version__; print('[compat] megatro
 exec python -m pytest tests/unit/test_provider.py tests/unit/test_platform.py tests/unit/test_layout.py \
   tests/multiproc/test_model_layouts.py tests/multiproc/test_pipeline_p2p.py tests/multiproc/test_train_guards.py \
   tests/multiproc/test_hf_parity.py tests/multiproc/test_checkpoint_reshard.py tests/multiproc/test_init_weights.py \
-  tests/unit/test_training_checkpoint.py tests/unit/test_recompute.py "$@"
+  tests/unit/test_training_checkpoint.py tests/unit/test_recompute.py tests/unit/test_routing_replay.py \
+  tests/multiproc/test_routing_flip_layouts.py "$@"

@@ -330,6 +330,10 @@ class TrainConfig:
     mini_batch_prompts: int = field(256, gt=0, help="prompts per optimizer step (x n samples)")
     staleness: int = field(1, ge=1, help="N: optimizer steps per rollout batch; mini-batch j trains at lag j")
     recompute_old_logprobs: bool = field(False, help="forward π_old before the update instead of using μ")
+    routing_replay: Literal["none", "r2", "r3"] = field(
+        "none", help="MoE routing replay (none: the trainer routes itself, the default). r3: replay the experts the "
+        "rollout engine routed each token to (needs rollout.return_routed_experts); r2: replay the routing the "
+        "trainer recorded in the π_old pass (needs recompute_old_logprobs)")
     logprob_chunk_tokens: int = field(4096, gt=0, help="tokens per chunk in the vocab-parallel log-prob kernel")
     compute_entropy: bool = field(False)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig,
@@ -648,6 +652,19 @@ class RunConfig:
             # Evaluation generates on the fleet, and a replay starts none.
             raise ConfigError("eval.every_steps", "must be 0 with rollout.replay_dir (a replay starts no fleet to "
                               f"evaluate on); got {self.eval.every_steps}")
+        if self.train.routing_replay != "none":
+            mode = self.train.routing_replay
+            if not self.model.is_moe:
+                raise ConfigError("train.routing_replay", f"{mode!r} replays MoE routing; the model has no experts")
+            if mode == "r3" and not self.rollout.return_routed_experts:
+                raise ConfigError("train.routing_replay", "'r3' replays the experts the rollout engine routed each "
+                                  "token to and needs rollout.return_routed_experts: true")
+            if mode == "r2" and not self.train.recompute_old_logprobs:
+                raise ConfigError("train.routing_replay", "'r2' replays the routing recorded in the π_old pass and "
+                                  "needs train.recompute_old_logprobs: true")
+        if self.train.routing_replay == "r3" and self.rollout.replay_dir:
+            raise ConfigError("train.routing_replay", "'r3' cannot train from rollout.replay_dir: the dumped batches "
+                              "hold the response rows but not the prompt rows r3 replays")
         if self.loss.norm_constant is not None and self.loss.resolved_aggregation != "seq-mean-token-sum-norm":
             raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:

@@ -176,7 +176,8 @@ class AsyncRLDriver(RLDriver):
         taken: TakeResult = self.buffer.take(self.state.optimizer_steps, should_stop=lambda: self.generator.error)
         payloads: list[GroupPayload] = [g.payload for g in taken.groups]
         batch = build_rollout_batch([p.group for p in payloads], [r for p in payloads for r in p.rewards],
-                                    cfg.advantage, cfg.rollout.overlong, cfg.rollout.max_response_len)
+                                    cfg.advantage, cfg.rollout.overlong, cfg.rollout.max_response_len,
+                                    keep_prompt_routed=cfg.train.routing_replay == "r3")
         fleet_idle = self.generator.fleet_idle_seconds()
         metrics: dict[str, Any] = {
             **batch.metrics, **self.rollout.dataset_stats, **self.buffer.snapshot(), **self.generator.counters(),

@@ -103,9 +103,13 @@ class RLDriver:
 
     # ------------------------------------------------------------------ what the loops call
     def recompute_old_logprobs(self, samples: list[TrainSample]) -> float:
-        """π_old under the current weights (before any step on these samples). Seconds taken."""
+        """π_old under the current weights (before any step on these samples). Seconds taken. With
+        ``train.routing_replay: r2`` the pass also records the routing the update of ``samples`` replays."""
         t0 = time.monotonic()
-        for sample, lp in zip(samples, self.trainer.compute_logprobs(samples)):
+        if not samples:
+            return 0.0
+        record = self.cfg.train.routing_replay == "r2"
+        for sample, lp in zip(samples, self.trainer.compute_logprobs(samples, record_routing=record)):
             sample.old_logp = lp.tolist()
         return time.monotonic() - t0
 

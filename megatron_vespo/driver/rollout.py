@@ -12,7 +12,9 @@ experts of every position it fed forward, ``prompt + response - 1`` rows of ``[l
 log-probs are positions ``P - 1 .. P + R - 2``, i.e. exactly ``R`` rows aligned with
 ``response_ids`` like ``rollout_logp``; those become the sample's ``rollout_routed_experts``
 (``[R, layers, topk]``, the smallest integer dtype that holds the expert ids). The trainer compares
-them with its own router (:mod:`megatron_vespo.train.routing`).
+them with its own router (:mod:`megatron_vespo.train.routing`). With ``train.routing_replay: r3`` the
+prompt's ``P - 1`` rows are kept too (``rollout_prompt_routed_experts``), when the engine reported
+them, and the trainer replays both (:mod:`megatron_vespo.train.routing_replay`).
 """
 from __future__ import annotations
 
@@ -101,8 +103,21 @@ def response_routed_experts(response: RolloutSample, prompt_len: int) -> np.ndar
         raise ValueError(f"response {response.rid}: {routed.shape[0]} routed positions, expected "
                          f"{prompt_len - 1 + rows} (prompt {prompt_len} + response {rows} - 1)")
     aligned = routed[prompt_len - 1:prompt_len - 1 + rows]
-    top = int(aligned.max()) if aligned.size else 0
-    return aligned.astype(np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32)
+    return _smallest_int(aligned)
+
+
+def _smallest_int(rows: np.ndarray) -> np.ndarray:
+    top = int(rows.max()) if rows.size else 0
+    return rows.astype(np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32)
+
+
+def prompt_routed_experts(response: RolloutSample, prompt_len: int) -> Optional[np.ndarray]:
+    """The ``[P - 1, layers, topk]`` experts of the prompt positions (all but the last, whose row
+    belongs to the first response token), or None where the engine did not report them."""
+    routed = response.routed_experts
+    if routed is None or prompt_len < 2 or routed.shape[0] < prompt_len - 1:
+        return None
+    return _smallest_int(routed[:prompt_len - 1])
 
 
 def response_text(tokenizer: Any, response: RolloutSample) -> Optional[str]:
@@ -135,8 +150,9 @@ def verifier_metrics(verifier: Verifier) -> dict[str, float]:
 
 def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float],
                         advantage_cfg: AdvantageConfig, overlong: Optional[OverlongConfig] = None,
-                        max_response_len: int = 0) -> RolloutBatch:
+                        max_response_len: int = 0, keep_prompt_routed: bool = False) -> RolloutBatch:
     """Training samples (GRPO advantage per response over its prompt's group) and rollout metrics.
+    ``keep_prompt_routed`` (routing replay r3): samples also carry the prompt positions' routed experts.
 
     An aborted response (finish reason ``abort``: the server stopped it before it ended, and it was not
     continued) is cut short: its reward scores an unfinished answer. It is never trained on, and its
@@ -188,7 +204,9 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
                 prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
                 rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
                 response_mask=[0.0] * len(r.output_ids) if masked else None,
-                rollout_routed_experts=routed, reward=float(rewards[k - 1]), weight_version=r.weight_version))
+                rollout_routed_experts=routed, reward=float(rewards[k - 1]), weight_version=r.weight_version,
+                rollout_prompt_routed_experts=prompt_routed_experts(r, len(g.row.prompt_ids))
+                if keep_prompt_routed and routed is not None else None))
     n = float(len(rewards))
     metrics = {
         "rollout/reward_mean": float(reward_t.mean()),

@@ -9,7 +9,8 @@ Every rollout step:
    on the same weights, until the batch is full (``dynamic_sampling.py``);
 3. the batch is split IN ORDER into N mini-batches of whole prompt groups and broadcast to every
    rank; with ``train.recompute_old_logprobs`` π_old is computed for the whole batch first, under
-   the weights that generated it;
+   the weights that generated it (per mini-batch with ``train.routing_replay: r2``, which records
+   each mini-batch's routing in that pass and replays it in its update);
 4. every rank runs N optimizer steps: mini-batch j trains at policy lag j;
 5. the weights are published (collective: each pipeline stage's source rank streams its own HF-named
    buckets to the servers, see ``publisher.py``) with version = number of optimizer steps so far, then
@@ -95,7 +96,8 @@ class SyncRLDriver(RLDriver):
 
         def build(groups: list[RolloutGroup], rewards: list[float]) -> RolloutBatch:
             return build_rollout_batch(groups, rewards, cfg.advantage, cfg.rollout.overlong,
-                                       cfg.rollout.max_response_len)
+                                       cfg.rollout.max_response_len,
+                                       keep_prompt_routed=cfg.train.routing_replay == "r3")
 
         if cfg.rollout.dynamic_sampling.enabled:
             collected = collect_groups(need, generate_and_score, lambda g, r: build(g, r).flat,
@@ -124,7 +126,11 @@ class SyncRLDriver(RLDriver):
         """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""
         version_used = self.publisher.version
         recompute_s = 0.0
-        if self.cfg.train.recompute_old_logprobs:
+        if self.cfg.train.recompute_old_logprobs and self.cfg.train.routing_replay == "r2":
+            # r2 replays, in each update, the routing its π_old pass recorded on this rank: the pass
+            # must pack exactly the update's mini-batch, so it runs per mini-batch.
+            recompute_s = sum(self.recompute_old_logprobs(mb) for mb in mini_batches)
+        elif self.cfg.train.recompute_old_logprobs:
             recompute_s = self.recompute_old_logprobs([s for mb in mini_batches for s in mb])
         records = []
         for lag, samples in enumerate(mini_batches):

@@ -138,9 +138,11 @@ def build_transformer_config(
     *,
     use_te: Optional[bool] = None,
     recompute: Optional[RecomputeConfig] = None,
+    routing_replay: bool = False,
 ) -> Any:
     """Megatron ``TransformerConfig`` for ``model`` in the given layout and precision, with the
-    activation ``recompute`` of ``train.recompute`` (none when not given)."""
+    activation ``recompute`` of ``train.recompute`` (none when not given); ``routing_replay`` gives
+    every MoE router Megatron's ``RouterReplay`` hook (``train.routing_replay`` other than none)."""
     use_te = te_available() if use_te is None else use_te
     validate_layout(model, parallel, precision, world_size=None)
     if parallel.context > 1 and not use_te:
@@ -206,6 +208,9 @@ def build_transformer_config(
             moe_aux_loss_coeff=model.router_aux_loss_coef,
             moe_grouped_gemm=use_te,
             moe_permute_fusion=use_te,
+            # Megatron's per-router record/replay hook (transformer/moe/router_replay.py), driven by
+            # megatron_vespo.train.routing_replay; off, the routers are exactly Megatron's default.
+            moe_enable_routing_replay=routing_replay,
         )
     kwargs.update(_fp8_kwargs(precision, use_te))
     kwargs.update(_recompute_kwargs(recompute, use_te))
@@ -269,7 +274,8 @@ def build_gpt_model(
 
     use_te = te_available() if use_te is None else use_te
     config = build_transformer_config(cfg.model, cfg.parallel, cfg.precision, use_te=use_te,
-                                      recompute=cfg.train.recompute)
+                                      recompute=cfg.train.recompute,
+                                      routing_replay=cfg.train.routing_replay != "none")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

@@ -31,6 +31,9 @@ class TrainSample:
     # generated it. Saved with the sample by rollout.dump_dir.
     reward: Optional[float] = None
     weight_version: Optional[str] = None
+    # [P - 1, layers, topk] experts of the prompt positions that were fed forward (kept for
+    # train.routing_replay r3 where the engine reports them; None: the trainer routes the prompt itself)
+    rollout_prompt_routed_experts: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:

@@ -15,7 +15,10 @@ One call of :meth:`PolicyTrainer.train_mini_batch` is one optimizer step on one 
 
 Routing mismatch (MoE): when the samples carry the rollout engine's routed experts, the training
 forward records the trainer's own top-k expert sets (:mod:`megatron_vespo.train.routing`) and the
-step reports ``mismatch/routing_flip_rate``. Nothing is replayed: the trainer always routes itself.
+step reports ``mismatch/routing_flip_rate``. By default nothing is replayed: the trainer routes
+itself. With ``train.routing_replay`` r3 the engine's experts are replayed in every forward (update
+and log-prob pass), with r2 the update replays what the π_old pass recorded
+(:mod:`megatron_vespo.train.routing_replay`); the flip rate then measures the replayed routing.
 
 Loss scaling: every micro-batch loss is already divided by the global normaliser, so the schedule
 must neither average over micro-batches nor the gradient reduction over data-parallel ranks. The
@@ -29,6 +32,7 @@ differences inside a sequence, so both give the same result.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -47,6 +51,7 @@ from megatron_vespo.train.routing import (
     RouterRecorder, count_flips, flip_metrics, reduce_flip_counts, rollout_experts_shape, routed_positions,
     routed_shape,
 )
+from megatron_vespo.train.routing_replay import RoutingReplay, checked_replay_rows, replay_rows
 from megatron_vespo.train.sample import TrainSample
 
 
@@ -116,6 +121,15 @@ class PolicyTrainer:
             self.router_recorder = RouterRecorder(trainable.model, cfg.model.num_hidden_layers,
                                                   cfg.model.mlp_only_layers)
         self._flip_counts = torch.zeros(2, dtype=torch.float64)
+        # Routing replay (r2/r3): per-router rows handed to Megatron's RouterReplay objects.
+        self.routing_replay = cfg.train.routing_replay
+        self.replay: Optional[RoutingReplay] = None
+        if self.routing_replay != "none":
+            self.replay = RoutingReplay(trainable.model, cfg.model, sequence_parallel=bool(self.config.sequence_parallel),
+                                        tp_size=cfg.parallel.tensor, tp_rank=self.tp_rank)
+        # r2: what the π_old pass recorded, per mini-batch (keyed by its samples' identities) and micro-batch.
+        self._r2_records: dict[tuple[int, ...], list[dict[int, torch.Tensor]]] = {}
+        self._recording: Optional[list[dict[int, torch.Tensor]]] = None
 
     # ----------------------------------------------------------------------------------------- data
     def _plan(self, samples: Sequence[TrainSample]) -> list[dict[str, Any]]:
@@ -128,6 +142,12 @@ class PolicyTrainer:
         if shape is not None:
             for mb in micro_batches:
                 mb["routed_experts"] = routed_positions(samples, mb["sample_index"].tolist(), mb["num_tokens"], *shape)
+        for m, mb in enumerate(micro_batches):
+            mb["mb_index"] = m
+        if self.replay is not None and self.routing_replay == "r3":
+            rows = checked_replay_rows(samples, self.cfg.model)
+            for mb in micro_batches:
+                mb["replay_rows"] = replay_rows(rows, samples, mb["sample_index"].tolist(), mb["num_tokens"])
         return micro_batches
 
     def _model_inputs(self, mb: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,6 +205,11 @@ class PolicyTrainer:
 
     def _forward_step(self, normalizer: Optional[Normalizer], data_iterator: Iterable, model: torch.nn.Module):
         mb = next(data_iterator)
+        if self.replay is not None:
+            if "replay_rows" in mb:  # r3, every pass
+                self.replay.load_rows(model, mb["replay_rows"])
+            elif "replay_recorded" in mb:  # r2, the update
+                self.replay.load_recorded(model, mb["replay_recorded"])
         if normalizer is not None and "routed_experts" in mb and self.router_recorder is not None:
             with self.router_recorder.capture() as records:
                 output = model(**self._model_inputs(mb))
@@ -193,6 +218,8 @@ class PolicyTrainer:
             self._flip_counts = self._flip_counts.to(flips.device) + flips
         else:
             output = model(**self._model_inputs(mb))
+        if self._recording is not None:  # r2, the π_old pass: keep what each router of this chunk chose
+            self._recording[mb["mb_index"]].update(self.replay.take_recorded(model))
         if normalizer is None:  # forward-only log-prob pass
             return output, partial(self._collect_logprobs, mb)
         return output, partial(self._loss_func, mb, normalizer)
@@ -206,15 +233,23 @@ class PolicyTrainer:
         # Packed lengths differ between micro-batches: the provider sets variable_seq_lengths, so the
         # pipeline exchanges shapes first and seq_length only sizes the first exchange.
         max_tokens = max(mb["num_tokens"] for mb in micro_batches)
-        get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, normalizer),
-            data_iterator=iterators,
-            model=chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=max_tokens,  # p2p shapes; the schedule divides by TP under sequence parallelism
-            micro_batch_size=1,
-            forward_only=forward_only,
-        )
+        # Replay rows are handed to the routers micro-batch by micro-batch in _forward_step; the
+        # action covers the whole schedule, backward included (activation recompute replays too).
+        action = None
+        if self._recording is not None:
+            action = "record"
+        elif self.replay is not None and any("replay_rows" in mb or "replay_recorded" in mb for mb in micro_batches):
+            action = "replay"
+        with self.replay.active(action) if action else nullcontext():
+            get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, normalizer),
+                data_iterator=iterators,
+                model=chunks,
+                num_microbatches=len(micro_batches),
+                seq_length=max_tokens,  # p2p shapes; the schedule divides by TP under sequence parallelism
+                micro_batch_size=1,
+                forward_only=forward_only,
+            )
 
     # -------------------------------------------------------------------------------------- update
     def train_mini_batch(self, samples: Sequence[TrainSample]) -> StepResult:
@@ -222,6 +257,8 @@ class PolicyTrainer:
         if not samples:
             raise ValueError("train_mini_batch got an empty mini-batch")
         micro_batches = self._plan(samples)
+        if self.routing_replay == "r2":
+            self._attach_recorded(samples, micro_batches)
         normalizer = normalizer_from_masks(((mb["loss_mask"], mb["seq_index"]) for mb in micro_batches),
                                            self.cfg.loss.norm_constant, all_reduce_group=self.dp_group)
         for chunk in self.trainable.model:
@@ -256,6 +293,18 @@ class PolicyTrainer:
         metrics["train/lr"] = lr
         return StepResult(metrics=metrics, grad_norm=float(grad_norm), skipped=skipped,
                           num_micro_batches=len(micro_batches))
+
+    def _attach_recorded(self, samples: Sequence[TrainSample], micro_batches: list[dict[str, Any]]) -> None:
+        """r2: hand each micro-batch the routing its π_old pass recorded (same samples, same packing)."""
+        recorded = self._r2_records.pop(_samples_key(samples), None)
+        if recorded is None:
+            raise RuntimeError("train.routing_replay 'r2': this mini-batch had no π_old pass recording its routing "
+                               "(compute_logprobs(samples, record_routing=True) on the same samples first)")
+        if len(recorded) != len(micro_batches):
+            raise RuntimeError(f"train.routing_replay 'r2': the π_old pass packed {len(recorded)} micro-batches, "
+                               f"the update {len(micro_batches)}")
+        for mb, rec in zip(micro_batches, recorded):
+            mb["replay_recorded"] = rec
 
     def _grads_finite(self) -> bool:
         """All gradient buffers finite on every rank (one MIN all-reduce over the world)."""
@@ -292,18 +341,33 @@ class PolicyTrainer:
         return torch.zeros((), device=logp.device), torch.tensor(1, dtype=torch.int), {}
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
+    def compute_logprobs(self, samples: Sequence[TrainSample], record_routing: bool = False) -> list[torch.Tensor]:
         """Per-response-token log-probs of every sample under the current weights (forward only).
 
         Returns one ``[R]`` CPU tensor per sample, in input order, on every rank: each DP rank's
         last stage computes its share, the shares are gathered over DP, then sent down the pipeline.
-        Used to recompute π_old and for evaluation.
+        Used to recompute π_old and for evaluation. With r3 the engine's experts are replayed;
+        ``record_routing`` (r2's π_old pass) keeps every router's choice for the update of the same
+        ``samples``.
         """
         micro_batches = self._plan(samples)
         for chunk in self.trainable.model:
             chunk.eval()
         self._collected = []
-        self._run_schedule(micro_batches, None, forward_only=True)
+        if record_routing:
+            if self.routing_replay != "r2":
+                raise ValueError("compute_logprobs(record_routing=True) is r2's π_old pass; "
+                                 f"train.routing_replay is {self.routing_replay!r}")
+            self._recording = [{} for _ in micro_batches]
+        try:
+            self._run_schedule(micro_batches, None, forward_only=True)
+            if record_routing:
+                self._r2_records[_samples_key(samples)] = self._recording
+                # The loops train what they recorded before the next batch; never hold more than a batch.
+                while len(self._r2_records) > self.cfg.train.staleness + 1:
+                    self._r2_records.pop(next(iter(self._r2_records)))
+        finally:
+            self._recording = None
         results: list[Optional[torch.Tensor]] = [None] * len(samples)
         for sample_index, logp, mb in self._collected:
             for s, idx in enumerate(sample_index.tolist()):
@@ -315,6 +379,11 @@ class PolicyTrainer:
             dist.all_gather_object(parts, results, group=self.dp_group)
             results = [next((p[i] for p in parts if p[i] is not None), None) for i in range(len(samples))]
         return self._from_last_stage(results)
+
+
+def _samples_key(samples: Sequence[TrainSample]) -> tuple[int, ...]:
+    """A mini-batch's identity on this rank: its sample objects, in order (r2 pairs passes by it)."""
+    return tuple(id(s) for s in samples)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -5,6 +5,16 @@ position (forward only) and write them as the samples' ``rollout_routed_experts`
 weights. Every run (any layout) then loads both files, edits a few entries (three real flips, one
 reordered set that is not a flip) and runs one optimizer step with lr set to 0 under the given
 layout; the report holds the step's metrics.
+
+Routing replay (same launch, same weights; the model is built with ``train.routing_replay`` hooks and the
+mode is switched on the trainer between phases):
+
+- r3: random engine experts (prompt and response rows, no relation to the trainer's router) are
+  replayed; the routers' top-k sets must equal them at every (position, MoE layer) with a row, in the
+  log-prob pass and in the update (flip rate exactly 0), while the same rows without replay flip;
+  the replayed log-probs go in the report (every layout must match the one-process ones).
+- r2: the π_old pass records the routing, the routers' weights are then perturbed (without replay a
+  forward now routes differently), and the update must route exactly as recorded.
 """
 from __future__ import annotations
 
@@ -52,6 +62,119 @@ def own_routing(trainer: PolicyTrainer, samples: list[TrainSample]) -> list[np.n
     return out
 
 
+def random_rows(rows: int, layers: int, topk: int, num_experts: int, gen: torch.Generator) -> np.ndarray:
+    """[rows, layers, topk] distinct random experts per (position, layer)."""
+    scores = torch.rand(rows, layers, num_experts, generator=gen)
+    return scores.topk(topk, dim=-1).indices.numpy().astype(np.uint8)
+
+
+def routers(trainable):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for chunk in trainable.model for m in chunk.modules() if isinstance(m, TopKRouter)]
+
+
+def world_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+class Peek:
+    """An iterator that remembers the micro-batch it handed out last."""
+
+    def __init__(self, it):
+        self.it, self.last = it, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.last = next(self.it)
+        return self.last
+
+
+def r3_flips(trainer: PolicyTrainer, samples: list[TrainSample]) -> dict[str, float]:
+    """(flipped, compared) pairs over every position with a replay row (prompt and response) in a
+    log-prob pass, summed over ranks, and the replayed log-probs. Counted per forward call (under
+    virtual pipeline stages a micro-batch's chunks do not run back to back)."""
+    from megatron_vespo.train.routing import count_flips
+    from megatron_vespo.train.routing_replay import checked_replay_rows, replay_rows
+
+    checked = checked_replay_rows(samples, trainer.cfg.model)
+    counts = torch.zeros(2, dtype=torch.float64)
+    original = trainer._forward_step
+
+    def counting_forward_step(normalizer, data_iterator, model):
+        nonlocal counts
+        peek = Peek(data_iterator)
+        with trainer.router_recorder.capture() as records:
+            out = original(normalizer, peek, model)
+        mb = peek.last
+        rows = mb.get("replay_rows")
+        if rows is None:  # replay off (the control): the same rows, laid out the same way
+            rows = replay_rows(checked, samples, mb["sample_index"].tolist(), mb["num_tokens"])
+        counts += count_flips(list(records), rows.long(), torch.ones(mb["num_tokens"]), trainer.router_recorder,
+                              tp_rank=trainer.tp_rank)
+        return out
+
+    trainer._forward_step = counting_forward_step
+    try:
+        logp = trainer.compute_logprobs(samples)
+    finally:
+        del trainer._forward_step
+    flipped, compared = world_sum(counts.tolist())
+    return {"flipped": flipped, "compared": compared, "logp": [lp.tolist() for lp in logp]}
+
+
+def routing_differences(a, b) -> list[float]:
+    """(router calls, token rows whose top-k set differs) between two recordings of the same passes."""
+    assert len(a) == len(b), (len(a), len(b))
+    rows = 0
+    for (la, ma), (lb, mb) in zip(a, b):
+        assert la == lb and ma.shape == mb.shape
+        rows += int((ma.bool() != mb.bool()).any(-1).sum())
+    return world_sum([float(len(a)), float(rows)])
+
+
+def replay_phases(trainer: PolicyTrainer, trainable, samples: list[TrainSample]) -> dict:
+    cfg = trainer.cfg
+    layers, topk, experts = cfg.model.num_hidden_layers, cfg.model.num_experts_per_tok, cfg.model.num_experts
+    gen = torch.Generator().manual_seed(11)
+    for s in samples:
+        s.rollout_routed_experts = random_rows(len(s.response_ids), layers, topk, experts, gen)
+        s.rollout_prompt_routed_experts = random_rows(len(s.prompt_ids) - 1, layers, topk, experts, gen)
+    report: dict = {}
+    trainer.routing_replay = "none"
+    report["r3_control"] = {k: v for k, v in r3_flips(trainer, samples).items() if k != "logp"}
+    trainer.routing_replay = "r3"
+    report["r3_logprob_pass"] = r3_flips(trainer, samples)
+    keys = ("mismatch/routing_flipped_pairs", "mismatch/routing_compared_pairs", "mismatch/routing_flip_rate")
+    metrics = trainer.train_mini_batch(samples).metrics
+    report["r3_update"] = {k: metrics.get(k) for k in keys}
+
+    # r2: record in the π_old pass, perturb the routers, the update must still route as recorded.
+    trainer.routing_replay = "r2"
+    for s in samples:
+        s.rollout_routed_experts = s.rollout_prompt_routed_experts = None
+    with trainer.router_recorder.capture() as recorded:
+        trainer.compute_logprobs(samples, record_routing=True)
+    recorded = list(recorded)
+    with torch.no_grad():
+        for router in routers(trainable):
+            g = torch.Generator().manual_seed(100 + int(router.layer_number))
+            router.weight.add_(torch.randn(router.weight.shape, generator=g) * router.weight.abs().mean())
+    trainer.routing_replay = "none"  # control: a forward without replay now routes differently
+    with trainer.router_recorder.capture() as free:
+        trainer.compute_logprobs(samples)
+    report["r2_control"] = routing_differences(recorded, list(free))
+    trainer.routing_replay = "r2"
+    with trainer.router_recorder.capture() as replayed:
+        trainer.train_mini_batch(samples)
+    report["r2_update"] = routing_differences(recorded, list(replayed))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -59,7 +182,10 @@ def main() -> None:
     parser.add_argument("--make-reference", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    # Built with the replay hooks (r3 needs returned experts); each phase sets the trainer's mode.
     cfg = load_run_config(REPO_ROOT / "configs/tiny_vespo.yaml", ["train.micro_batch_tokens=96",
+                                                                  "train.routing_replay=r3",
+                                                                  "rollout.return_routed_experts=true",
                                                                   *args.overrides])
     init_distributed(cfg.parallel, cfg.train.seed, model=cfg.model, precision=cfg.precision)
     trainable = build_model_and_optimizer(cfg)
@@ -72,6 +198,7 @@ def main() -> None:
         load_full_state_dict(trainable.model, torch.load(weights))
         trainable.optimizer.reload_model_params()
     trainer = PolicyTrainer(cfg, trainable)
+    trainer.routing_replay = "none"  # the flip measurements first: the trainer routes itself
     samples = make_samples(cfg.model.vocab_size, seed=5)
     for s, lp in zip(samples, trainer.compute_logprobs(samples)):
         s.rollout_logp = lp.tolist()
@@ -92,7 +219,9 @@ def main() -> None:
     edited = trainer.train_mini_batch(samples).metrics
     keys = ("mismatch/routing_flipped_pairs", "mismatch/routing_compared_pairs", "mismatch/routing_flip_rate")
     report = {"baseline": {k: baseline.get(k) for k in keys}, "edited": {k: edited.get(k) for k in keys},
-              "response_tokens": sum(len(x.response_ids) for x in samples), "layers": cfg.model.num_hidden_layers}
+              "response_tokens": sum(len(x.response_ids) for x in samples), "layers": cfg.model.num_hidden_layers,
+              "prompt_rows": sum(len(x.prompt_ids) - 1 for x in samples)}
+    report.update(replay_phases(trainer, trainable, samples))
     if torch.distributed.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report))
     destroy_distributed()

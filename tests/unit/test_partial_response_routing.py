@@ -91,3 +91,26 @@ def test_a_finished_response_needs_every_routed_row():
     with pytest.raises(ResponseFormatError, match="routed_experts"):
         parse_generate_item(too_many, server="s", rid="r", prompt_ids=[5, 6, 7, 8], expect_logprobs=True,
                             expect_routed_experts=True, routed_experts_shape=(LAYERS, TOPK))
+
+
+def test_r3_samples_carry_each_segments_rows_and_the_first_segments_prompt_rows():
+    """Routing replay r3 in the asynchronous mode: the training sample of a resumed response replays
+    the prompt rows of the segment that prefilled the prompt and, per token, the row of the segment
+    (and weights) that sampled it."""
+    from megatron_vespo.config.schema import AdvantageConfig
+    from megatron_vespo.data.dataset import PromptRow
+    from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch
+
+    prompt = [5, 6, 7, 8]
+    responses = []
+    for k in range(2):
+        r = _Response.start(prompt, segment(0, 4, [1, 2, 3], aborted=True), oldest=0, newest=0, keep_routed=True)
+        r.add_segment(segment(1, 7, [4, 5], aborted=False), prompt + r.output_ids)
+        responses.append(r.merged())
+    group = RolloutGroup(PromptRow(index=0, prompt_ids=prompt, ground_truth=None), responses)
+    batch = build_rollout_batch([group], [1.0, 0.0], AdvantageConfig(), keep_prompt_routed=True)
+    sample = batch.groups[0][0]
+    assert sample.rollout_prompt_routed_experts[:, 0, 0].tolist() == [0, 1, 2]
+    assert sample.rollout_routed_experts[:, 0, 0].tolist() == [3, 4, 5, 106, 107]
+    plain = build_rollout_batch([group], [1.0, 0.0], AdvantageConfig())  # replay-free: no prompt rows kept
+    assert plain.groups[0][0].rollout_prompt_routed_experts is None

@@ -33,6 +33,8 @@ def test_apply_is_a_no_op_when_cuda_is_available():
         assert (torch.cuda.Stream, torch.cuda.current_device, torch.Tensor.cuda, torch.Tensor.type) == original
         from megatron_vespo.platform.pipeline_p2p import pipeline_p2p_fix_applied
         assert pipeline_p2p_fix_applied()
+        from megatron_vespo.platform.router_replay import router_replay_patch_applied
+        assert router_replay_patch_applied()  # routing replay's extension: every platform too
         print("untouched")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
