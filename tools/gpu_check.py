@@ -145,6 +145,10 @@ def make_samples(vocab: int, sequences: int, prompt_len: int, response_len: int,
     return out
 
 
+# The step-parity samples: the CPU reference and the GPU step rebuild the same ones from this.
+REFERENCE_SAMPLES = dict(sequences=12, prompt_len=6, response_len=10, seed=7)
+
+
 def one_step(trainer, samples) -> dict:
     result = trainer.train_mini_batch(samples)
     return {"loss": float(result.metrics["loss/policy_loss"]), "grad_norm": float(result.grad_norm),
@@ -164,14 +168,28 @@ def cpu_reference_step(workdir: Path) -> None:
     trainable = build_model_and_optimizer(cfg)
     initial = full_state(trainable.model)
     trainer = PolicyTrainer(cfg, trainable)
-    samples = make_samples(cfg.model.vocab_size, sequences=12, prompt_len=6, response_len=10, seed=7)
+    samples = make_samples(cfg.model.vocab_size, **REFERENCE_SAMPLES)
     noise = torch.Generator().manual_seed(8)
     for s, lp in zip(samples, trainer.compute_logprobs(samples)):
         s.rollout_logp = (lp + 0.05 * torch.randn(lp.shape, generator=noise)).tolist()
     step = one_step(trainer, samples)
-    torch.save({"initial": initial, "samples": samples, "step": step, "weights": full_state(trainable.model),
-                "patches": list(__import__("megatron_vespo.platform", fromlist=["applied_patches"]).applied_patches())},
+    # Only tensors, numbers, strings and containers of them (no TrainSample objects), so the reader loads
+    # with weights_only=True and nothing read back can run code. The reader rebuilds the samples from
+    # their seed; only their μ (model log-probs + noise) travels.
+    from megatron_vespo.platform import applied_patches
+
+    torch.save({"initial": initial, "weights": full_state(trainable.model), "step": step,
+                "rollout_logp": [s.rollout_logp for s in samples], "patches": list(applied_patches())},
                workdir / "cpu_step.pt")
+
+
+def read_cpu_reference(workdir: Path) -> dict:
+    """What :func:`cpu_reference_step` wrote, with the samples rebuilt from their seed and given the written μ."""
+    ref = torch.load(workdir / "cpu_step.pt", weights_only=True)
+    samples = make_samples(tiny_model_config().vocab_size, **REFERENCE_SAMPLES)
+    for sample, logp in zip(samples, ref.pop("rollout_logp"), strict=True):
+        sample.rollout_logp = logp
+    return {**ref, "samples": samples}
 
 
 def check_step_parity(args: argparse.Namespace, device: str, workdir: Path) -> dict:
@@ -183,7 +201,7 @@ def check_step_parity(args: argparse.Namespace, device: str, workdir: Path) -> d
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"CPU reference step failed:\n{proc.stderr[-3000:]}")
-    ref = torch.load(workdir / "cpu_step.pt", weights_only=False)
+    ref = read_cpu_reference(workdir)
 
     cfg = run_config(tiny_model_config(), "bf16", micro_batch_tokens=256, logprob_chunk=16)
     reset_parallel_state()
