@@ -188,5 +188,51 @@ class OpenPush:
                 fleet.terminate(server)
                 server.state = "dead"
 
+    def finish(self, fleet: Fleet, route: api.Route, body: dict, disk_path: Optional[str] = None,
+               on_failure: Callable[[], None] = lambda: None) -> None:
+        """Commit the push on its servers: ``route`` with ``body`` on every one (the end of the update
+        session, or the reload from disk), flush their caches, then record the version and put the
+        waiting servers back behind the router. When a server fails, ``on_failure`` runs and the servers
+        are restarted at the fleet's version. Always closes the push."""
+        try:
+            if self.servers:
+                try:
+                    call_checked(fleet, self.servers, route, body)
+                    fleet.flush_cache(self.servers)
+                except Exception:
+                    on_failure()
+                    restart_half_updated(fleet, self.servers)
+                    raise
+            # With no server to take it (all restarting) the version is still the fleet's: each gets it when back.
+            fleet.record_weights(self.version, disk_path=disk_path)
+            self.register_restored(fleet)
+        finally:
+            self.close()
+
+    def abort(self, fleet: Fleet, on_failure: Callable[[], None] = lambda: None) -> None:
+        """Give up the push: ``on_failure``, then its servers are restarted at the fleet's version."""
+        try:
+            on_failure()
+            restart_half_updated(fleet, self.servers)
+        finally:
+            self.close()
+
     def close(self) -> None:
         self.stack.close()
+
+
+def push_from_one_process(sync, sender, buckets: Iterable[Bucket], version: str,
+                          on_error: Callable[[], None] = lambda: None) -> int:
+    """A transport's whole push from this process (every stage's buckets through one ``sender``):
+    ``open_push``, every bucket, ``commit_push``; on a failed send ``on_error``, then ``abort_push``."""
+    plan = sync.open_push(str(version))
+    try:
+        sender.begin(plan, 0)
+        for bucket, last in with_last(buckets):
+            sender.send(bucket, last)
+        receipt = sender.end()
+    except Exception:
+        on_error()
+        sync.abort_push()
+        raise
+    return sync.commit_push([receipt])

@@ -27,7 +27,7 @@ from rollout_sglang.config import WeightSyncConfig
 from rollout_sglang.contracts import Bucket, PushPlan
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet
-from rollout_sglang.weight_sync.common import OpenPush, call_checked, restart_half_updated, with_last
+from rollout_sglang.weight_sync.common import OpenPush, push_from_one_process
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -163,19 +163,8 @@ class DiskWeightSync:
         self._open = None
         path = commit_version_dir(tmp, receipts, self.config_dir, metadata={"weight_version": version})
         push = OpenPush.open(self.fleet, version, self.cfg.pause_mode, restore_only=False)
-        try:
-            if push.servers:
-                try:
-                    call_checked(self.fleet, push.servers, api.UPDATE_WEIGHTS_FROM_DISK,
-                                 api.disk_update_body(str(path), version))
-                    self.fleet.flush_cache(push.servers)
-                except Exception:
-                    restart_half_updated(self.fleet, push.servers)
-                    raise
-            self.fleet.record_weights(version, str(path))
-            push.register_restored(self.fleet)
-        finally:
-            push.close()
+        push.finish(self.fleet, api.UPDATE_WEIGHTS_FROM_DISK, api.disk_update_body(str(path), version),
+                    disk_path=str(path))
         self._written.append(path)
         while len(self._written) > self.cfg.keep_versions:
             shutil.rmtree(self._written.pop(0), ignore_errors=True)
@@ -192,17 +181,7 @@ class DiskWeightSync:
     # ---- WeightSync: everything in this process ---------------------------------------------------
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
         """Write the version (one file per bucket), commit it and reload it on every server; bytes written."""
-        plan = self.open_push(str(version))
-        writer = self.sender()
-        try:
-            writer.begin(plan, 0)
-            for bucket, last in with_last(buckets):
-                writer.send(bucket, last)
-            receipt = writer.end()
-        except Exception:
-            self.abort_push()
-            raise
-        return self.commit_push([receipt])
+        return push_from_one_process(self, self.sender(), buckets, version)
 
     def close(self) -> None:
         pass

@@ -45,7 +45,7 @@ from rollout_sglang.net import find_free_port
 from rollout_sglang.process_group import destroy_custom_process_group, init_custom_process_group
 from rollout_sglang.weight_sync.common import (
     OpenPush, check_update_response, call_checked, defer_to_next_push, dtype_name, flatten_bucket,
-    one_dtype_buckets, post, push_target, restart_half_updated, with_last,
+    one_dtype_buckets, post, push_from_one_process, push_target, restart_half_updated, with_last,
 )
 
 logger = logging.getLogger(__name__)
@@ -246,31 +246,13 @@ class DistributedWeightSync:
 
     def commit_push(self, receipts: list[dict]) -> int:
         push, self._open = self._open, None
-        try:
-            if push.servers:
-                try:
-                    call_checked(self.fleet, push.servers, api.END_WEIGHT_UPDATE, api.end_weight_update_body())
-                    self.fleet.flush_cache(push.servers)
-                except Exception:
-                    self._forget_groups()
-                    restart_half_updated(self.fleet, push.servers)
-                    raise
-            # With no server to take it (all restarting) the version is still the fleet's: each gets it when back.
-            self.fleet.record_weights(push.version, disk_path=None)
-            push.register_restored(self.fleet)
-        finally:
-            push.close()
+        push.finish(self.fleet, api.END_WEIGHT_UPDATE, api.end_weight_update_body(), on_failure=self._forget_groups)
         return sum(int(r.get("bytes", 0)) for r in receipts if r)
 
     def abort_push(self) -> None:
         push, self._open = self._open, None
-        if push is None:
-            return
-        try:
-            self._forget_groups()
-            restart_half_updated(self.fleet, push.servers)
-        finally:
-            push.close()
+        if push is not None:
+            push.abort(self.fleet, on_failure=self._forget_groups)
 
     def _forget_groups(self) -> None:
         """The next push forms new groups (the failed ones are unusable)."""
@@ -283,19 +265,9 @@ class DistributedWeightSync:
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
         """Broadcast every bucket to every healthy server (and the restarted ones that wait); bytes sent."""
         with self._lock:
-            plan = self.open_push(str(version))
             if self._local is None:
                 self._local = self.sender()
-            try:
-                self._local.begin(plan, 0)
-                for bucket, last in with_last(buckets):
-                    self._local.send(bucket, last)
-                receipt = self._local.end()
-            except Exception:
-                self._local.reset()
-                self.abort_push()
-                raise
-            return self.commit_push([receipt])
+            return push_from_one_process(self, self._local, buckets, version, on_error=self._local.reset)
 
     def close(self) -> None:
         if self._local is not None:

@@ -36,8 +36,8 @@ from rollout_sglang.contracts import Bucket, PushPlan
 from rollout_sglang.errors import WeightSyncError
 from rollout_sglang.fleet import Fleet
 from rollout_sglang.weight_sync.common import (
-    OpenPush, call_checked, check_update_response, defer_to_next_push, one_dtype_buckets, post, push_target,
-    restart_half_updated, with_last,
+    OpenPush, call_checked, check_update_response, defer_to_next_push, one_dtype_buckets, post, push_from_one_process,
+    push_target, restart_half_updated, with_last,
 )
 
 # SGLang's /update_weights_from_tensor takes ``serialized_named_tensors``: one string per TP rank of
@@ -369,47 +369,24 @@ class IPCWeightSync:
 
     def commit_push(self, receipts: list[dict]) -> int:
         push, self._open = self._open, None
-        try:
-            if push.servers:
-                try:
-                    call_checked(self.fleet, push.servers, api.END_WEIGHT_UPDATE, api.end_weight_update_body())
-                    self.fleet.flush_cache(push.servers)
-                except Exception:
-                    restart_half_updated(self.fleet, push.servers)
-                    raise
-            self.fleet.record_weights(push.version, disk_path=None)
-            push.register_restored(self.fleet)
-        finally:
-            push.close()
+        push.finish(self.fleet, api.END_WEIGHT_UPDATE, api.end_weight_update_body())
         return sum(int(r.get("bytes", 0)) for r in receipts if r)
 
     def abort_push(self) -> None:
         push, self._open = self._open, None
-        if push is None:
-            return
-        try:
-            restart_half_updated(self.fleet, push.servers)
-        finally:
-            push.close()
+        if push is not None:
+            push.abort(self.fleet)
 
     def sender(self) -> IPCSender:
         return IPCSender(self.cfg)
 
     def push(self, buckets: Iterable[Bucket], version: str) -> int:
         """Send every bucket to every healthy server from this process; returns the bytes shared."""
-        plan = self.open_push(str(version))
         sender = self.sender()
         try:
-            sender.begin(plan, 0)
-            for bucket, last in with_last(buckets):
-                sender.send(bucket, last)
-            receipt = sender.end()
-        except Exception:
-            self.abort_push()
-            raise
+            return push_from_one_process(self, sender, buckets, version)
         finally:
             sender.close()
-        return self.commit_push([receipt])
 
     def close(self) -> None:
         pass
