@@ -20,11 +20,11 @@ from megatron_vespo.platform.router_replay import apply_router_replay_patch
 def apply() -> list[str]:
     """Apply the pipeline p2p fix and the routing-replay extension, and the CPU patches if and only if
     CUDA is absent; returns the CPU patches in effect."""
+    # The CPU patches first: one of them has to run before Megatron-Core is imported.
+    patches = apply_cpu_patches() if should_patch() else []
     apply_pipeline_p2p_fix()
     apply_router_replay_patch()
-    if should_patch():
-        return apply_cpu_patches()
-    return []
+    return patches
 
 
 __all__ = ["applied_patches", "apply", "should_patch"]

@@ -87,6 +87,41 @@ class _CpuStream:
 _THE_CPU_STREAM = _CpuStream()
 
 
+def _defer_torch_compile_during_megatron_import() -> None:
+    """Megatron-Core decorates its fused kernels with ``torch.compile`` at import time
+    (``megatron.core.jit.jit_fuser``), which imports TorchDynamo and Inductor: ~5-8 s of CPU per
+    process, in every trainer rank and tool, although nothing on the CPU path calls those kernels
+    (the provider turns the fusions off). While ``megatron.core`` is imported, ``torch.compile`` is
+    replaced by a decorator that calls the real ``torch.compile`` on the function's first call, which
+    is when ``torch.compile`` itself compiles; the result is the same, only the import is deferred.
+    Must run before anything imports Megatron-Core (first in :data:`_PATCHES`); a no-op if it is
+    imported already."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    real_compile = torch.compile
+
+    def compile_on_first_call(model: Any = None, **kwargs: Any) -> Any:
+        if model is None:  # decorator with arguments: @torch.compile(...)
+            return lambda fn: compile_on_first_call(fn, **kwargs)
+        compiled: list[Any] = []
+
+        @functools.wraps(model)
+        def call(*args: Any, **call_kwargs: Any) -> Any:
+            if not compiled:
+                compiled.append(torch.compile(model, **kwargs))  # the real one again by then
+            return compiled[0](*args, **call_kwargs)
+
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        importlib.import_module("megatron.core")
+    finally:
+        torch.compile = real_compile
+
+
 def _patch_cuda_streams_and_events() -> None:
     """``torch.cuda.Stream/Event/current_stream/stream`` raise without CUDA.
 
@@ -431,9 +466,11 @@ def _patch_distributed_optimizer_reshardable_load() -> None:
     cls._set_main_param_and_optimizer_states = set_states
 
 
-# Every entry is needed: with any one removed, at least one of the layouts TP=2+SP, EP=2, PP=2 and
-# DP=2 with the distributed optimizer fails (checked by running tests/multiproc/worker_model.py).
+# Every entry but the first is needed: with any one removed, at least one of the layouts TP=2+SP, EP=2,
+# PP=2 and DP=2 with the distributed optimizer fails (checked by running tests/multiproc/worker_model.py).
+# The first only saves import time, and must come before anything imports Megatron-Core.
 _PATCHES: list[tuple[str, Callable[[], None]]] = [
+    ("torch.compile deferred to first call while Megatron-Core imports", _defer_torch_compile_during_megatron_import),
     ("torch.cuda streams/events -> synchronous no-ops", _patch_cuda_streams_and_events),
     ("torch.cuda.current_device / Tensor.cuda -> cpu", _patch_cuda_device_is_cpu),
     ("hard-coded device='cuda' allocations -> cpu", _patch_cuda_device_literals),

@@ -55,6 +55,32 @@ def test_apply_on_cpu_is_idempotent_and_complete():
 
 
 @needs_cpu_only
+def test_megatron_imports_without_compiling_and_compiles_on_first_call():
+    """Megatron-Core's @jit_fuser kernels are not run through torch.compile at import (which would import
+    TorchDynamo and Inductor); the first call of one compiles it with the real torch.compile."""
+    code = textwrap.dedent("""
+        import sys, torch
+        real = torch.compile
+        from megatron_vespo import platform
+        platform.apply()
+        assert torch.compile is real
+        assert "torch._dynamo" not in sys.modules and "torch._inductor" not in sys.modules
+        from megatron.core.fusions import fused_bias_geglu
+        compiled = []
+        torch.compile = lambda fn, **kw: compiled.append(fn) or fn  # record, run eagerly
+        y = torch.randn(4, 6)
+        out = fused_bias_geglu.geglu(y)
+        assert compiled and compiled[0].__name__ == "geglu"
+        a, b = y.chunk(2, -1)
+        assert torch.allclose(out, torch.nn.functional.gelu(a, approximate="tanh") * b, atol=1e-6)
+        print("deferred")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "deferred" in out.stdout
+
+
+@needs_cpu_only
 def test_cuda_device_means_cpu():
     platform.apply()
     assert torch.cuda.current_device() == torch.device("cpu")
