@@ -25,7 +25,8 @@ from megatron_vespo.preflight import preflight
 EXIT_ERROR, EXIT_CONFIG, EXIT_PLAN = 1, 2, 3
 # plan_run's parameters and the `plan` flags that set them.
 PLAN_FLAGS = {"trainer_gpus": "--trainer-gpus", "gpu_memory_gib": "--gpu-memory-gib", "overhead_gib": "--overhead-gib",
-              "recompute": "--recompute"}
+              "recompute": "--recompute", "engine_runtime_gib": "--engine-runtime-gib",
+              "gpus_per_node": "--gpus-per-node"}
 
 # The project's user-facing error classes, by module. They are looked up only in modules already
 # imported (an error cannot come from a module that was never loaded), so that `check` and `plan` do
@@ -117,7 +118,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               "(pass --trainer-gpus)", file=sys.stderr)
     try:
         plan = plan_run(cfg, trainer_gpus=args.trainer_gpus, gpu_memory_gib=args.gpu_memory_gib,
-                        recompute=args.recompute, overhead_gib=args.overhead_gib)
+                        recompute=args.recompute, overhead_gib=args.overhead_gib,
+                        engine_runtime_gib=args.engine_runtime_gib, gpus_per_node=args.gpus_per_node)
     except ConfigError as exc:  # plan_run checks its arguments by parameter name: name the flag instead
         if exc.path in PLAN_FLAGS:
             raise ConfigError(PLAN_FLAGS[exc.path], exc.message) from None
@@ -175,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(full: uniform, 1 layer; selective: core_attn)")
     plan.add_argument("--overhead-gib", type=float, default=2.0,
                       help="per-GPU allowance for CUDA context, NCCL buffers and fragmentation (default 2)")
+    plan.add_argument("--engine-runtime-gib", type=float, default=10.0,
+                      help="colocated runs: a generating engine's activations and CUDA graphs per GPU, beyond "
+                           "mem_fraction_static (default 10, SGLang's own floor on GPUs over 60 GB)")
+    plan.add_argument("--gpus-per-node", type=int, default=8,
+                      help="colocated runs: GPUs of a node, for the host memory the offloaded trainer needs "
+                           "(default 8)")
     plan.add_argument("--weight-sync-gb-s", type=float, default=10.0,
                       help="bandwidth for the push-time estimate, GB/s per link (default 10, ~100 Gb/s networks)")
     plan.set_defaults(func=_cmd_plan)

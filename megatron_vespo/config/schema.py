@@ -662,6 +662,9 @@ class RunConfig:
             if mode == "r2" and not self.train.recompute_old_logprobs:
                 raise ConfigError("train.routing_replay", "'r2' replays the routing recorded in the π_old pass and "
                                   "needs train.recompute_old_logprobs: true")
+        if self.train.mode == "async" and self.rollout.fleet is not None and self.rollout.fleet.placement.colocate:
+            raise ConfigError("rollout.fleet.placement.colocate", "needs train.mode: sync (async engines generate "
+                              "while the trainer steps, so they cannot share its GPUs)")
         if self.train.routing_replay == "r3" and self.rollout.replay_dir:
             raise ConfigError("train.routing_replay", "'r3' cannot train from rollout.replay_dir: the dumped batches "
                               "hold the response rows but not the prompt rows r3 replays")

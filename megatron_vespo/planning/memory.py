@@ -32,6 +32,19 @@ Rollout engine (one SGLang server with --tp T GPUs), per GPU:
   weights = total params x bytes / T; KV budget = GPU memory x mem_fraction_static - weights;
   KV bytes per token = 2 (K and V) x layers x max(1, kv_heads / T) x head_dim x bytes;
   tokens = KV budget / KV bytes per token (every GPU of an engine holds the same tokens).
+  SGLang 0.5.23 sizes weights + KV as mem_fraction_static x the memory free when it starts (the rest holds
+  its activations and CUDA graphs); the plan assumes it starts on an otherwise empty GPU.
+
+Colocated (``rollout.fleet.placement.colocate``): every engine GPU also holds a trainer rank, and the GPU
+alternates between two phases (sync mode: generation, then the N optimizer steps):
+  trainer phase = the trainer rank above + what the released engine keeps (its CUDA context and
+                  communicators: the overhead allowance; weights, KV cache and CUDA graphs are released);
+  rollout phase = what the offloaded trainer keeps (the overhead allowance: its parameters, gradients and
+                  optimizer state are in host memory) + engine static memory (mem_fraction_static x GPU
+                  memory: weights and KV) + the engine's activations and CUDA graphs (``engine_runtime_gib``;
+                  SGLang itself reserves at least 10 GiB for them on GPUs over 60 GB).
+  The larger one binds. Host memory: each rank offloads its weights, gradients and (GPU part of the)
+  optimizer state to pinned memory, x the GPUs of a node, plus what optimizer.cpu_offload keeps there.
 """
 from __future__ import annotations
 
@@ -104,15 +117,51 @@ class FleetEstimate:
 
 
 @dataclass(frozen=True)
+class ColocatedEstimate:
+    """One GPU shared by a trainer rank and an engine TP rank, in each of the phases it alternates between."""
+
+    trainer_rank: float  # the trainer's estimate (TrainerEstimate.total)
+    trainer_resident: float  # what the offloaded trainer keeps while the engines generate (CUDA context, NCCL)
+    engine_resident: float  # what a released engine keeps while the trainer steps (the same allowance; 0: no engine)
+    engine_weights: float  # per GPU, of the engine with the largest static memory
+    engine_static: float  # weights + KV: mem_fraction_static x GPU memory
+    engine_runtime: float  # activations + CUDA graphs while generating
+    mem_fraction_static: float
+    engine_index: int  # that engine's rollout.fleet.servers index
+    host_per_gpu: float  # trainer state in pinned host memory while the engines generate
+    gpus_per_node: int
+
+    @property
+    def trainer_phase(self) -> float:
+        return self.trainer_rank + self.engine_resident
+
+    @property
+    def rollout_phase(self) -> float:
+        return self.trainer_resident + self.engine_static + self.engine_runtime
+
+    @property
+    def binding(self) -> str:
+        """The phase with the larger peak: the one that decides whether the GPU fits."""
+        return "trainer" if self.trainer_phase >= self.rollout_phase else "rollout"
+
+    @property
+    def host_per_node(self) -> float:
+        return self.host_per_gpu * self.gpus_per_node
+
+
+@dataclass(frozen=True)
 class RunPlan:
     params: ParamCount
     trainer: TrainerEstimate
     fleet: FleetEstimate
     gpu_memory: float
     max_sequence_tokens: int
+    colocated: Optional[ColocatedEstimate] = None
 
     @property
     def total_gpus(self) -> int:
+        if self.colocated is not None:  # the engines run on the trainer's GPUs
+            return self.trainer.world_size
         return self.trainer.world_size + self.fleet.gpus
 
 
@@ -254,6 +303,27 @@ def estimate_fleet(cfg: RunConfig, gpu_memory_bytes: float) -> FleetEstimate:
     return FleetEstimate(servers)
 
 
+def estimate_colocated(cfg: RunConfig, trainer: TrainerEstimate, fleet: FleetEstimate, gpu_memory_bytes: float,
+                       engine_runtime_gib: float, gpus_per_node: int) -> ColocatedEstimate:
+    """The two phases of a GPU shared by ``trainer``'s rank and the engine of ``fleet`` with the most static
+    memory (every engine GPU also holds a trainer rank, so the worst engine decides)."""
+    assert cfg.rollout.fleet is not None
+    if fleet.gpus > trainer.world_size:
+        raise ConfigError("rollout.fleet.servers", f"colocated engines take {fleet.gpus} GPUs, more than the "
+                          f"{trainer.world_size} trainer GPUs they share: lower their tp or raise the trainer GPUs")
+    configs = cfg.rollout.fleet.servers
+    engines = [s for s in fleet.servers if s.kind == "sglang"]
+    worst = max(engines, key=lambda s: configs[s.index].mem_fraction_static, default=None)
+    fraction = configs[worst.index].mem_fraction_static if worst else 0.0
+    host = trainer.weights + trainer.gradients + trainer.optimizer + trainer.optimizer_host
+    return ColocatedEstimate(
+        trainer_rank=trainer.total, trainer_resident=trainer.overhead,
+        engine_resident=trainer.overhead if worst else 0.0,
+        engine_weights=worst.weights_per_gpu if worst else 0.0, engine_static=fraction * gpu_memory_bytes,
+        engine_runtime=engine_runtime_gib * GIB if worst else 0.0, mem_fraction_static=fraction,
+        engine_index=worst.index if worst else -1, host_per_gpu=host, gpus_per_node=gpus_per_node)
+
+
 def describe_recompute(recompute: RecomputeConfig) -> str:
     """'none', 'full (uniform, 1 layer)', 'selective (core_attn, moe)': for the plan's report."""
     if recompute.granularity == "full":
@@ -265,20 +335,24 @@ def describe_recompute(recompute: RecomputeConfig) -> str:
 
 
 def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib: float = 80.0,
-             recompute: Optional[str] = None, overhead_gib: float = 2.0) -> RunPlan:
+             recompute: Optional[str] = None, overhead_gib: float = 2.0, engine_runtime_gib: float = 10.0,
+             gpus_per_node: int = 8) -> RunPlan:
     """Estimate the run; raise ConfigError for an impossible layout or argument, PlanError when memory
     does not fit.
 
     ``trainer_gpus``: None plans the smallest valid world size (0 is an error, not "not given").
     ``recompute``: None plans ``cfg.train.recompute``; ``none``, ``full`` or ``selective`` (with
-    RecomputeConfig's defaults: uniform, 1 layer; core_attn) plans that instead (``plan --recompute``)."""
-    if trainer_gpus is not None and (isinstance(trainer_gpus, bool) or trainer_gpus < 1):
-        raise ConfigError("trainer_gpus", f"must be >= 1; got {trainer_gpus}")
+    RecomputeConfig's defaults: uniform, 1 layer; core_attn) plans that instead (``plan --recompute``).
+    ``engine_runtime_gib`` and ``gpus_per_node``: only colocated runs use them (rollout phase; host memory)."""
+    for name, value in (("trainer_gpus", trainer_gpus), ("gpus_per_node", gpus_per_node)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ConfigError(name, f"must be >= 1; got {value}")
     # NaN compares false with everything: without these a NaN or negative size "fits" or yields nonsense.
     if not (math.isfinite(gpu_memory_gib) and gpu_memory_gib > 0):
         raise ConfigError("gpu_memory_gib", f"must be a finite number > 0; got {gpu_memory_gib}")
-    if not (math.isfinite(overhead_gib) and overhead_gib >= 0):
-        raise ConfigError("overhead_gib", f"must be a finite number >= 0; got {overhead_gib}")
+    for name, value in (("overhead_gib", overhead_gib), ("engine_runtime_gib", engine_runtime_gib)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(name, f"must be a finite number >= 0; got {value}")
     world = minimal_world_size(cfg) if trainer_gpus is None else trainer_gpus
     if recompute is not None and recompute not in ("none", "full", "selective"):
         raise ConfigError("recompute", f"expected none, full or selective; got {recompute!r}")
@@ -287,20 +361,31 @@ def plan_run(cfg: RunConfig, trainer_gpus: Optional[int] = None, gpu_memory_gib:
     gpu_memory = gpu_memory_gib * GIB
     trainer = estimate_trainer(cfg, world, assumed, overhead_gib)
     fleet = estimate_fleet(cfg, gpu_memory)
+    colocated = None
+    if cfg.rollout.fleet is not None and cfg.rollout.fleet.placement.colocate:
+        colocated = estimate_colocated(cfg, trainer, fleet, gpu_memory, engine_runtime_gib, gpus_per_node)
     plan = RunPlan(params=count_params(cfg.model), trainer=trainer, fleet=fleet, gpu_memory=gpu_memory,
-                   max_sequence_tokens=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
+                   max_sequence_tokens=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len, colocated=colocated)
     check_fits(plan, cfg)
     return plan
 
 
 def check_fits(plan: RunPlan, cfg: RunConfig) -> None:
-    t, mem = plan.trainer, plan.gpu_memory
-    if t.total > mem:
+    t, mem, co = plan.trainer, plan.gpu_memory, plan.colocated
+    trainer_peak = co.trainer_phase if co else t.total
+    if trainer_peak > mem:
         hint = "raise parallel.tensor/expert/pipeline, lower train.micro_batch_tokens"
         if not t.recompute.startswith("full"):
             hint += ", or recompute activations (train.recompute.granularity: full; plan --recompute full)"
-        raise PlanError(f"trainer rank (pipeline stage {t.stage}) needs about {t.total / GIB:.1f} GiB, more than "
-                        f"the {mem / GIB:.0f} GiB of GPU memory: {hint}")
+        beside = f" beside the released engines ({co.engine_resident / GIB:.1f} GiB)" if co else ""
+        raise PlanError(f"trainer rank (pipeline stage {t.stage}) needs about {trainer_peak / GIB:.1f} GiB{beside}, "
+                        f"more than the {mem / GIB:.0f} GiB of GPU memory: {hint}")
+    if co and co.rollout_phase > mem:
+        raise PlanError(f"rollout.fleet.servers[{co.engine_index}]: the colocated rollout phase needs about "
+                        f"{co.rollout_phase / GIB:.1f} GiB (mem_fraction_static {co.mem_fraction_static:g} x "
+                        f"{mem / GIB:.0f} GiB + {co.engine_runtime / GIB:.1f} GiB activations/CUDA graphs + "
+                        f"{co.trainer_resident / GIB:.1f} GiB the offloaded trainer keeps), more than the GPU's "
+                        f"{mem / GIB:.0f} GiB: lower mem_fraction_static")
     for s in plan.fleet.servers:
         if s.kind != "sglang":
             continue
@@ -368,5 +453,29 @@ def format_plan(plan: RunPlan, cfg: RunConfig) -> str:
         lines.append(f"  {who}: sglang tp={s.gpus}  weights {s.weights_per_gpu / GIB:.2f} GiB/GPU  "
                      f"KV {s.kv_budget_per_gpu / GIB:.2f} GiB/GPU = {s.kv_tokens:,d} tokens "
                      f"({seqs} full-length sequences) each")
-    lines += ["", f"== GPUs: trainer {t.world_size} + fleet {fleet.gpus} = {plan.total_gpus} =="]
+    if plan.colocated is not None:
+        lines += ["", *_format_colocated(plan.colocated, plan.gpu_memory),
+                  "", f"== GPUs: {plan.total_gpus}, shared by the trainer ({t.world_size}) and the fleet "
+                  f"({fleet.gpus}, colocated) =="]
+    else:
+        lines += ["", f"== GPUs: trainer {t.world_size} + fleet {fleet.gpus} = {plan.total_gpus} =="]
     return "\n".join(lines) + "\n"
+
+
+def _format_colocated(co: ColocatedEstimate, gpu_memory: float) -> list[str]:
+    g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    other = co.rollout_phase if co.binding == "trainer" else co.trainer_phase
+    engine = (f" + engine static {g(co.engine_static)} (weights {g(co.engine_weights)} + KV "
+              f"{g(co.engine_static - co.engine_weights)}, mem_fraction_static {co.mem_fraction_static:g} of server "
+              f"{co.engine_index}) + activations/CUDA graphs {g(co.engine_runtime)}" if co.engine_index >= 0
+              else " (no GPU engine in the fleet)")
+    return [
+        "== colocated: per GPU holding a trainer rank and an engine rank (the two phases alternate) ==",
+        f"  trainer phase    {co.trainer_phase / GIB:8.2f} GiB  trainer rank {g(co.trainer_rank)} + released engine "
+        f"{g(co.engine_resident)}",
+        f"  rollout phase    {co.rollout_phase / GIB:8.2f} GiB  offloaded trainer {g(co.trainer_resident)}{engine}",
+        f"  binding phase    {co.binding}: {g(max(co.trainer_phase, co.rollout_phase))} of {gpu_memory / GIB:.0f} GiB "
+        f"(the other phase {g(other)})",
+        f"  host memory      {co.host_per_gpu / GIB:8.2f} GiB  per GPU, the offloaded trainer state (weights, "
+        f"gradients, optimizer): {g(co.host_per_node)} GiB pinned per node of {co.gpus_per_node} GPUs",
+    ]

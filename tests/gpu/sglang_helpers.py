@@ -22,6 +22,17 @@ SGLANG_TEST_ARGS = ["--skip-tokenizer-init", "--attention-backend", "triton", "-
                     "disabled", "--cuda-graph-backend-prefill", "disabled", "--random-seed", "0"]
 
 
+def tiny_engine_server(model_dir: Path, python: str, **fields) -> dict:
+    """A fleet's ``servers`` entry for one bf16 SGLang engine on the tiny model (``fields`` add or override)."""
+    return {"kind": "sglang", "python": python, "model_path": str(model_dir), "dtype": "bfloat16",
+            "mem_fraction_static": 0.3, "startup_timeout_s": 900, "extra_args": SGLANG_TEST_ARGS, **fields}
+
+
+def engine_gpu() -> int:
+    """The engine's device index in this process: the last visible GPU."""
+    return torch.cuda.device_count() - 1
+
+
 def write_tiny_qwen3_moe(path: Path, seed: int = 0) -> Path:
     """An HF directory (config.json + bf16 safetensors) of a random tiny Qwen3-MoE."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM

@@ -15,12 +15,12 @@ from typed_config import build
 from .conftest import sglang_python
 from .sglang_helpers import (
     BF16_MEAN_LOGPROB_TOL,
-    SGLANG_TEST_ARGS,
     hf_state,
     mean_logprob_error,
     prompts,
     reference_model,
     rollout,
+    tiny_engine_server,
     write_tiny_qwen3_moe,
 )
 
@@ -32,9 +32,7 @@ def test_sglang_engine_as_ray_actor(tmp_path):
     model_dir = write_tiny_qwen3_moe(tmp_path / "model")
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        server = {"kind": "sglang", "python": sglang_python(), "model_path": str(model_dir), "dtype": "bfloat16",
-                  "mem_fraction_static": 0.3, "startup_timeout_s": 900, "extra_args": SGLANG_TEST_ARGS,
-                  "num_cpus": 1}  # num_gpus: null -> tp = 1
+        server = tiny_engine_server(model_dir, sglang_python(), num_cpus=1)  # num_gpus: null -> tp = 1
         cfg = build(FleetConfig, {"servers": [server], "placement": {"launcher": "ray"}, "health_interval_s": 2.0,
                                   "health_failures_to_restart": 2, "log_dir": str(tmp_path / "logs")})
         with Fleet(cfg) as fleet:

@@ -22,8 +22,8 @@ from typed_config import build
 from .conftest import sglang_python
 from .sglang_helpers import (
     BF16_MEAN_LOGPROB_TOL,
-    SGLANG_TEST_ARGS,
     assert_follows_weights,
+    engine_gpu,
     hf_state,
     mean_logprob_error,
     perturbed,
@@ -31,14 +31,11 @@ from .sglang_helpers import (
     prompts,
     reference_model,
     rollout,
+    tiny_engine_server,
     write_tiny_qwen3_moe,
 )
 
 pytestmark = pytest.mark.gpu
-
-
-def engine_gpu() -> int:
-    return torch.cuda.device_count() - 1
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +45,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
-    server = {"kind": "sglang", "python": sglang_python(), "model_path": str(model_dir), "dtype": "bfloat16",
-              "mem_fraction_static": 0.3, "startup_timeout_s": 900, "extra_args": SGLANG_TEST_ARGS,
-              "env": {"CUDA_VISIBLE_DEVICES": physical_gpu(engine_gpu())}}
+    server = tiny_engine_server(model_dir, sglang_python(), env={"CUDA_VISIBLE_DEVICES": physical_gpu(engine_gpu())})
     cfg = build(FleetConfig, {"servers": [server], "health_interval_s": 2.0,
                               "log_dir": str(tmp_path_factory.mktemp("sglang_logs"))})
     with Fleet(cfg) as f:

@@ -57,6 +57,21 @@ def test_the_gpu_tests_launch_arguments(sglang):
     assert values["skip_tokenizer_init"] is True and values["attention_backend"] == "triton"
 
 
+def test_the_colocated_paper_engines_launch_with_the_memory_saver(sglang):
+    """Colocated engines release and resume their memory (/release_memory_occupation), which needs SGLang's
+    memory saver: the paper's colocated run turns it on by the flag SGLang parses."""
+    from pathlib import Path
+
+    from megatron_vespo.config import load_run_config, to_dict
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs/paper/vespo_sync_n8_colocated.yaml")
+    assert cfg.rollout.fleet.placement.colocate
+    for server in cfg.rollout.fleet.servers:
+        values = parsed(sglang, to_dict(server))
+        assert values["enable_memory_saver"] is True and values["tp_size"] == 8
+        assert values["mem_fraction_static"] == pytest.approx(0.8)
+
+
 def test_a_deprecated_flag_is_noticed(sglang):
     """The check above can fail: SGLang's parser reports --disable-cuda-graph as deprecated."""
     cmd = build_server_command(build(ServerConfig, {**BASE, "extra_args": ["--disable-cuda-graph"]}), port=1)

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_vespo.cli import main as cli_main
 from megatron_vespo.config import ConfigError, load_run_config
-from megatron_vespo.planning import PlanError, count_params, minimal_world_size, plan_run
+from megatron_vespo.planning import PlanError, count_params, format_plan, minimal_world_size, plan_run
 from megatron_vespo.planning.memory import GIB
 
 QWEN3_30B = "configs/models/qwen3_30b_a3b.yaml"
@@ -177,3 +177,92 @@ def test_optimizer_offload_is_refused_without_a_gpu():
     with pytest.raises(ConfigError, match="this machine has no GPU") as err:
         _megatron_optimizer_config(cfg)
     assert err.value.path == "optimizer.cpu_offload"
+
+
+# ---- colocated placement: one GPU alternates between the trainer phase and the rollout phase -------------
+COLOCATED_LAYOUT = {"tensor": 4, "expert": 8, "sequence_parallel": True}
+
+
+def colocated_cfg(engines: int = 4, tp: int = 8, mem_fraction_static: float = 0.8, **sections):
+    """The paper's colocated layout: one TP-8 engine per 8-GPU node, on the trainer's GPUs."""
+    server = {"kind": "sglang", "model_path": "/ckpt", "tp": tp, "ep": tp, "dtype": "bfloat16",
+              "mem_fraction_static": mem_fraction_static, "extra_args": ["--enable-memory-saver"]}
+    fleet = {"placement": {"colocate": True}, "servers": [server] * engines}
+    return run_cfg(QWEN3_30B, parallel=COLOCATED_LAYOUT, rollout={"fleet": fleet}, **sections)
+
+
+def test_colocated_phases_of_qwen3_30b_on_32_gpus_by_hand():
+    plan = plan_run(colocated_cfg(), trainer_gpus=32)
+    c, t, co = plan.params, plan.trainer, plan.colocated
+    # Trainer rank (TP 4, DP 8, EP 8, expert-DP 4): shards as in test_per_rank_shard_of_30b_under_tp_ep.
+    padding = 2 * (152064 - 151936) * 2048
+    dense = (c.embedding + c.output + padding + c.attention) // 4 + c.replicated
+    experts = c.experts // 8
+    assert t.params_per_rank == dense + experts == 4_018_878_464
+    assert t.data_parallel == 8 and t.expert_data_parallel == 4
+    optimizer = 12 * (dense / 8 + experts / 4)  # Adam m, v + fp32 master, dense over DP 8, experts over 4
+    assert t.optimizer == pytest.approx(optimizer)
+    # Trainer phase: the whole trainer rank + the released engine's 2 GiB (CUDA context, communicators).
+    assert co.trainer_phase == t.total + 2 * GIB
+    assert co.trainer_phase / GIB == pytest.approx(66.36, abs=0.01)
+    # Rollout phase: the offloaded trainer's 2 GiB + 0.8 x 80 GiB (weights + KV) + 10 GiB activations/graphs.
+    assert co.rollout_phase == 2 * GIB + 0.8 * 80 * GIB + 10 * GIB == 76 * GIB
+    assert co.engine_weights == 30_532_122_624 * 2 / 8  # bf16 weights over TP 8: 7.11 GiB
+    assert co.binding == "rollout"
+    # Host memory: weights (2) + fp32 gradients (4) + optimizer, per GPU; x 8 GPUs per node.
+    host = 6 * 4_018_878_464 + optimizer
+    assert co.host_per_gpu == pytest.approx(host) and co.host_per_node == pytest.approx(8 * host)
+    assert co.host_per_gpu / GIB == pytest.approx(33.13, abs=0.01)
+    # The engines share the trainer's GPUs: 32 in all, not 32 + 32.
+    assert plan.fleet.gpus == 32 and plan.total_gpus == 32
+
+
+def test_the_heavier_phase_binds_and_each_phase_must_fit():
+    # A small static fraction makes the trainer phase the larger one: 2 + 0.5 x 80 + 10 = 52 GiB < 66.36.
+    low = plan_run(colocated_cfg(mem_fraction_static=0.5), trainer_gpus=32).colocated
+    assert low.binding == "trainer" and low.rollout_phase == 52 * GIB
+    with pytest.raises(PlanError, match=r"^rollout\.fleet\.servers\[0\]: the colocated rollout phase needs about 84\.0 "
+                                        r"GiB.*lower mem_fraction_static"):
+        plan_run(colocated_cfg(mem_fraction_static=0.9), trainer_gpus=32)  # 2 + 72 + 10
+    # 65 GiB holds the trainer rank alone (64.36) but not beside the released engines (+2).
+    with pytest.raises(PlanError, match=r"^trainer rank .* about 66\.4 GiB beside the released engines \(2\.0 GiB\)"):
+        plan_run(colocated_cfg(), trainer_gpus=32, gpu_memory_gib=65)
+    assert plan_run(colocated_cfg(), trainer_gpus=32, engine_runtime_gib=12).colocated.rollout_phase == 78 * GIB
+    with pytest.raises(ConfigError, match=r"^rollout\.fleet\.servers: colocated engines take 40 GPUs, more than "
+                                          r"the 32"):
+        plan_run(colocated_cfg(engines=5), trainer_gpus=32)
+
+
+def test_disaggregated_runs_have_no_colocated_phases():
+    server = {"kind": "sglang", "model_path": "/ckpt", "tp": 4, "ep": 4, "dtype": "bfloat16"}
+    cfg = run_cfg(QWEN3_30B, parallel=COLOCATED_LAYOUT, rollout={"fleet": {"servers": [server] * 4}})
+    plan = plan_run(cfg, trainer_gpus=16)
+    assert plan.colocated is None and plan.total_gpus == 32
+
+
+def test_colocated_cpu_servers_leave_only_the_trainer_on_the_gpu():
+    fleet = {"placement": {"colocate": True}, "servers": [{"kind": "cpu", "model_path": "/ckpt"}]}
+    cfg = run_cfg("configs/models/tiny_moe.yaml", rollout={"fleet": fleet})
+    plan = plan_run(cfg)
+    co = plan.colocated
+    assert co.rollout_phase == co.trainer_resident == 2 * GIB and co.trainer_phase == plan.trainer.total
+    assert co.binding == "trainer" and plan.total_gpus == 1
+    line = "  rollout phase        2.00 GiB  offloaded trainer 2.00 (no GPU engine in the fleet)\n"
+    assert line in format_plan(plan, cfg)
+
+
+def test_cli_plan_prints_the_colocated_phases(capsys):
+    path = "configs/paper/vespo_sync_n8_colocated.yaml"
+    assert cli_main(["plan", path, "--trainer-gpus", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "  trainer phase       66.36 GiB  trainer rank 64.36 + released engine 2.00\n" in out
+    assert "  rollout phase       76.00 GiB  offloaded trainer 2.00 + engine static 64.00 (weights 7.11 + KV 56.89, " \
+           "mem_fraction_static 0.8 of server 0) + activations/CUDA graphs 10.00\n" in out
+    assert "  binding phase    rollout: 76.00 of 80 GiB (the other phase 66.36)\n" in out
+    assert "265.07 GiB pinned per node of 8 GPUs" in out
+    assert "== GPUs: 32, shared by the trainer (32) and the fleet (32, colocated) ==" in out
+    assert cli_main(["plan", path, "--trainer-gpus", "32", "--gpus-per-node", "4"]) == 0
+    assert "132.54 GiB pinned per node of 4 GPUs" in capsys.readouterr().out
+    for flag, value in (("--gpus-per-node", "0"), ("--engine-runtime-gib", "-1")):
+        assert cli_main(["plan", path, "--trainer-gpus", "32", flag, value]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag}:")

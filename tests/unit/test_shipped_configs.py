@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vespo.config import load_model_config, load_run_config, to_dict
+from megatron_vespo.config import ConfigError, load_model_config, load_run_config, to_dict
 from megatron_vespo.models.layout import validate_layout
 from megatron_vespo.planning import minimal_world_size, plan_run
 
@@ -79,9 +79,11 @@ def _flat(d, prefix=""):
     return out
 
 
-# What a paper run may change relative to vespo_sync_n8 (everything else is the shared setup).
+# What a paper run may change relative to vespo_sync_n8 (everything else is the shared setup); a colocated
+# run also places its engines and publishes weights its own way.
 ALLOWED = re.compile(r"^(loss\..*|train\.(staleness|mode)|asynchronous\..*|rollout\.fleet\.servers|"
                      r"run\.(rollout_steps|output_dir)|logging\.run_name)$")
+ALLOWED_COLOCATED = re.compile(r"^rollout\.(fleet\.placement|weight_sync)\..*$")
 
 
 @pytest.mark.parametrize("path", PAPER_30B, ids=lambda p: p.name)
@@ -90,7 +92,9 @@ def test_paper_runs_share_one_setup(path):
     cfg = load_run_config(path)
     run = _flat(to_dict(cfg))
     changed = {k for k in base if base[k] != run.get(k)}
-    assert all(ALLOWED.match(k) for k in changed), sorted(k for k in changed if not ALLOWED.match(k))
+    colocated = cfg.rollout.fleet.placement.colocate
+    allowed = lambda k: ALLOWED.match(k) or (colocated and ALLOWED_COLOCATED.match(k))  # noqa: E731
+    assert all(allowed(k) for k in changed), sorted(k for k in changed if not allowed(k))
     assert cfg.optimizer.lr == 1e-6 and cfg.rollout.n_samples == 8 and cfg.train.mini_batch_prompts == 256
     assert cfg.rollout.max_response_len == 15360 and cfg.train.micro_batch_tokens == 16384
     if cfg.train.mode == "sync":
@@ -99,3 +103,19 @@ def test_paper_runs_share_one_setup(path):
     else:
         assert cfg.asynchronous.push_every_steps == 4 and cfg.asynchronous.partial_rollouts
         assert sum(s.tp for s in cfg.rollout.fleet.servers) == 48
+    if colocated:  # the engines share the trainer's GPUs, one per node, and release memory with SGLang's saver
+        assert cfg.train.mode == "sync" and cfg.rollout.weight_sync.transport == "ipc"
+        assert sum(s.tp for s in cfg.rollout.fleet.servers) == planned_world_size(path, cfg) == 32
+        assert all(s.tp == 8 and "--enable-memory-saver" in s.extra_args for s in cfg.rollout.fleet.servers)
+
+
+def test_the_paper_sync_n8_run_ships_colocated_and_disaggregated():
+    """The paper colocates its synchronous runs; both placements of VESPO N=8 ship, on 32 GPUs each."""
+    placements = {}
+    for name in ("vespo_sync_n8.yaml", "vespo_sync_n8_colocated.yaml"):
+        cfg = load_run_config(CONFIGS / "paper" / name)
+        plan = plan_run(cfg, trainer_gpus=planned_world_size(CONFIGS / "paper" / name, cfg))
+        placements[cfg.rollout.fleet.placement.colocate] = (plan.trainer.world_size, plan.fleet.gpus, plan.total_gpus)
+    assert placements == {False: (16, 16, 32), True: (32, 32, 32)}
+    with pytest.raises(ConfigError, match=r"^rollout\.fleet\.placement\.colocate: needs train\.mode: sync"):
+        load_run_config(CONFIGS / "paper/vespo_sync_n8_colocated.yaml", ["train.mode=async"])
