@@ -31,11 +31,11 @@ from megatron_vespo.checkpoint.training import TrainingCheckpointer
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
 from megatron_vespo.driver.publisher import WeightPublisher
+from megatron_vespo.driver.rollout import split_mini_batches
 from megatron_vespo.driver.rollout_side import RolloutSide
 from megatron_vespo.driver.run_health import LearningGuard, TrainInferenceGate
 from megatron_vespo.driver.run_state import RunCheckpoints, RunState, RunSummary
 from megatron_vespo.driver.signals import sigterm_raises
-from megatron_vespo.driver.rollout import split_mini_batches
 from megatron_vespo.models.trainable import build_model_and_optimizer
 from megatron_vespo.rewards.kl_penalty import apply_kl_penalty
 from megatron_vespo.train.lr_schedule import build_lr_scheduler

@@ -33,8 +33,9 @@ def sequence_kl(sample: TrainSample, estimator: str) -> float:
     if not sample.response_ids:
         return 0.0
     if sample.ref_logp is None or len(sample.ref_logp) != len(sample.rollout_logp):
-        raise ValueError(f"the KL reward penalty needs the reference log-prob of each of the {len(sample.rollout_logp)} "
-                         f"response tokens; the sample has {None if sample.ref_logp is None else len(sample.ref_logp)}")
+        have = None if sample.ref_logp is None else len(sample.ref_logp)
+        raise ValueError(f"the KL reward penalty needs the reference log-prob of each of the "
+                         f"{len(sample.rollout_logp)} response tokens; the sample has {have}")
     mu = torch.tensor(sample.rollout_logp, dtype=torch.float64)
     return float(kl_estimate(mu, torch.tensor(sample.ref_logp, dtype=torch.float64), estimator).sum())
 
