@@ -29,27 +29,40 @@ def _check_verifiers_and_eval_sets(cfg: RunConfig) -> None:
             raise ConfigError(path, str(exc.args[0]).split(": ", 1)[-1]) from None
 
 
-def _check_checkpoint_files(cfg: RunConfig) -> list[str]:
-    """The checkpoint a run would resume from (complete, per its manifest) or start from
-    (``checkpoint.init_from``: a readable HF or converted directory of the run's model)."""
-    ck = cfg.checkpoint
-    root = Path(ck.dir) if ck.dir else Path(cfg.run.output_dir) / "checkpoints"  # checkpoint_root(cfg)
-    if not (ck.init_from or ck.load_dir or ck.resume == "must" or (ck.resume == "auto" and root.is_dir())):
-        return []  # nothing to read (and no torch import for it)
+def _check_weights_dir(cfg: RunConfig, path: str, field: str) -> None:
+    """``path`` (named by ``field``) is a readable HF or converted directory of the run's model."""
     from megatron_vespo.checkpoint.hf_io import load_checkpoint_model_config, model_config_from_hf, read_hf_config
     from megatron_vespo.checkpoint.init_weights import check_same_model, init_source_is_hf
+
+    src = Path(path)
+    found = model_config_from_hf(read_hf_config(src)) if init_source_is_hf(src, field) \
+        else load_checkpoint_model_config(src)
+    check_same_model(found, cfg.model, str(src))
+
+
+def _check_checkpoint_files(cfg: RunConfig) -> list[str]:
+    """The checkpoint a run would resume from (complete, per its manifest) or start from
+    (``checkpoint.init_from``: a readable HF or converted directory of the run's model), and the
+    reference model of ``loss.kl`` (read whether the run resumes or not)."""
+    ck = cfg.checkpoint
+    notes = []
+    if cfg.loss.kl.enabled:
+        path, field = cfg.kl_reference
+        _check_weights_dir(cfg, path, field)
+        notes.append(f"loss.kl: reference model from {path}")
+    root = Path(ck.dir) if ck.dir else Path(cfg.run.output_dir) / "checkpoints"  # checkpoint_root(cfg)
+    if not (ck.init_from or ck.load_dir or ck.resume == "must" or (ck.resume == "auto" and root.is_dir())):
+        return notes  # nothing to read (and no torch import for it)
     from megatron_vespo.checkpoint.training import find_resume_checkpoint, read_manifest
 
     resume = find_resume_checkpoint(cfg)
     if resume is not None:
         read_manifest(resume)
-        return [f"checkpoint: resumes from {resume}"]
+        return [f"checkpoint: resumes from {resume}", *notes]
     if not ck.init_from:
-        return []
-    src = Path(ck.init_from)
-    found = model_config_from_hf(read_hf_config(src)) if init_source_is_hf(src) else load_checkpoint_model_config(src)
-    check_same_model(found, cfg.model, str(src))
-    return [f"checkpoint: initial weights from {src}"]
+        return notes
+    _check_weights_dir(cfg, ck.init_from, "checkpoint.init_from")
+    return [f"checkpoint: initial weights from {ck.init_from}", *notes]
 
 
 def preflight(cfg: RunConfig, world_size: Optional[int] = None, files: bool = True) -> list[str]:

@@ -34,21 +34,24 @@ def check_same_model(found: ModelConfig, expected: ModelConfig, where: str) -> N
         raise CheckpointError(f"{where}: the checkpoint's model does not match the run's model YAML: " + "; ".join(diff))
 
 
-def init_source_is_hf(src: Path) -> bool:
-    """Whether ``checkpoint.init_from`` names a Hugging Face directory (else a converted Megatron
-    checkpoint); CheckpointError when it is neither."""
+def init_source_is_hf(src: Path, field: str = "checkpoint.init_from") -> bool:
+    """Whether ``src`` (the config ``field`` naming initial weights: ``checkpoint.init_from``,
+    ``loss.kl.reference``) is a Hugging Face directory (else a converted Megatron checkpoint);
+    CheckpointError when it is neither."""
     if not src.is_dir():
-        raise CheckpointError(f"checkpoint.init_from: {src} is not a directory")
+        raise CheckpointError(f"{field}: {src} is not a directory")
     if is_hf_dir(src):
         return True
     if not (src / MODEL_CONFIG_FILE).is_file():
-        raise CheckpointError(f"checkpoint.init_from: {src} is neither a Hugging Face directory (config.json) "
+        raise CheckpointError(f"{field}: {src} is neither a Hugging Face directory (config.json) "
                               f"nor a converted Megatron checkpoint ({MODEL_CONFIG_FILE} missing)")
     return False
 
 
-def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path) -> Path:
+def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path,
+                            field: str = "checkpoint.init_from") -> Path:
     """The dist checkpoint to load: ``path`` itself, or (HF input) its conversion under ``cache_dir``.
+    ``field`` names the config field ``path`` came from in errors.
 
     Collective when ``torch.distributed`` is initialised: rank 0 converts, the others wait.
     """
@@ -57,7 +60,7 @@ def resolve_init_checkpoint(path: str, model_cfg: ModelConfig, cache_dir: Path) 
     from megatron_vespo.checkpoint.hf_to_mcore import convert_hf_to_mcore
 
     src = Path(path)
-    if not init_source_is_hf(src):
+    if not init_source_is_hf(src, field):
         return src
     out = cache_dir / f"{src.name}_mcore"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

@@ -16,6 +16,7 @@ LossName = Literal[
     "vespo", "vespo_length_norm", "vespo_sqrt_length_norm", "ppo_clip", "gspo", "sapo", "cispo",
 ]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 @dataclass(kw_only=True)
@@ -213,6 +214,35 @@ class CISPOConfig:
 
 
 @dataclass(kw_only=True)
+class KLConfig:
+    """KL(π_θ ‖ π_ref) to a frozen reference model (README.md, "KL to a reference model, entropy bonus").
+
+    Off while ``coef`` is 0: no reference model is built. Estimators per response token, with
+    d = log π − log π_ref: k1 = d, k2 = d²/2, k3 = exp(−d) − 1 + d (Schulman's)."""
+
+    coef: float = field(0.0, ge=0, help="weight of the KL term (loss mode) or of the reward penalty (reward mode); "
+                        "0: off, no reference model is built")
+    estimator: Optional[KLEstimator] = field(
+        None, help="per-token KL estimator; default k3 in loss mode, k1 in reward mode")
+    mode: Literal["loss", "reward"] = field(
+        "loss", help="loss: coef x the KL estimate aggregated like the policy loss is added to the loss; reward: "
+        "coef x each response's KL summed over its tokens (log μ against log π_ref) is subtracted from its reward "
+        "before the advantage")
+    reference: str = field("", help="reference weights, read like checkpoint.init_from (an HF directory or a "
+                           "converted Megatron checkpoint); empty: checkpoint.init_from")
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    @property
+    def resolved_estimator(self) -> str:
+        if self.estimator is not None:
+            return self.estimator
+        return "k1" if self.mode == "reward" else "k3"
+
+
+@dataclass(kw_only=True)
 class LossConfig:
     name: LossName = field("vespo", help="policy loss from the registry")
     aggregation: Optional[Aggregation] = field(None, help="default: seq-mean-token-mean for gspo, token-mean otherwise")
@@ -222,6 +252,9 @@ class LossConfig:
     gspo: GSPOConfig = field(default_factory=GSPOConfig)
     sapo: SAPOConfig = field(default_factory=SAPOConfig)
     cispo: CISPOConfig = field(default_factory=CISPOConfig)
+    kl: KLConfig = field(default_factory=KLConfig, help="KL regularisation to a frozen reference model")
+    entropy_coef: float = field(0.0, ge=0, help="entropy bonus: coef x the token entropy, aggregated like the policy "
+                                "loss, is subtracted from the loss; 0: off")
 
     @property
     def resolved_aggregation(self) -> str:
@@ -668,6 +701,8 @@ class RunConfig:
         if self.train.routing_replay == "r3" and self.rollout.replay_dir:
             raise ConfigError("train.routing_replay", "'r3' cannot train from rollout.replay_dir: the dumped batches "
                               "hold the response rows but not the prompt rows r3 replays")
+        if self.loss.kl.enabled:
+            self._check_kl()
         if self.loss.norm_constant is not None and self.loss.resolved_aggregation != "seq-mean-token-sum-norm":
             raise ConfigError("loss.norm_constant", "is only used by aggregation 'seq-mean-token-sum-norm'")
         if self.loss.resolved_aggregation == "seq-mean-token-sum-norm" and self.loss.norm_constant is None:
@@ -677,6 +712,25 @@ class RunConfig:
             if not 0 <= token < self.model.vocab_size:
                 raise ConfigError(f"rollout.stop_token_ids[{i}]", f"token id {token} is outside the vocabulary "
                                   f"[0, model.vocab_size={self.model.vocab_size})")
+
+    def _check_kl(self) -> None:
+        """Rules of ``loss.kl`` that need the rest of the run: where the reference comes from, and a replay
+        (whose saved advantages are trained as they are) cannot take a reward penalty."""
+        if not (self.loss.kl.reference or self.checkpoint.init_from):
+            raise ConfigError("loss.kl.reference", "is required when loss.kl.coef > 0 and checkpoint.init_from is "
+                              "empty (the reference defaults to the initial weights, and a random initialisation is "
+                              "no reference)")
+        if self.loss.kl.mode == "reward" and self.rollout.replay_dir:
+            raise ConfigError("loss.kl.mode", "'reward' cannot train from rollout.replay_dir: the saved advantages "
+                              "are trained as they are (use mode 'loss', or coef 0)")
+
+    @property
+    def kl_reference(self) -> tuple[str, str]:
+        """Where the reference weights of ``loss.kl`` come from: (path, the config field naming it):
+        ``loss.kl.reference``, else ``checkpoint.init_from``."""
+        if self.loss.kl.reference:
+            return self.loss.kl.reference, "loss.kl.reference"
+        return self.checkpoint.init_from, "checkpoint.init_from"
 
     def check_trainable(self) -> None:
         """Rules that only a training run needs (tools that merely read a run config, e.g. evaluation, do

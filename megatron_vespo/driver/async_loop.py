@@ -34,7 +34,7 @@ from megatron_vespo.distributed import DistributedContext
 from megatron_vespo.driver.base import PROGRESS_KEYS, RLDriver
 from megatron_vespo.driver.generator import BackgroundGenerator, GroupPayload
 from megatron_vespo.driver.rollout import (
-    RolloutGroup, build_rollout_batch, score_groups, trainable, verifier_metrics,
+    RolloutGroup, build_rollout_batch, score_groups, verifier_metrics,
 )
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer, TakeResult
 from megatron_vespo.train.routing import unreported_experts_shape
@@ -74,10 +74,12 @@ class AsyncRLDriver(RLDriver):
     def run_step(self, step: int) -> bool:
         cfg = self.cfg
         batch = self.from_driver(lambda: self._mini_batch(step))
+        metrics = batch["metrics"]
+        [samples] = self.prepare_mini_batches(step, batch["groups"], metrics, 1)
         recompute_s = 0.0
         if cfg.train.recompute_old_logprobs:
-            recompute_s = self.recompute_old_logprobs(batch["samples"])
-        record = self.train_step(batch["samples"], {**batch["metrics"], "time/recompute_s": recompute_s})
+            recompute_s = self.recompute_old_logprobs(samples)
+        record = self.train_step(samples, {**metrics, "time/recompute_s": recompute_s})
         self.check_train_inference_gate(record)  # only mini-batches whose every sample has lag 0
         sync_s = 0.0
         last = step == self.total_steps() - 1
@@ -95,7 +97,7 @@ class AsyncRLDriver(RLDriver):
             self.metrics_writer.write(step, record)
             self.progress.report(step, record)
             # The stop rule averages as many mini-batches as a sync rollout batch has.
-            return self.state.reached_target(batch["metrics"]["rollout/reward_mean"], window=cfg.train.staleness,
+            return self.state.reached_target(metrics["rollout/reward_mean"], window=cfg.train.staleness,
                                              target=cfg.run.stop_at_reward)
 
         stop = self.from_driver(log_and_decide)
@@ -170,8 +172,7 @@ class AsyncRLDriver(RLDriver):
         return out
 
     def _mini_batch(self, step: int) -> dict[str, Any]:
-        """Rank 0: the next mini-batch from the buffer as training samples (saved as batch ``step`` with
-        ``rollout.dump_dir``), and its metrics."""
+        """Rank 0: the next mini-batch from the buffer as prompt groups of training samples, and its metrics."""
         cfg = self.cfg
         taken: TakeResult = self.buffer.take(self.state.optimizer_steps, should_stop=lambda: self.generator.error)
         payloads: list[GroupPayload] = [g.payload for g in taken.groups]
@@ -205,9 +206,7 @@ class AsyncRLDriver(RLDriver):
         self.guard.observe(metrics)
         self._fleet_idle_mark = fleet_idle
         self._push_drain_s = 0.0
-        samples = trainable(batch.groups)
-        metrics.update(self.dump_batch(step, [samples], metrics))
-        return {"samples": samples, "metrics": metrics}
+        return {"groups": batch.groups, "metrics": metrics}
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ An :class:`RLDriver` is composed of small parts, each its own module:
   model, optimizer and LR schedule;
 - :class:`~.publisher.WeightPublisher`: the trainer's weights to the fleet, version checked;
 - :class:`~.run_state.RunState` and :class:`~.run_state.RunCheckpoints`: progress, checkpoints, summary;
-- :class:`~.rollout_side.RolloutSide` (rank 0): data, verifier, evaluator, the fleet and its weight sync.
+- :class:`~.rollout_side.RolloutSide` (rank 0): data, verifier, evaluator, the fleet and its weight sync;
+- with ``loss.kl`` on, the frozen reference model on every rank
+  (:class:`~megatron_vespo.train.reference.ReferencePolicy`).
 
 The loops (``sync_loop.SyncRLDriver``, ``async_loop.AsyncRLDriver``) decide *when* to generate, train
 and push: :meth:`RLDriver.total_steps`, :meth:`RLDriver.run_step` and, for background generation,
@@ -29,19 +31,22 @@ from megatron_vespo.checkpoint.training import TrainingCheckpointer
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.distributed import DistributedContext, destroy_distributed, init_distributed
 from megatron_vespo.driver.publisher import WeightPublisher
+from megatron_vespo.driver.rollout import split_mini_batches
 from megatron_vespo.driver.rollout_side import RolloutSide
 from megatron_vespo.driver.run_health import LearningGuard, TrainInferenceGate
 from megatron_vespo.driver.run_state import RunCheckpoints, RunState, RunSummary
 from megatron_vespo.driver.signals import sigterm_raises
 from megatron_vespo.models.trainable import build_model_and_optimizer
+from megatron_vespo.rewards.kl_penalty import apply_kl_penalty
 from megatron_vespo.train.lr_schedule import build_lr_scheduler
+from megatron_vespo.train.reference import ReferencePolicy
 from megatron_vespo.train.sample import TrainSample
 from megatron_vespo.train.step import PolicyTrainer
 
 PROGRESS_KEYS = {"rollout/reward_mean": "reward", "rollout/response_len_mean": "len",
                  "rollout/zero_std_fraction": "flat", "vespo/W_mean": "W", "vespo/phi_mean": "phi",
                  "mismatch/logp_gap_mean": "gap", "mismatch/routing_flip_rate": "flip", "train/grad_norm": "gnorm",
-                 "dynsamp/generation_cost": "gen_x"}  # absent keys (dynamic sampling off) are not shown
+                 "dynsamp/generation_cost": "gen_x", "loss/kl": "kl"}  # absent keys (e.g. features off) are not shown
 
 
 class RankZeroError(RuntimeError):
@@ -61,6 +66,7 @@ class RLDriver:
         trainable = build_model_and_optimizer(cfg, init_checkpoint=run_init_checkpoint(cfg))
         scheduler = build_lr_scheduler(trainable.optimizer, cfg.optimizer)
         self.trainer = PolicyTrainer(cfg, trainable, scheduler, temperature=cfg.rollout.temperature)
+        self.reference = ReferencePolicy.from_config(cfg)  # loss.kl's π_ref; None while its coef is 0
         bucket_bytes = cfg.rollout.weight_sync.bucket_bytes
         self.publisher = WeightPublisher(HFWeightExporter(trainable.model, cfg.model, bucket_bytes=bucket_bytes),
                                          cfg.rollout.weight_sync)
@@ -112,6 +118,22 @@ class RLDriver:
         for sample, lp in zip(samples, self.trainer.compute_logprobs(samples, record_routing=record)):
             sample.old_logp = lp.tolist()
         return time.monotonic() - t0
+
+    def prepare_mini_batches(self, step: int, groups: list[list[TrainSample]], metrics: dict[str, Any],
+                             num: int) -> list[list[TrainSample]]:
+        """Every rank: the trained prompt ``groups`` (identical on every rank) as ``num`` in-order mini-batches
+        (:func:`split_mini_batches`). With ``loss.kl`` on, the reference's log-probs of every sample, before any
+        update (``time/reference_s``), and in mode reward the advantages recomputed from the KL-penalised
+        rewards (``kl/*``); then, with ``rollout.dump_dir``, rank 0 saves the batch as it will be trained.
+        Adds to ``metrics``."""
+        mini_batches = split_mini_batches(groups, num)
+        if self.reference is not None:
+            metrics["time/reference_s"] = self.reference.attach_logprobs(self.trainer, mini_batches)
+            if self.cfg.loss.kl.mode == "reward":  # every rank: the same samples give the same advantages
+                metrics.update(apply_kl_penalty(groups, self.cfg.loss.kl, self.cfg.advantage))
+        if self.cfg.rollout.dump_dir:
+            metrics.update(self.from_driver(lambda: self.dump_batch(step, mini_batches, metrics)))
+        return mini_batches
 
     def train_step(self, samples: list[TrainSample], extra: dict[str, Any]) -> dict[str, Any]:
         """One optimizer step on ``samples`` (every rank); the metrics record, ``extra`` included."""

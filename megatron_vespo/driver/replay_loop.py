@@ -61,6 +61,15 @@ class ReplayRLDriver(SyncRLDriver):
         self.publisher.version = str(self.state.optimizer_steps)
         return 0.0
 
+    def _training_batch(self, step: int) -> tuple[list[list[TrainSample]], dict[str, Any]]:
+        """Every rank: the saved mini-batches as they are (with ``loss.kl`` mode loss, plus the reference's
+        log-probs; the reward mode is refused by the config: the saved advantages are final)."""
+        batch = self.from_driver(lambda: self._rollout(step))
+        metrics = batch["metrics"]
+        if self.reference is not None:
+            metrics["time/reference_s"] = self.reference.attach_logprobs(self.trainer, batch["mini_batches"])
+        return batch["mini_batches"], metrics
+
     def _rollout(self, step: int) -> dict[str, Any]:
         """Rank 0: the saved batch of loop step ``step``, as trained by the run that saved it."""
         t0 = time.monotonic()

@@ -205,6 +205,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
                 rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
                 response_mask=[0.0] * len(r.output_ids) if masked else None,
                 rollout_routed_experts=routed, reward=float(rewards[k - 1]), weight_version=r.weight_version,
+                shaped_reward=float(shaped_t[k - 1]),
                 rollout_prompt_routed_experts=prompt_routed_experts(r, len(g.row.prompt_ids))
                 if keep_prompt_routed and routed is not None else None))
     n = float(len(rewards))

@@ -7,10 +7,12 @@ Every rollout step:
 2. rank 0 scores them with the verifier and computes GRPO advantages per prompt group; with
    ``rollout.dynamic_sampling`` groups without reward variance are dropped and more prompts generated,
    on the same weights, until the batch is full (``dynamic_sampling.py``);
-3. the batch is split IN ORDER into N mini-batches of whole prompt groups and broadcast to every
-   rank; with ``train.recompute_old_logprobs`` π_old is computed for the whole batch first, under
-   the weights that generated it (per mini-batch with ``train.routing_replay: r2``, which records
-   each mini-batch's routing in that pass and replays it in its update);
+3. the batch is broadcast to every rank and split IN ORDER into N mini-batches of whole prompt groups;
+   with ``loss.kl`` the frozen reference model's log-probs are computed (and in its reward mode the
+   advantages recomputed from the KL-penalised rewards); with ``train.recompute_old_logprobs`` π_old
+   is computed for the whole batch first, under the weights that generated it (per mini-batch with
+   ``train.routing_replay: r2``, which records each mini-batch's routing in that pass and replays it
+   in its update);
 4. every rank runs N optimizer steps: mini-batch j trains at policy lag j;
 5. the weights are published (collective: each pipeline stage's source rank streams its own HF-named
    buckets to the servers, see ``publisher.py``) with version = number of optimizer steps so far, then
@@ -35,7 +37,7 @@ from typing import Any
 from megatron_vespo.driver.base import RLDriver
 from megatron_vespo.driver.dynamic_sampling import collect_groups, merge_reward_stats
 from megatron_vespo.driver.rollout import (
-    RolloutBatch, RolloutGroup, build_rollout_batch, generate_groups, score_groups, split_mini_batches,
+    RolloutBatch, RolloutGroup, build_rollout_batch, generate_groups, score_groups,
 )
 from megatron_vespo.train.routing import unreported_experts_shape
 from megatron_vespo.train.sample import TrainSample
@@ -50,9 +52,9 @@ class SyncRLDriver(RLDriver):
     def run_step(self, step: int) -> bool:
         # A server restarted since the last push waits for weights: the live model still is that version here.
         self.restore_restarted_servers()
-        batch = self.from_driver(lambda: self._rollout(step))
+        mini_batches, metrics = self._training_batch(step)
         steps_before = self.state.optimizer_steps
-        records = self._train(batch["mini_batches"], batch["metrics"])
+        records = self._train(mini_batches, metrics)
         sync_s = self.publish_weights()
         last = step == self.total_steps() - 1
         records[-1].update(self.maybe_evaluate(steps_before, final=last))
@@ -63,7 +65,7 @@ class SyncRLDriver(RLDriver):
                 record["time/elapsed_s"] = self.state.elapsed_s()
                 self.metrics_writer.write(step, record)
             self.progress.report(step, records[-1])
-            return self.state.reached_target(batch["metrics"]["rollout/reward_mean"], window=1,
+            return self.state.reached_target(metrics["rollout/reward_mean"], window=1,
                                              target=self.cfg.run.stop_at_reward)
 
         stop = self.from_driver(log_and_decide)
@@ -74,8 +76,15 @@ class SyncRLDriver(RLDriver):
         self.maybe_save(step, final=stop or last)
         return stop
 
+    def _training_batch(self, step: int) -> tuple[list[list[TrainSample]], dict[str, Any]]:
+        """Every rank: this step's N mini-batches (reference log-probs and KL penalty included, see
+        :meth:`RLDriver.prepare_mini_batches`) and the rollout metrics."""
+        batch = self.from_driver(lambda: self._rollout(step))
+        metrics = batch["metrics"]
+        return self.prepare_mini_batches(step, batch["groups"], metrics, self.cfg.train.staleness), metrics
+
     def _rollout(self, step: int) -> dict[str, Any]:
-        """Rank 0: one rollout batch, scored, as N in-order mini-batches of training samples, and its metrics."""
+        """Rank 0: one rollout batch, scored, as the prompt groups to train (training samples), and its metrics."""
         cfg, side = self.cfg, self.rollout
         need = cfg.train.mini_batch_prompts * cfg.train.staleness
         seconds = {"generate": 0.0, "score": 0.0}  # summed over the generation rounds
@@ -118,9 +127,7 @@ class SyncRLDriver(RLDriver):
                        1 for g in groups for r in g.responses if r.weight_version != self.publisher.version)),
                    "time/generate_s": seconds["generate"], "time/score_s": seconds["score"]}
         self.guard.observe(metrics)
-        mini_batches = split_mini_batches(trained_groups, cfg.train.staleness)
-        metrics.update(self.dump_batch(step, mini_batches, metrics))
-        return {"mini_batches": mini_batches, "metrics": metrics}
+        return {"groups": trained_groups, "metrics": metrics}
 
     def _train(self, mini_batches: list[list[TrainSample]], rollout_metrics: dict[str, float]) -> list[dict]:
         """N optimizer steps, mini-batch j at policy lag j; one metrics record per step."""

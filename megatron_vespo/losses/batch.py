@@ -7,9 +7,10 @@ it spans CP ranks: every segment sum goes through a ``seq_sum_reduce`` hook that
 an all-reduce over the CP group (identity otherwise).
 
 Robustness: :func:`screen` marks a sequence "bad" when any of its valid tokens has a non-finite
-log-prob (current, behaviour or rollout) or its advantage is non-finite. Bad sequences are removed
-with ``torch.where`` *before* any arithmetic, so no NaN/inf ever enters the autograd graph (where
-``0 * nan = nan`` would poison the backward pass); they contribute exactly zero loss and gradient.
+log-prob (current, behaviour, rollout or reference) or entropy, or its advantage is non-finite. Bad
+sequences are removed with ``torch.where`` *before* any arithmetic, so no NaN/inf ever enters the
+autograd graph (where ``0 * nan = nan`` would poison the backward pass); they contribute exactly zero
+loss and gradient.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class PolicyBatch:
     advantages: Tensor  # [num_seqs] one per sequence
     num_seqs: int
     rollout_logp: Optional[Tensor] = None  # [N] μ when behavior_logp is π_old (TIS/MIS, gap metric)
+    ref_logp: Optional[Tensor] = None  # [N] log π_ref of the frozen reference model (loss.kl)
+    entropy: Optional[Tensor] = None  # [N] entropy of π_θ per token (requires grad for the entropy bonus)
 
     def validate(self) -> None:
         """Checks shapes and dtypes (and the seq_index range for host tensors: free of device syncs)."""
@@ -50,8 +53,9 @@ class PolicyBatch:
             raise ValueError(f"PolicyBatch.logp must be flat [N]; got shape {tuple(self.logp.shape)}")
         n = self.logp.shape[0]
         named = {"behavior_logp": self.behavior_logp, "mask": self.mask, "seq_index": self.seq_index}
-        if self.rollout_logp is not None:
-            named["rollout_logp"] = self.rollout_logp
+        for name in ("rollout_logp", "ref_logp", "entropy"):
+            if getattr(self, name) is not None:
+                named[name] = getattr(self, name)
         for name, t in named.items():
             if tuple(t.shape) != (n,):
                 raise ValueError(f"PolicyBatch.{name} must have shape [{n}] like logp; got {tuple(t.shape)}")
@@ -153,6 +157,8 @@ class ScreenedBatch:
     logp: Tensor  # [N] ℓ (grad flows for active tokens)
     behavior_logp: Tensor  # [N] b, detached
     rollout_logp: Optional[Tensor]  # [N] μ, detached (None when not given)
+    ref_logp: Optional[Tensor]  # [N] log π_ref, detached (None when not given)
+    entropy: Optional[Tensor]  # [N] token entropy (grad flows for active tokens; None when not given)
     valid: Tensor  # [N] bool: the mask as given
     active: Tensor  # [N] bool: valid token of a good sequence
     seq_tokens: Tensor  # [num_seqs] valid tokens T_i (all CP ranks), bad sequences included
@@ -186,8 +192,9 @@ def screen(batch: PolicyBatch, seq_sum_reduce: Optional[SeqSumReduce] = None) ->
     dtype = torch.promote_types(batch.logp.dtype, torch.float32)
     valid = batch.valid
     finite = torch.isfinite(batch.logp.detach()) & torch.isfinite(batch.behavior_logp)
-    if batch.rollout_logp is not None:
-        finite &= torch.isfinite(batch.rollout_logp)
+    for optional in (batch.rollout_logp, batch.ref_logp, batch.entropy):
+        if optional is not None:
+            finite &= torch.isfinite(optional.detach())
     local = segment_sum(torch.stack([valid.to(dtype), (valid & ~finite).to(dtype)]), batch.seq_index, batch.num_seqs)
     local_tokens = local[0].clone()  # the hook may all-reduce in place
     counts = reduce(local)
@@ -205,6 +212,8 @@ def screen(batch: PolicyBatch, seq_sum_reduce: Optional[SeqSumReduce] = None) ->
         logp=clean(batch.logp),
         behavior_logp=clean(batch.behavior_logp.detach()),
         rollout_logp=None if batch.rollout_logp is None else clean(batch.rollout_logp.detach()),
+        ref_logp=None if batch.ref_logp is None else clean(batch.ref_logp.detach()),
+        entropy=None if batch.entropy is None else clean(batch.entropy),
         valid=valid,
         active=active,
         seq_tokens=seq_tokens,

@@ -1,4 +1,17 @@
-"""One entry point for every policy loss: screen the batch, correct, compute per-token loss, aggregate."""
+"""One entry point for every policy loss: screen the batch, correct, compute per-token loss, aggregate.
+
+Regularisers are added to whichever policy loss runs, aggregated like it (same token weights, so the
+mini-batch total does not depend on the micro-batch split or the token order):
+
+- KL to a frozen reference (``loss.kl``, mode ``loss``): + coef · Σ_t w_t k(ℓ_t, log π_ref,t), k the
+  estimator of :mod:`megatron_vespo.losses.kl`; reported as ``loss/kl`` whenever the batch carries
+  reference log-probs (mode ``reward`` too, where it is only a diagnostic);
+- entropy bonus (``loss.entropy_coef``): − coef · Σ_t w_t H_t; reported as ``loss/entropy`` whenever
+  the batch carries entropies.
+
+Both act on every active token (an MIS correction's dropped tokens included: they keep the policy
+close to the reference whatever their importance weight).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +25,7 @@ from megatron_vespo.config.schema import CorrectionConfig, LossConfig
 from megatron_vespo.losses.aggregation import aggregate
 from megatron_vespo.losses.batch import LossOutput, Normalizer, PolicyBatch, ScreenedBatch, SeqSumReduce, screen
 from megatron_vespo.losses.correction import Correction, compute_correction
+from megatron_vespo.losses.kl import kl_estimate
 from megatron_vespo.losses.ratio_losses import (
     cispo_token_loss, gspo_token_loss, ppo_clip_token_loss, sapo_token_loss,
 )
@@ -68,8 +82,31 @@ def compute_policy_loss(
     loss = aggregate(token_loss, inputs, normalizer, loss_cfg.resolved_aggregation)
 
     metrics.add_sum("loss/policy_loss", loss.detach())
+    loss = loss + _regularizers(inputs, normalizer, loss_cfg, metrics)
     _add_common_metrics(metrics, inputs)
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def _regularizers(inputs: ScreenedBatch, normalizer: Normalizer, loss_cfg: LossConfig, metrics: MetricBag) -> Tensor:
+    """The KL and entropy terms of this micro-batch (a scalar; 0 when both are off); adds their metrics."""
+    mode = loss_cfg.resolved_aggregation
+    total = torch.zeros((), dtype=inputs.dtype, device=inputs.logp.device)
+    kl_cfg = loss_cfg.kl
+    if inputs.ref_logp is not None:
+        kl = aggregate(kl_estimate(inputs.logp, inputs.ref_logp, kl_cfg.resolved_estimator), inputs, normalizer, mode)
+        metrics.add_sum("loss/kl", kl.detach())
+        if kl_cfg.enabled and kl_cfg.mode == "loss":
+            total = total + kl_cfg.coef * kl
+    elif kl_cfg.enabled and kl_cfg.mode == "loss":
+        raise ValueError("loss.kl (mode 'loss') needs the reference log-probs of every token (PolicyBatch.ref_logp)")
+    if inputs.entropy is not None:
+        entropy = aggregate(inputs.entropy, inputs, normalizer, mode)
+        metrics.add_sum("loss/entropy", entropy.detach())
+        if loss_cfg.entropy_coef > 0:
+            total = total - loss_cfg.entropy_coef * entropy
+    elif loss_cfg.entropy_coef > 0:
+        raise ValueError("loss.entropy_coef > 0 needs the token entropies (PolicyBatch.entropy)")
+    return total
 
 
 def _add_common_metrics(metrics: MetricBag, inputs: ScreenedBatch) -> None:

@@ -5,6 +5,8 @@ Trainer rank (the worst pipeline stage), in bytes:
 - weights: the rank's parameter shard x 2 (bf16/fp16) or 4 (fp32). Vocabulary, attention and dense
   MLP weights are split by TP; experts by EP x ETP; norms and the router are whole on every rank.
   The first stage holds the embedding, the last the output layer (and the final norm).
+- reference (``loss.kl`` on): the frozen reference model's weights, the same shard again (no grads or
+  optimizer state).
 - gradients: 4 bytes per parameter (Megatron's DDP grad buffer in fp32, ``grad_reduce_in_fp32``).
 - optimizer: Adam m and v in fp32 (8 bytes/param) plus an fp32 master copy (4) when the model is not
   fp32. With the distributed optimizer, dense state is sharded over DP x CP and expert state over
@@ -81,10 +83,12 @@ class TrainerEstimate:
     overhead: float
     recompute: str
     optimizer_host: float = 0.0  # optimizer state offloaded to host memory (optimizer.cpu_offload)
+    reference: float = 0.0  # loss.kl's frozen reference model (weights only)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+        return (self.weights + self.reference + self.gradients + self.optimizer + self.activations + self.logits
+                + self.overhead)
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,7 @@ def estimate_trainer(cfg: RunConfig, world_size: int, recompute: Optional[Recomp
             params_per_rank=int(params), weights=params * pbytes, gradients=params * 4.0, optimizer=optimizer,
             activations=activations, logits=logits, overhead=overhead_gib * GIB,
             recompute=describe_recompute(recompute), optimizer_host=optimizer_host,
+            reference=params * pbytes if cfg.loss.kl.enabled else 0.0,
         )
         if best is None or est.total > best.total:
             best = est
@@ -426,6 +431,7 @@ def format_plan(plan: RunPlan, cfg: RunConfig) -> str:
         f"{cfg.train.micro_batch_tokens} tokens/micro-batch, recompute {t.recompute})",
         f"  parameters       {t.params_per_rank:>16,d}",
         f"  weights          {gib(t.weights)}",
+        *([f"  reference (KL)   {gib(t.reference)}"] if t.reference else []),
         f"  gradients (fp32) {gib(t.gradients)}",
         f"  optimizer        {gib(t.optimizer)}  ({'distributed' if cfg.optimizer.distributed else 'replicated'}"
         + (f"; {gib(t.optimizer_host).strip()} offloaded to host memory per rank)" if t.optimizer_host else ")"),

@@ -39,7 +39,17 @@ import torch
 
 from megatron_vespo.train.sample import TrainSample
 
-__all__ = ["PackingPlan", "pack_sequences", "build_thd_micro_batch", "iter_rank_micro_batches"]
+__all__ = ["OPTIONAL_TOKEN_FIELDS", "PackingPlan", "pack_sequences", "build_thd_micro_batch", "carried_fields",
+           "iter_rank_micro_batches"]
+
+# Per-token TrainSample fields a micro-batch carries only when its samples have them: π_old
+# (train.recompute_old_logprobs) and π_ref (loss.kl).
+OPTIONAL_TOKEN_FIELDS = ("old_logp", "ref_logp")
+
+
+def carried_fields(samples: Sequence[TrainSample]) -> tuple[str, ...]:
+    """The optional per-token fields any of ``samples`` has (then every one must have them)."""
+    return tuple(name for name in OPTIONAL_TOKEN_FIELDS if any(getattr(s, name) is not None for s in samples))
 
 
 @dataclass(frozen=True)
@@ -211,24 +221,28 @@ def build_thd_micro_batch(
     samples: Sequence[TrainSample],
     pad_to_multiple: int = 1,
     pad_token_id: int = 0,
-    with_old_logp: Optional[bool] = None,
+    optional_fields: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """Pack samples end to end into one THD micro-batch (see the module docstring for the layout).
 
-    ``with_old_logp``: whether the micro-batch carries π_old (``old_logp``); by default, whether the
-    samples have it (then every one must). Give it explicitly for a micro-batch with no samples.
+    ``optional_fields``: which of :data:`OPTIONAL_TOKEN_FIELDS` (π_old ``old_logp``, π_ref ``ref_logp``)
+    the micro-batch carries; by default those the samples have (:func:`carried_fields`; then every
+    one must). Give them explicitly for a micro-batch with no samples.
 
     Returns ``input_ids``, ``position_ids``, ``labels``, ``seq_index`` (int64 ``[T]``), ``loss_mask``,
-    ``rollout_logp`` and (with π_old) ``old_logp`` (float32 ``[T]``, aligned with ``labels``),
+    ``rollout_logp`` and the optional fields (float32 ``[T]``, aligned with ``labels``),
     ``advantage`` (``[S]``), ``cu_seqlens`` (int32), ``max_seqlen``, ``num_sequences`` (S),
     ``num_tokens`` (T, padding included) and ``num_padding``. With no samples, the micro-batch is
     ``max(pad_to_multiple, 1)`` padding tokens, all masked.
     """
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
-    if with_old_logp is None:
-        with_old_logp = any(s.old_logp is not None for s in samples)
-    token_fields = ("rollout_logp", "old_logp") if with_old_logp else ("rollout_logp",)
+    if optional_fields is None:
+        optional_fields = carried_fields(samples)
+    unknown = set(optional_fields) - set(OPTIONAL_TOKEN_FIELDS)
+    if unknown:
+        raise ValueError(f"optional_fields {sorted(unknown)} are not among {OPTIONAL_TOKEN_FIELDS}")
+    token_fields = ("rollout_logp", *optional_fields)
 
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "position_ids", "labels", "loss_mask",
                                                              "seq_index", *token_fields)}
@@ -302,7 +316,7 @@ def iter_rank_micro_batches(
     if not 0 <= dp_rank < plan.dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside the plan's {plan.dp_size} data-parallel ranks")
     # Every micro-batch (an empty one too) carries the same fields.
-    build_kwargs.setdefault("with_old_logp", any(s.old_logp is not None for s in samples))
+    build_kwargs.setdefault("optional_fields", carried_fields(samples))
     for indices in plan.micro_batches[dp_rank]:
         chosen = [samples[i] for i in indices]
         for i, sample in zip(indices, chosen):

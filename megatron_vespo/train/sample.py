@@ -24,6 +24,7 @@ class TrainSample:
     rollout_logp: list[float]  # log μ of each response token, as the rollout engine returned it
     advantage: float
     old_logp: Optional[list[float]] = None  # log π_old, when train.recompute_old_logprobs recomputed it
+    ref_logp: Optional[list[float]] = None  # log π_ref of the frozen reference model, when loss.kl is on
     response_mask: Optional[list[float]] = None  # 1 = train on this token; None: every token
     # [R, layers, topk] experts the engine routed each response token's position to (MoE, when asked for)
     rollout_routed_experts: Optional[np.ndarray] = None
@@ -31,6 +32,9 @@ class TrainSample:
     # generated it. Saved with the sample by rollout.dump_dir.
     reward: Optional[float] = None
     weight_version: Optional[str] = None
+    # The reward the advantage is computed from (the verifier's plus rollout.overlong's penalty): the KL
+    # reward penalty (loss.kl mode reward) is subtracted from it and the advantages recomputed.
+    shaped_reward: Optional[float] = None
     # [P - 1, layers, topk] experts of the prompt positions that were fed forward (kept for
     # train.routing_replay r3 where the engine reports them; None: the trainer routes the prompt itself)
     rollout_prompt_routed_experts: Optional[np.ndarray] = None

@@ -176,8 +176,10 @@ class PolicyTrainer:
             temperature=self.temperature, compute_entropy=entropy, vocab_size=self.cfg.model.vocab_size)
 
     def _loss_func(self, mb: Mapping[str, Any], normalizer: Normalizer, output: torch.Tensor):
-        # Entropy is a diagnostic here (no entropy bonus in VESPO): computed without a graph.
-        logp, entropy = self._token_logprobs(output, mb, entropy=self.cfg.train.compute_entropy)
+        # The kernel's entropy is differentiable: with loss.entropy_coef > 0 the bonus's gradient flows
+        # through it; otherwise it is only reported (train.compute_entropy).
+        logp, entropy = self._token_logprobs(
+            output, mb, entropy=self.cfg.train.compute_entropy or self.cfg.loss.entropy_coef > 0)
         device = logp.device
         num_real = mb["num_sequences"]
         # Padding tokens sit in one extra dummy sequence that has no valid token.
@@ -194,6 +196,8 @@ class PolicyTrainer:
             advantages=advantages,
             num_seqs=num_seqs,
             rollout_logp=rollout if recomputed else None,
+            ref_logp=mb["ref_logp"].to(device) if "ref_logp" in mb else None,
+            entropy=entropy,
         )
         out = compute_policy_loss(batch, normalizer, self.cfg.loss, self.cfg.correction)
         if entropy is not None:
@@ -203,9 +207,10 @@ class PolicyTrainer:
         # (loss, token count, reported) -- with calculate_per_token_loss the schedule leaves loss as is.
         return out.loss, torch.tensor(1, dtype=torch.int, device=device), {}
 
-    def _forward_step(self, normalizer: Optional[Normalizer], data_iterator: Iterable, model: torch.nn.Module):
+    def _forward_step(self, normalizer: Optional[Normalizer], replay: bool, data_iterator: Iterable,
+                      model: torch.nn.Module):
         mb = next(data_iterator)
-        if self.replay is not None:
+        if replay:
             if "replay_rows" in mb:  # r3, every pass
                 self.replay.load_rows(model, mb["replay_rows"])
             elif "replay_recorded" in mb:  # r2, the update
@@ -225,10 +230,12 @@ class PolicyTrainer:
         return output, partial(self._loss_func, mb, normalizer)
 
     def _run_schedule(self, micro_batches: list[dict[str, Any]], normalizer: Optional[Normalizer],
-                      forward_only: bool) -> None:
+                      forward_only: bool, chunks: Optional[list[torch.nn.Module]] = None) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        chunks = self.trainable.model
+        # Another model (the frozen reference) routes itself: routing replay drives the policy's routers only.
+        replay = chunks is None and self.replay is not None
+        chunks = chunks or self.trainable.model
         iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
         # Packed lengths differ between micro-batches: the provider sets variable_seq_lengths, so the
         # pipeline exchanges shapes first and seq_length only sizes the first exchange.
@@ -238,11 +245,11 @@ class PolicyTrainer:
         action = None
         if self._recording is not None:
             action = "record"
-        elif self.replay is not None and any("replay_rows" in mb or "replay_recorded" in mb for mb in micro_batches):
+        elif replay and any("replay_rows" in mb or "replay_recorded" in mb for mb in micro_batches):
             action = "replay"
         with self.replay.active(action) if action else nullcontext():
             get_forward_backward_func()(
-                forward_step_func=partial(self._forward_step, normalizer),
+                forward_step_func=partial(self._forward_step, normalizer, replay),
                 data_iterator=iterators,
                 model=chunks,
                 num_microbatches=len(micro_batches),
@@ -341,17 +348,21 @@ class PolicyTrainer:
         return torch.zeros((), device=logp.device), torch.tensor(1, dtype=torch.int), {}
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: Sequence[TrainSample], record_routing: bool = False) -> list[torch.Tensor]:
+    def compute_logprobs(self, samples: Sequence[TrainSample], record_routing: bool = False,
+                         chunks: Optional[list[torch.nn.Module]] = None) -> list[torch.Tensor]:
         """Per-response-token log-probs of every sample under the current weights (forward only).
 
         Returns one ``[R]`` CPU tensor per sample, in input order, on every rank: each DP rank's
         last stage computes its share, the shares are gathered over DP, then sent down the pipeline.
         Used to recompute π_old and for evaluation. With r3 the engine's experts are replayed;
         ``record_routing`` (r2's π_old pass) keeps every router's choice for the update of the same
-        ``samples``.
+        ``samples``. ``chunks``: run these model chunks instead of the policy's, packed and scheduled
+        the same way (the frozen reference model of ``loss.kl``: same layout, it routes itself).
         """
+        if chunks is not None and record_routing:
+            raise ValueError("compute_logprobs: record_routing records the policy's routing, not another model's")
         micro_batches = self._plan(samples)
-        for chunk in self.trainable.model:
+        for chunk in chunks or self.trainable.model:
             chunk.eval()
         self._collected = []
         if record_routing:
@@ -360,7 +371,7 @@ class PolicyTrainer:
                                  f"train.routing_replay is {self.routing_replay!r}")
             self._recording = [{} for _ in micro_batches]
         try:
-            self._run_schedule(micro_batches, None, forward_only=True)
+            self._run_schedule(micro_batches, None, forward_only=True, chunks=chunks)
             if record_routing:
                 self._r2_records[_samples_key(samples)] = self._recording
                 # The loops train what they recorded before the next batch; never hold more than a batch.

@@ -72,7 +72,7 @@ def test_fewer_sequences_than_micro_batches_gives_empty_padding_only_batches():
     plan = pack_sequences([60, 60, 60], token_budget=100, dp_size=2)
     check_plan_invariants(plan, [60, 60, 60], 100, 2)
     assert plan.micro_batches == (((0,), (2,)), ((1,), ()))
-    batch = build_thd_micro_batch([], pad_to_multiple=4, with_old_logp=True)
+    batch = build_thd_micro_batch([], pad_to_multiple=4, optional_fields=("old_logp",))
     assert batch["num_tokens"] == 4 and batch["num_sequences"] == 0 and batch["loss_mask"].sum() == 0
     assert batch["cu_seqlens"].tolist() == [0, 4] and batch["seq_index"].tolist() == [0, 0, 0, 0]
     assert batch["advantage"].shape == (0,)
