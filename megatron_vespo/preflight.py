@@ -77,7 +77,11 @@ def preflight(cfg: RunConfig, world_size: Optional[int] = None, files: bool = Tr
 
         cfg.parallel.check_world_size(world_size)
         validate_layout(cfg.model, cfg.parallel, cfg.precision, world_size)
-    if not cfg.rollout.replay_dir:  # a replay scores nothing: its rewards are in the files
+    if not cfg.rollout.replay_dir:  # a replay generates and scores nothing: its rewards are in the files
+        from megatron_vespo.rollout_function import load_rollout_function
+
+        # Imported before the verifiers are looked up: the module may register the one the run names.
+        load_rollout_function(cfg.rollout.function)
         _check_verifiers_and_eval_sets(cfg)
     if not files:
         return []

@@ -6,6 +6,7 @@ each class's ``validate(path)`` and run before anything launches.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -286,6 +287,9 @@ class AdvantageConfig:
 
 # Megatron's selective-recompute module names that exist in this model family (no multi-latent
 # attention: no mla_up_proj; no shared experts: no shared_experts).
+# rollout.function: an importable module path and an attribute name
+ROLLOUT_FUNCTION_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm")
 # Those that recompute a Transformer Engine module (moe_act needs TE's grouped GEMM experts).
 RECOMPUTE_MODULES_NEEDING_TE = ("moe_act", "layernorm")
@@ -512,6 +516,10 @@ class RolloutConfig:
                           "μ log-probs, advantages, rewards, versions, routed experts); empty: off")
     replay_dir: str = field("", help="train on the batches a run saved with dump_dir instead of generating: no fleet "
                             "starts, one file per rollout step, in order; empty: off")
+    function: str = field(
+        "", help="custom rollout function 'package.module:fn' (async; gets the generation client, the prompt and the "
+        "sampling settings, returns the group's samples with a loss mask: README, 'Custom and multi-turn rollouts'); "
+        "empty: single-turn generation")
 
     def validate(self, path: str) -> None:
         if self.top_k == 0:  # every server would answer 400 to every request
@@ -525,6 +533,18 @@ class RolloutConfig:
         if self.dump_dir and self.replay_dir:
             raise ConfigError(f"{path}.dump_dir", "cannot be combined with rollout.replay_dir (a replay generates "
                               "nothing new to save)")
+        if self.function:
+            if not ROLLOUT_FUNCTION_RE.fullmatch(self.function):
+                raise ConfigError(f"{path}.function", f"expected 'package.module:function'; got {self.function!r}")
+            if self.return_routed_experts:
+                # A custom function's samples hold tokens no request generated (tool output): the engine has
+                # no routed-expert rows aligned with them, so r3 / routing-flip metrics cannot follow.
+                raise ConfigError(f"{path}.return_routed_experts", "cannot be combined with rollout.function (the "
+                                  "samples of a custom rollout have tokens no request generated; the engine's "
+                                  "routed experts do not line up with them)")
+            if self.replay_dir:
+                raise ConfigError(f"{path}.function", "cannot be combined with rollout.replay_dir (a replay "
+                                  "generates nothing)")
         if self.replay_dir and self.dynamic_sampling.enabled:
             raise ConfigError(f"{path}.dynamic_sampling.enabled", "cannot be combined with rollout.replay_dir (a "
                               "replay trains the saved batches as they are and generates nothing)")

@@ -28,6 +28,7 @@ class PromptRow:
     index: int  # row number in the source (after nothing is dropped: the original position)
     prompt_ids: list[int]
     ground_truth: Any
+    text: Optional[str] = None  # the row's 'prompt' text (rollout functions may read it); None for token-id rows
 
 
 @dataclass
@@ -107,6 +108,7 @@ def build_rows(raw_rows: Iterable[dict[str, Any]], source: str, cfg: DataConfig,
         if cfg.ground_truth_key not in raw:
             raise DataError(f"{where}: missing field {cfg.ground_truth_key!r} (data.ground_truth_key); "
                             f"fields: {sorted(raw)}")
+        text = raw.get("prompt") if isinstance(raw.get("prompt"), str) else None
         if raw.get("prompt_ids") is not None:
             ids = raw["prompt_ids"]
             if not isinstance(ids, (list, tuple)) or not ids or \
@@ -126,7 +128,7 @@ def build_rows(raw_rows: Iterable[dict[str, Any]], source: str, cfg: DataConfig,
         if len(ids) > max_prompt_len:
             too_long += 1
             continue
-        rows.append(PromptRow(index=i, prompt_ids=ids, ground_truth=raw[cfg.ground_truth_key]))
+        rows.append(PromptRow(index=i, prompt_ids=ids, ground_truth=raw[cfg.ground_truth_key], text=text))
     if not rows:
         why = f" ({too_long} longer than rollout.max_prompt_len={max_prompt_len})" if too_long else ""
         raise DataError(f"{source}: no usable prompts{why}")

@@ -119,7 +119,7 @@ class AsyncRLDriver(RLDriver):
             version=int(self.publisher.version), rid_prefix=f"s{cfg.train.seed}-async-{self.state.optimizer_steps}",
             routed_experts_shape=unreported_experts_shape(cfg.model),
             one_request_per_sample=self.rollout.fleet.one_request_per_sample,
-            is_flat=self._is_flat if dynamic.enabled else None)
+            is_flat=self._is_flat if dynamic.enabled else None, tokenizer=self.rollout.tokenizer)
         if self._resumed_async_state is not None:
             resumed = self._resumed_async_state
             self.buffer.restore(resumed["finished_groups"])

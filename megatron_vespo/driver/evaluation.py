@@ -2,7 +2,8 @@
 
 An :class:`Evaluator` lives on rank 0 (it needs no trainer). For every set it generates
 ``n_samples`` responses per prompt through a given URL (the fleet's router, or one server) with the
-eval sampling parameters, scores them with the set's verifier and reports
+eval sampling parameters and the run's rollout function (``rollout.function``: a multi-turn task is
+evaluated the way it is trained), scores them with the set's verifier and reports
 
 - ``eval/<name>/accuracy``: the mean score over all prompts and samples (mean@k; with a 0/1
   verifier this is the paper's "mean accuracy over k samples"),
@@ -31,7 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 from megatron_vespo.config.schema import EvalConfig, EvalSetConfig, RunConfig
 from megatron_vespo.data.dataset import PromptRow, build_rows, load_prompt_dataset
 from megatron_vespo.data.synthetic import synthetic_rows
-from megatron_vespo.driver.rollout import response_text
+from megatron_vespo.driver.rollout import RolloutGroup, response_text, run_groups
+from megatron_vespo.rollout_function import RolloutSampling, load_rollout_function
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, get_verifier, score_all
 from rollout_sglang.client import SGLangClient
 from typed_config import ConfigError
@@ -116,6 +118,7 @@ class Evaluator:
         self.eval_cfg.check_set_names()
         self.sets = [load_eval_set(s, i, cfg, self.seed, tokenizer) for i, s in enumerate(self.eval_cfg.sets)]
         self.params = eval_sampling_params(self.eval_cfg, cfg)
+        self.runner = load_rollout_function(cfg.rollout.function)
         self.last_step: Optional[int] = None  # the optimizer step evaluated last (never twice)
 
     def due(self, optimizer_step: int, previous: Optional[int] = None) -> bool:
@@ -156,7 +159,8 @@ class Evaluator:
 
     def _evaluate_set(self, url: str, eval_set: EvalSet, one_request_per_sample: bool) -> SetResult:
         t0 = time.monotonic()
-        responses = asyncio.run(self._generate(url, eval_set, one_request_per_sample))
+        groups = asyncio.run(self._generate(url, eval_set, one_request_per_sample))
+        responses = [g.responses for g in groups]
         requests = [ScoreRequest(response_ids=list(r.output_ids), response_text=response_text(self.tokenizer, r),
                                  ground_truth=row.ground_truth, prompt_ids=list(row.prompt_ids))
                     for row, group in zip(eval_set.rows, responses) for r in group]
@@ -167,12 +171,13 @@ class Evaluator:
                          verifier_errors=stats.errors, verifier_timeouts=stats.timeouts,
                          seconds=time.monotonic() - t0)
 
-    async def _generate(self, url: str, eval_set: EvalSet, one_request_per_sample: bool) -> list[list[Any]]:
+    async def _generate(self, url: str, eval_set: EvalSet, one_request_per_sample: bool) -> list[RolloutGroup]:
+        sampling = RolloutSampling(n=eval_set.n_samples, params=self.params,
+                                   max_response_len=self.params["max_new_tokens"])
         async with SGLangClient(url, request_timeout_s=self.cfg.rollout.request_timeout_s,
                                 one_request_per_sample=one_request_per_sample) as client:
-            return await client.generate_batch(
-                [r.prompt_ids for r in eval_set.rows], self.params, n=eval_set.n_samples, return_logprob=False,
-                max_concurrency=self.cfg.rollout.max_concurrency, rid_prefix=f"eval-{self.seed}-{eval_set.name}")
+            return await run_groups(client, eval_set.rows, self.runner, sampling, f"eval-{self.seed}-{eval_set.name}",
+                                    self.cfg.rollout.max_concurrency, self.tokenizer)
 
 
 def format_table(metrics: dict[str, float], names: Sequence[str]) -> str:

@@ -3,15 +3,19 @@ fleet busy and fills the :class:`RolloutBuffer` with scored prompt groups.
 
 - Up to ``rollout.max_concurrency`` prompts are in flight; a new prompt is sent only when the buffer
   admits it (capacity, and the staleness schedule in throttle mode) and no weight push is under way.
-- One request per prompt carries its n samples (as in the sync loop). When a group's responses are
-  final it is scored (GRPO needs the whole group) and handed to the buffer.
+- A group is made by the run's rollout function (``rollout.function``, :mod:`megatron_vespo.rollout_function`;
+  by default one request for the prompt's n samples, as in the sync loop), whose client calls go through
+  this worker. When a group's responses are final it is scored (GRPO needs the whole group) and handed to
+  the buffer.
 - Weight pushes: :meth:`hold_for_push` stops new requests; with partial rollouts it also aborts
   every request in flight and waits until all have come back. An aborted response keeps its
   generated prefix and log-probs and, after :meth:`release_after_push`, continues under the new
-  weights as prompt + prefix with the remaining token budget; the pieces are concatenated.
-- Each response records the oldest and newest policy version behind its tokens: a request's tokens
+  weights as prompt + prefix with the remaining token budget; the pieces are concatenated. This happens
+  inside the client call, so a rollout function (a multi-turn one too) gets whole responses back.
+- Each group records the oldest and newest policy version behind its tokens: a request's tokens
   come from versions between the fleet version when it was sent and the version the server reports
-  when it ends (equal unless a push happened mid-request, as without partial rollouts).
+  when it ends (equal unless a push happened mid-request, as without partial rollouts); every response
+  of the group counts from the group's oldest version.
 - Fleet idle time: wall time with no generation request in flight.
 - Routed experts (``rollout.return_routed_experts``): the router drops the field, so requests go to
   the router's healthy workers directly (:mod:`rollout_sglang.worker_pool`: least busy first, failover,
@@ -34,7 +38,8 @@ import numpy as np
 
 from megatron_vespo.config.schema import RolloutConfig
 from megatron_vespo.data.dataset import PromptRow, PromptSampler
-from megatron_vespo.driver.rollout import RolloutGroup, open_target, response_routed_experts, sampling_params
+from megatron_vespo.driver.rollout import RolloutGroup, open_target, response_routed_experts, rollout_sampling
+from megatron_vespo.rollout_function import load_rollout_function
 from megatron_vespo.driver.rollout_buffer import RolloutBuffer
 from rollout_sglang.contracts import GenerationTarget
 from rollout_sglang.types import Sample
@@ -114,6 +119,22 @@ class _Response:
         return r
 
 
+@dataclass
+class _GroupVersions:
+    """The policy versions behind a group's tokens, over all its client calls, and its resumed responses."""
+
+    admitted: int
+    oldest: Optional[int] = None
+    newest: Optional[int] = None
+    resumed: int = 0
+
+    def add(self, responses: list[_Response]) -> None:
+        for r in responses:
+            self.oldest = r.oldest_version if self.oldest is None else min(self.oldest, r.oldest_version)
+            self.newest = r.newest_version if self.newest is None else max(self.newest, r.newest_version)
+        self.resumed += sum(1 for r in responses if r.resumes)
+
+
 def _version_int(version: str, server: str) -> int:
     try:
         return int(version)
@@ -128,8 +149,11 @@ class BackgroundGenerator:
     def __init__(self, url: str, sampler: PromptSampler, cfg: RolloutConfig, buffer: RolloutBuffer, scorer: Scorer,
                  *, partial_rollouts: bool, abort_all: Callable[[], None], version: int, rid_prefix: str,
                  routed_experts_shape: Optional[tuple[int, int]] = None, one_request_per_sample: bool = False,
-                 is_flat: Optional[FlatTest] = None):
+                 is_flat: Optional[FlatTest] = None, tokenizer: Any = None):
         self.url = url
+        self.runner = load_rollout_function(cfg.function)
+        self.sampling = rollout_sampling(cfg)
+        self.tokenizer = tokenizer  # the rollout function's client.tokenizer
         self.is_flat = is_flat  # dynamic sampling: flat groups are marked for the buffer to filter
         self.one_request_per_sample = one_request_per_sample
         self.routed_experts_shape = routed_experts_shape  # the model's, for workers that do not report theirs
@@ -314,43 +338,58 @@ class BackgroundGenerator:
             self._rows.pop(ticket, None)
 
     async def _generate_group(self, target: GenerationTarget, ticket: int, row: PromptRow, admitted: int):
-        params = sampling_params(self.cfg)
-        rid = f"{self.rid_prefix}-g{ticket}"
-        samples, sent_version = await self._request(target, list(row.prompt_ids), params, self.cfg.n_samples, rid)
-        sent_version = min(sent_version, admitted)
+        versions = _GroupVersions(admitted)
+
+        async def send(prompt_ids: list[int], params: dict[str, Any], n: int, rid: str) -> list[Sample]:
+            return await self._generate_responses(target, prompt_ids, params, n, rid, versions)
+
+        results, generations = await self.runner.run(send, row, self.sampling, f"{self.rid_prefix}-g{ticket}",
+                                                      self.tokenizer)
+        group = RolloutGroup(row, results, generations)
+        rewards, stats = await asyncio.to_thread(self.scorer, group)
+        with self._lock:
+            self._resumed_responses += versions.resumed
+        flat = self.is_flat is not None and self.is_flat(group, rewards)
+        payload = GroupPayload(group, rewards, stats, versions.resumed, admitted, flat=flat)
+        if versions.oldest is None:  # the function made no request: its tokens are the admission version's
+            versions.oldest = versions.newest = admitted
+        return payload, versions.oldest, versions.newest, [versions.oldest] * len(results)
+
+    async def _generate_responses(self, target: GenerationTarget, prompt_ids: list[int], params: dict[str, Any],
+                                  n: int, rid: str, versions: "_GroupVersions") -> list[Sample]:
+        """One client call of the rollout function: ``n`` responses, each continued after aborts (partial
+        rollouts) until it ends; their versions are added to the group's."""
+        samples, sent_version = await self._request(target, prompt_ids, params, n, rid)
+        sent_version = min(sent_version, versions.admitted)
         responses = []
         for s in samples:
             reported = _version_int(s.weight_version, s.server)
-            responses.append(_Response.start(list(row.prompt_ids), s, oldest=min(sent_version, reported),
+            responses.append(_Response.start(prompt_ids, s, oldest=min(sent_version, reported),
                                              newest=max(sent_version, reported),
                                              keep_routed=self.cfg.return_routed_experts))
         if self.partial_rollouts:
-            await self._continue_aborted(target, responses, rid)
-        resumed = sum(1 for r in responses if r.resumes)
-        group = RolloutGroup(row, [r.merged() for r in responses])
-        rewards, stats = await asyncio.to_thread(self.scorer, group)
-        with self._lock:
-            self._resumed_responses += resumed
-        flat = self.is_flat is not None and self.is_flat(group, rewards)
-        payload = GroupPayload(group, rewards, stats, resumed, admitted, flat=flat)
-        return (payload, min(r.oldest_version for r in responses), max(r.newest_version for r in responses),
-                [r.oldest_version for r in responses])
+            await self._continue_aborted(target, responses, rid, params)
+        versions.add(responses)
+        return [r.merged() for r in responses]
 
-    async def _continue_aborted(self, target: GenerationTarget, responses: list[_Response], rid: str) -> None:
-        """Resume every aborted response from its prefix (after the push that aborted it) until it ends."""
-        base = sampling_params(self.cfg)
+    async def _continue_aborted(self, target: GenerationTarget, responses: list[_Response], rid: str,
+                                params: dict[str, Any]) -> None:
+        """Resume every aborted response from its prefix (after the push that aborted it) until it ends or has
+        the call's ``max_new_tokens``."""
+        budget = int(params.get("max_new_tokens", self.cfg.max_response_len))
         while True:
-            todo = [r for r in responses if r.needs_continuation(self.cfg.max_response_len)]
+            todo = [r for r in responses if r.needs_continuation(budget)]
             if not todo:
                 return
             with self._lock:
                 self._aborted_responses += len(todo)
 
             async def resume(k: int, r: _Response) -> None:
-                params = {**base, "max_new_tokens": self.cfg.max_response_len - len(r.output_ids)}
+                piece_params = {**params, "max_new_tokens": budget - len(r.output_ids)}
                 r.resumes += 1
                 segment_prompt = r.prompt_ids + r.output_ids
-                (piece,), version = await self._request(target, segment_prompt, params, 1, f"{rid}-r{k}.{r.resumes}")
+                (piece,), version = await self._request(target, segment_prompt, piece_params, 1,
+                                                        f"{rid}-r{k}.{r.resumes}")
                 reported = _version_int(piece.weight_version, piece.server)
                 r.add_segment(piece, segment_prompt)
                 r.oldest_version = min(r.oldest_version, version, reported)

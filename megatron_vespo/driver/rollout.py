@@ -1,5 +1,9 @@
 """One rollout batch: prompts -> fleet (through the router) -> scored, GRPO-weighted training samples.
 
+Each prompt's group is made by the run's rollout function (``rollout.function``,
+:mod:`megatron_vespo.rollout_function`; single-turn generation by default), whose loss mask (0 at tokens
+an environment inserted) becomes the training samples' ``response_mask``.
+
 μ (the behaviour policy) is the per-token log-probs the rollout engine returned with each response;
 they become each :class:`~megatron_vespo.train.sample.TrainSample`'s ``rollout_logp``. Nothing is
 recomputed here.
@@ -32,7 +36,8 @@ from megatron_vespo.data.dataset import PromptRow
 from megatron_vespo.rewards.overlong import shaped_rewards
 from megatron_vespo.rewards.registry import ScoreRequest, Verifier, score_all
 from megatron_vespo.train.sample import TrainSample
-from rollout_sglang.client import generate_batch
+from megatron_vespo.rollout_function import RolloutResult, RolloutRunner, RolloutSampling, load_rollout_function
+from rollout_sglang.client import gather_or_cancel
 from rollout_sglang.contracts import GenerationTarget
 from rollout_sglang.types import Sample as RolloutSample
 from rollout_sglang.worker_pool import generation_target
@@ -40,10 +45,11 @@ from rollout_sglang.worker_pool import generation_target
 
 @dataclass
 class RolloutGroup:
-    """The n responses of one prompt."""
+    """The n responses of one prompt (from its rollout function, :mod:`megatron_vespo.rollout_function`)."""
 
     row: PromptRow
-    responses: list[RolloutSample]
+    responses: list[RolloutResult]
+    generations: int = 0  # sequences the fleet generated for it (more than n for multi-turn rollouts)
 
 
 @dataclass
@@ -63,6 +69,11 @@ def sampling_params(cfg: RolloutConfig) -> dict[str, Any]:
     return params
 
 
+def rollout_sampling(cfg: RolloutConfig) -> RolloutSampling:
+    """The sampling settings a rollout function receives."""
+    return RolloutSampling(n=cfg.n_samples, params=sampling_params(cfg), max_response_len=cfg.max_response_len)
+
+
 def open_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tuple[int, int]] = None,
                 one_request_per_sample: bool = False) -> GenerationTarget:
     """Where generation requests go: the router at ``url``, or with ``cfg.return_routed_experts`` its healthy
@@ -73,26 +84,48 @@ def open_target(url: str, cfg: RolloutConfig, routed_experts_shape: Optional[tup
                              one_request_per_sample=one_request_per_sample, unavailable_s=cfg.server_unavailable_s)
 
 
+async def run_groups(target: Any, rows: Sequence[PromptRow], runner: RolloutRunner, sampling: RolloutSampling,
+                     rid_prefix: str, max_concurrency: int, tokenizer: Any = None,
+                     return_routed_experts: bool = False) -> list[RolloutGroup]:
+    """Every row's group through ``runner`` (its rollout function) calling ``target.generate``, at most
+    ``max_concurrency`` prompts at a time; result[i] belongs to rows[i]. A group's request ids start with
+    ``<rid_prefix>-<i>``: they (hence the sampling seeds) depend only on the prompt's index."""
+    gate = asyncio.Semaphore(max_concurrency)
+
+    async def send(input_ids: list[int], params: dict[str, Any], n: int, rid: str) -> list[RolloutSample]:
+        return await target.generate(input_ids, params, n=n, return_logprob=True,
+                                     return_routed_experts=return_routed_experts, rid=rid)
+
+    async def one(i: int, row: PromptRow) -> RolloutGroup:
+        async with gate:
+            results, generations = await runner.run(send, row, sampling, f"{rid_prefix}-{i}", tokenizer)
+        return RolloutGroup(row, results, generations)
+
+    return await gather_or_cancel([one(i, row) for i, row in enumerate(rows)])
+
+
 async def _generate(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
-                    routed_experts_shape: Optional[tuple[int, int]], one_request_per_sample: bool) -> list[RolloutGroup]:
+                    routed_experts_shape: Optional[tuple[int, int]], one_request_per_sample: bool,
+                    tokenizer: Any) -> list[RolloutGroup]:
+    runner = load_rollout_function(cfg.function)
     async with open_target(url, cfg, routed_experts_shape, one_request_per_sample) as target:
-        outputs = await generate_batch(target, [r.prompt_ids for r in rows], sampling_params(cfg), n=cfg.n_samples,
-                                       return_logprob=True, return_routed_experts=cfg.return_routed_experts,
-                                       max_concurrency=cfg.max_concurrency, rid_prefix=rid_prefix)
-    return [RolloutGroup(row, responses) for row, responses in zip(rows, outputs)]
+        return await run_groups(target, rows, runner, rollout_sampling(cfg), rid_prefix, cfg.max_concurrency,
+                                tokenizer, return_routed_experts=cfg.return_routed_experts)
 
 
 def generate_groups(url: str, rows: Sequence[PromptRow], cfg: RolloutConfig, rid_prefix: str,
                     routed_experts_shape: Optional[tuple[int, int]] = None,
-                    one_request_per_sample: bool = False) -> list[RolloutGroup]:
-    """n responses (with μ log-probs and finish reasons) for every prompt row, through ``url`` (the
-    router, or a server). With ``cfg.return_routed_experts`` the router's healthy workers are called
-    directly and every response also carries its routed experts (read as ``routed_experts_shape``,
-    the model's (MoE layers, top-k), where a server does not report its own)."""
-    return asyncio.run(_generate(url, rows, cfg, rid_prefix, routed_experts_shape, one_request_per_sample))
+                    one_request_per_sample: bool = False, tokenizer: Any = None) -> list[RolloutGroup]:
+    """n responses (with μ log-probs and finish reasons) for every prompt row, made by ``cfg.function``
+    (the rollout function; single-turn by default) through ``url`` (the router, or a server). With
+    ``cfg.return_routed_experts`` the router's healthy workers are called directly and every response
+    also carries its routed experts (read as ``routed_experts_shape``, the model's (MoE layers, top-k),
+    where a server does not report its own)."""
+    return asyncio.run(_generate(url, rows, cfg, rid_prefix, routed_experts_shape, one_request_per_sample,
+                                 tokenizer))
 
 
-def response_routed_experts(response: RolloutSample, prompt_len: int) -> np.ndarray:
+def response_routed_experts(response: RolloutResult, prompt_len: int) -> np.ndarray:
     """The ``[R, layers, topk]`` experts of the positions that produced the response tokens (see the
     module docstring), as the smallest integer dtype that holds them."""
     routed = response.routed_experts
@@ -111,7 +144,7 @@ def _smallest_int(rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32)
 
 
-def prompt_routed_experts(response: RolloutSample, prompt_len: int) -> Optional[np.ndarray]:
+def prompt_routed_experts(response: RolloutResult, prompt_len: int) -> Optional[np.ndarray]:
     """The ``[P - 1, layers, topk]`` experts of the prompt positions (all but the last, whose row
     belongs to the first response token), or None where the engine did not report them."""
     routed = response.routed_experts
@@ -120,8 +153,11 @@ def prompt_routed_experts(response: RolloutSample, prompt_len: int) -> Optional[
     return _smallest_int(routed[:prompt_len - 1])
 
 
-def response_text(tokenizer: Any, response: RolloutSample) -> Optional[str]:
-    """Decoded response (the matched stop token trimmed, as SGLang does), or None without a tokenizer."""
+def response_text(tokenizer: Any, response: RolloutResult) -> Optional[str]:
+    """The text the rollout function gave, else the decoded response (the matched stop token trimmed, as
+    SGLang does), or None without a tokenizer."""
+    if response.text is not None:
+        return response.text
     if tokenizer is None:
         return None
     ids = response.output_ids[:-1] if response.finish_reason.type == "stop" and response.output_ids else response.output_ids
@@ -162,6 +198,10 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
     ``rewards`` are the verifier's scores (``rollout/reward_mean`` reports them). With ``overlong``
     (:mod:`megatron_vespo.rewards.overlong`, needs ``max_response_len``) the soft length penalty is added
     before the advantage, and truncated responses (finish reason ``length``) get loss mask 0.
+
+    A response's own loss mask (its rollout function's: 0 at tokens the environment inserted) becomes the
+    sample's ``response_mask``: those tokens stay in the forward pass but are neither trained nor part of
+    the sequence weight.
     """
     group_size = len(groups[0].responses)
     if any(len(g.responses) != group_size for g in groups):
@@ -183,6 +223,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
     lengths, finishes, versions = [], Counter(), Counter()
     k = 0
     masked_responses = 0
+    env_tokens = 0
     for g in groups:
         sample_groups.append([])
         for r in g.responses:
@@ -190,6 +231,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
                 raise ValueError(f"response {r.rid} has {len(r.output_ids)} tokens but "
                                  f"{0 if r.output_logprobs is None else len(r.output_logprobs)} log-probs")
             lengths.append(len(r.output_ids))
+            env_tokens += len(r.loss_mask) - sum(r.loss_mask)
             finishes[r.finish_reason.type] += 1
             versions[r.weight_version] += 1
             k += 1
@@ -203,7 +245,7 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
             sample_groups[-1].append(TrainSample(
                 prompt_ids=list(g.row.prompt_ids), response_ids=list(r.output_ids),
                 rollout_logp=list(r.output_logprobs), advantage=float(advantages[k - 1]),
-                response_mask=[0.0] * len(r.output_ids) if masked else None,
+                response_mask=_response_mask(r.loss_mask, masked),
                 rollout_routed_experts=routed, reward=float(rewards[k - 1]), weight_version=r.weight_version,
                 shaped_reward=float(shaped_t[k - 1]),
                 rollout_prompt_routed_experts=prompt_routed_experts(r, len(g.row.prompt_ids))
@@ -221,6 +263,10 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
         "rollout/num_responses": n,
         "adv/abs_mean": adv_stats.get("adv/abs_mean", 0.0),
         "rollout/aborted_excluded": float(int((~complete).sum())),
+        # Multi-turn rollouts (rollout.function): sequences generated per response, and the share of
+        # response tokens the environment inserted (loss mask 0).
+        "rollout/generations_per_response": sum(g.generations for g in groups) / n,
+        "rollout/env_token_fraction": env_tokens / max(1, sum(lengths)),
     }
     if overlong is not None and overlong.buffer_len:
         metrics["overlong/penalized_responses"] = float(sum(1 for p in penalties if p < 0))
@@ -234,6 +280,14 @@ def build_rollout_batch(groups: Sequence[RolloutGroup], rewards: Sequence[float]
     # (advantages.py); a group without complete responses has nothing to train either.
     flat = [all(s.advantage == 0.0 for s in g) for g in sample_groups]
     return RolloutBatch(groups=sample_groups, metrics=metrics, weight_versions=sorted(versions), flat=flat)
+
+
+def _response_mask(loss_mask: Sequence[int], masked: bool) -> Optional[list[float]]:
+    """A TrainSample's response mask: the rollout's loss mask, all 0 for a masked (truncated) response,
+    None when every token trains."""
+    if masked:
+        return [0.0] * len(loss_mask)
+    return None if all(loss_mask) else [float(m) for m in loss_mask]
 
 
 def split_mini_batches(groups: Sequence[list[TrainSample]], num: int) -> list[list[TrainSample]]:

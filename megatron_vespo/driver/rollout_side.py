@@ -17,6 +17,7 @@ from typing import Any, Optional
 from megatron_vespo.config.schema import RunConfig
 from megatron_vespo.data.dataset import PromptSampler, load_prompt_dataset, load_tokenizer
 from megatron_vespo.driver.evaluation import Evaluator
+from megatron_vespo.rollout_function import load_rollout_function
 from megatron_vespo.rewards.registry import Verifier, get_verifier
 from rollout_sglang.config import FleetConfig, ServerConfig
 from rollout_sglang.contracts import StagedWeightSync
@@ -71,6 +72,8 @@ class RolloutSide:
         sampler = PromptSampler(dataset, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         if sampler_state is not None:
             sampler.load_state_dict(sampler_state)
+        # The rollout function's module first: it may register the verifier the run names.
+        load_rollout_function(cfg.rollout.function)
         verifier = load_verifier(cfg)
         evaluator = Evaluator(cfg, tokenizer) if cfg.eval.sets and cfg.eval.every_steps else None
 

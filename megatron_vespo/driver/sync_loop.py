@@ -96,7 +96,8 @@ class SyncRLDriver(RLDriver):
             prefix = f"s{cfg.train.seed}-step{step}" + (f"-r{extra_round}" if extra_round else "")
             groups = generate_groups(side.fleet.router_url, rows, cfg.rollout, rid_prefix=prefix,
                                      routed_experts_shape=unreported_experts_shape(cfg.model),
-                                     one_request_per_sample=side.fleet.one_request_per_sample)
+                                     one_request_per_sample=side.fleet.one_request_per_sample,
+                                     tokenizer=side.tokenizer)
             t1 = time.monotonic()
             rewards, reward_stats = score_groups(groups, side.verifier, cfg.reward, side.tokenizer)
             seconds["generate"] += t1 - t0

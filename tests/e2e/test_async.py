@@ -206,12 +206,12 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
         load_state_into(models[v], state)
     mixed = routed_checked = flips = 0
     for g in groups:
+        prompt_ids = g.payload.group.row.prompt_ids
         for sample, oldest in zip(g.payload.group.responses, g.response_oldest_versions):
             newest = int(sample.weight_version)
             assert oldest <= newest and sample.finish_reason.type == "length"
             assert len(sample.output_ids) == len(sample.output_logprobs) == cfg.max_response_len
-            assert sample.prompt_ids == g.payload.group.row.prompt_ids
-            expected = {v: teacher_forced_logprobs(models[v], sample.prompt_ids, sample.output_ids)
+            expected = {v: teacher_forced_logprobs(models[v], prompt_ids, sample.output_ids)
                         for v in range(oldest, newest + 1)}
             mixed += newest > oldest
             if not partial_rollouts:  # a request still queued at the pause is prefilled with the new weights
@@ -222,16 +222,16 @@ def test_generator_keeps_every_token_logprob_of_the_weights_that_made_it(tmp_pat
                 tracks = []
                 for v in expected:
                     tracks.append((v, expected[v]))
-                    tracks += [(v, f) for _, _, f in flipped_logprobs(models[v], sample.prompt_ids, sample.output_ids)]
+                    tracks += [(v, f) for _, _, f in flipped_logprobs(models[v], prompt_ids, sample.output_ids)]
                 token_versions = versions_along(sample.output_logprobs, tracks)
                 flips += token_versions is not None
             assert token_versions is not None, f"{sample.rid}: log-probs match no sequence of versions in " \
                                                f"[{oldest}, {newest}] (moving forward only)"
             assert token_versions[-1] == newest, f"{sample.rid}: tagged up to version {newest}, tokens only up to " \
                                                  f"{token_versions[-1]}"
-            p = len(sample.prompt_ids)
+            p = len(prompt_ids)
             assert sample.routed_experts.shape == (p - 1 + cfg.max_response_len, 4, 2)
-            routing = {v: teacher_forced_routing(models[v], sample.prompt_ids, sample.output_ids)
+            routing = {v: teacher_forced_routing(models[v], prompt_ids, sample.output_ids)
                        for v in set(token_versions)}
             rows = np.sort(sample.routed_experts[p - 1:], -1)
             want = np.stack([routing[v][p - 1 + t] for t, v in enumerate(token_versions)])

@@ -19,15 +19,17 @@ from megatron_vespo.config.schema import AdvantageConfig
 from megatron_vespo.data.dataset import PromptRow
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch
 from megatron_vespo.driver.run_health import CannotLearnError, LearningGuard, check_finite_weights
+from megatron_vespo.rollout_function import RolloutResult
 from rollout_sglang.types import FinishReason, Sample
 from tests.process_tree import ProcessTree
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def response(rid: str, tokens: int, finish: str) -> Sample:
-    return Sample(rid=rid, prompt_ids=[1, 2], output_ids=list(range(3, 3 + tokens)), output_logprobs=[-0.5] * tokens,
-                  finish_reason=FinishReason(finish), weight_version="0", prompt_tokens=2, completion_tokens=tokens)
+def response(rid: str, tokens: int, finish: str) -> RolloutResult:
+    return RolloutResult.from_sample(Sample(
+        rid=rid, prompt_ids=[1, 2], output_ids=list(range(3, 3 + tokens)), output_logprobs=[-0.5] * tokens,
+        finish_reason=FinishReason(finish), weight_version="0", prompt_tokens=2, completion_tokens=tokens))
 
 
 def test_aborted_responses_are_not_trained_and_not_in_their_groups_advantage():

@@ -42,17 +42,18 @@ def driver_state(step: int) -> dict[str, Any]:
     from megatron_vespo.driver.generator import GroupPayload
     from megatron_vespo.driver.rollout import RolloutGroup
     from megatron_vespo.driver.rollout_buffer import FinishedGroup
-    from rollout_sglang.types import FinishReason, Sample
+    from megatron_vespo.rollout_function import RolloutResult
+    from rollout_sglang.types import FinishReason
 
-    row = PromptRow(index=7, prompt_ids=[1, 2, 3], ground_truth="321")
-    sample = Sample(rid="s1-async-3-0", prompt_ids=[1, 2, 3], output_ids=[3, 2, 1, 13],
-                    output_logprobs=[-0.1, -0.2, -0.3, -0.01], finish_reason=FinishReason(type="stop", matched=13),
-                    weight_version="2", prompt_tokens=3, completion_tokens=4,
-                    routed_experts=np.arange(32, dtype=np.int32).reshape(4, 4, 2), server="http://127.0.0.1:1",
-                    meta_info={"id": "x"})
+    row = PromptRow(index=7, prompt_ids=[1, 2, 3], ground_truth="321", text="three two one")
+    sample = RolloutResult(rid="s1-async-3-0", output_ids=[3, 2, 1, 13, 9],
+                           output_logprobs=[-0.1, -0.2, -0.3, -0.01, None], loss_mask=[1, 1, 1, 1, 0], text="321",
+                           finish_reason=FinishReason(type="stop", matched=13), weight_version="2",
+                           routed_experts=np.arange(32, dtype=np.int32).reshape(4, 4, 2))
     group = FinishedGroup(ticket=5, oldest_version=1, newest_version=2, response_oldest_versions=[1], completed_at=0.5,
-                          payload=GroupPayload(group=RolloutGroup(row=row, responses=[sample]), rewards=[1.0],
-                                               reward_stats={"mean": 1.0}, resumed_responses=0, submitted_version=1))
+                          payload=GroupPayload(group=RolloutGroup(row=row, responses=[sample], generations=2),
+                                               rewards=[1.0], reward_stats={"mean": 1.0}, resumed_responses=0,
+                                               submitted_version=1))
     return {"optimizer_steps": 2 * step, "rollout_step": step, "rewards": [0.25] * step, "seconds_to_target": None,
             "elapsed_s": 1.5, "weight_version": str(2 * step),
             "sampler": {"dataset_size": 10, "source": "rows", "shuffle": True, "epoch": 0, "order": [3, 1, 2],

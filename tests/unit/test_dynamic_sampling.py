@@ -15,14 +15,16 @@ from megatron_vespo.driver.dynamic_sampling import collect_groups, merge_reward_
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch
 from megatron_vespo.driver.rollout_buffer import BufferClosed, RolloutBuffer
 from megatron_vespo.driver.run_health import CannotLearnError, DynamicSamplingExhaustedError
+from megatron_vespo.rollout_function import RolloutResult
 from rollout_sglang.types import FinishReason, Sample
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def response(tokens: int = 3, finish: str = "stop") -> Sample:
-    return Sample(rid="r", prompt_ids=[1, 2], output_ids=[5] * tokens, output_logprobs=[-0.5] * tokens,
-                  finish_reason=FinishReason(finish), weight_version="0", prompt_tokens=2, completion_tokens=tokens)
+def response(tokens: int = 3, finish: str = "stop") -> RolloutResult:
+    return RolloutResult.from_sample(Sample(
+        rid="r", prompt_ids=[1, 2], output_ids=[5] * tokens, output_logprobs=[-0.5] * tokens,
+        finish_reason=FinishReason(finish), weight_version="0", prompt_tokens=2, completion_tokens=tokens))
 
 
 def group(index: int, n: int = 2, lengths=None, finishes=None) -> RolloutGroup:

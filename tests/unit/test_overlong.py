@@ -11,14 +11,16 @@ from megatron_vespo.config.schema import AdvantageConfig, OverlongConfig
 from megatron_vespo.data.dataset import PromptRow
 from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch
 from megatron_vespo.rewards.overlong import overlong_penalty, shaped_rewards
+from megatron_vespo.rollout_function import RolloutResult
 from rollout_sglang.types import FinishReason, Sample
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def response(rid: str, tokens: int, finish: str) -> Sample:
-    return Sample(rid=rid, prompt_ids=[1, 2], output_ids=[5] * tokens, output_logprobs=[-0.5] * tokens,
-                  finish_reason=FinishReason(finish), weight_version="0", prompt_tokens=2, completion_tokens=tokens)
+def response(rid: str, tokens: int, finish: str) -> RolloutResult:
+    return RolloutResult.from_sample(Sample(
+        rid=rid, prompt_ids=[1, 2], output_ids=[5] * tokens, output_logprobs=[-0.5] * tokens,
+        finish_reason=FinishReason(finish), weight_version="0", prompt_tokens=2, completion_tokens=tokens))
 
 
 @pytest.mark.parametrize("length,expected", [

@@ -100,13 +100,14 @@ def test_r3_samples_carry_each_segments_rows_and_the_first_segments_prompt_rows(
     from megatron_vespo.config.schema import AdvantageConfig
     from megatron_vespo.data.dataset import PromptRow
     from megatron_vespo.driver.rollout import RolloutGroup, build_rollout_batch
+    from megatron_vespo.rollout_function import RolloutResult
 
     prompt = [5, 6, 7, 8]
     responses = []
     for k in range(2):
         r = _Response.start(prompt, segment(0, 4, [1, 2, 3], aborted=True), oldest=0, newest=0, keep_routed=True)
         r.add_segment(segment(1, 7, [4, 5], aborted=False), prompt + r.output_ids)
-        responses.append(r.merged())
+        responses.append(RolloutResult.from_sample(r.merged()))
     group = RolloutGroup(PromptRow(index=0, prompt_ids=prompt, ground_truth=None), responses)
     batch = build_rollout_batch([group], [1.0, 0.0], AdvantageConfig(), keep_prompt_routed=True)
     sample = batch.groups[0][0]
