@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from megatron_vespo.logging_utils import METRICS_FILE
 from rollout_sglang.launch import open_server_log, popen_owned, read_log_tail
 
 LOG_TAIL_CHARS = 3000
@@ -50,8 +51,6 @@ class RunOutcome:
 
     @property
     def metrics_path(self) -> Path:
-        from megatron_vespo.logging_utils import METRICS_FILE
-
         return self.output_dir / METRICS_FILE
 
 

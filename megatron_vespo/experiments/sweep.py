@@ -134,8 +134,8 @@ def run_sweep(run_yaml: str | Path, overrides: Sequence[str], *, losses: Sequenc
     points = grid_points(losses, staleness, seed_list, optimizer_steps)
     check_points(run_yaml, overrides, points)
     out = Path(out) if out else Path(base.run.output_dir) / "sweep"
-    taken = [p for p in [out / "results.json", *(out / q.name for q in points), *(out / f"{q.name}.log" for q in points)]
-             if p.exists()]
+    ours = [out / "results.json", *(out / q.name for q in points), *(out / f"{q.name}.log" for q in points)]
+    taken = [p for p in ours if p.exists()]
     if taken:
         raise SweepError(f"--out {out}: already holds {taken[0].name} (another sweep's files); choose another "
                          "directory or remove it")
@@ -148,33 +148,39 @@ def run_sweep(run_yaml: str | Path, overrides: Sequence[str], *, losses: Sequenc
     runs = [{"loss": p.loss, "staleness": p.staleness, "seed": p.seed, **r}
             for p, r in zip(points, summarize_outcomes(outcomes, threshold))]
 
-    rows = []
-    for loss in losses:
-        for n in staleness:
-            rows.append(((loss, str(n)), aggregate_runs([r["summary"] for r in runs
-                                                         if r["loss"] == loss and r["staleness"] == n])))
     command = command or " ".join(["megatron-vespo sweep", str(run_yaml), "--losses", ",".join(losses), "--staleness",
-                                   ",".join(map(str, staleness)), "--seeds", str(seeds), "--jobs", str(jobs), *overrides])
-    setting = f"`{command}`: seeds {seed_list}, {jobs} run(s) at a time on {os.cpu_count()} CPU cores, started {started}"
-    text = f"{setting}\n\n{markdown_table(rows, ('loss', 'staleness'), threshold)}\n"
-    from megatron_vespo.plotting import plot_reward_curves  # matplotlib: only once there is something to plot
-
-    plots = []
-    for n in staleness:
-        curves = {loss: mean_reward_curve([r["summary"] for r in runs if r["loss"] == loss and r["staleness"] == n])
-                  for loss in losses}
-        plots.append(str(plot_reward_curves(curves, out / f"reward_n{n}.png", title=f"staleness N={n}")))
-    payload = {"setting": setting, "run_yaml": str(run_yaml), "overrides": list(overrides), "losses": list(losses),
-               "staleness": list(staleness), "seeds": seed_list, "threshold": threshold,
-               "optimizer_steps": optimizer_steps, "plots": plots,
-               "rows": [{"loss": labels[0], "staleness": int(labels[1]), **row} for labels, row in rows],
-               "runs": runs}
-    table, results = write_report(out, text, payload)
-    report(text)
-    report(f"[sweep] {table}, {results}, {', '.join(plots)}")
+                                   ",".join(map(str, staleness)), "--seeds", str(seeds), "--jobs", str(jobs),
+                                   *(["--optimizer-steps", str(optimizer_steps)] if optimizer_steps else []),
+                                   *overrides])
+    setting = f"`{command}`: seeds {seed_list}, {jobs} run(s) at a time on {os.cpu_count()} CPU cores, " \
+              f"started {started}"
+    payload = _tabulate(out, {"setting": setting, "run_yaml": str(run_yaml), "overrides": list(overrides),
+                              "losses": list(losses), "staleness": list(staleness), "seeds": seed_list,
+                              "threshold": threshold, "optimizer_steps": optimizer_steps}, runs, report)
     failed = [r["name"] for r in runs if not r["ok"]]
     if failed and len(failed) == len(runs):
         raise SweepError(f"every run of the sweep failed ({', '.join(failed)}); their logs are under {out}")
     if failed:
         report(f"[sweep] {len(failed)} of {len(runs)} runs failed: {', '.join(failed)} (marked in the table)")
+    return payload
+
+
+def _tabulate(out: Path, header: dict, runs: list[dict], report: Callable[[str], None]) -> dict:
+    """Rows per loss x staleness, ``table.md``, one reward plot per staleness and ``results.json`` (``header``,
+    the rows, plots and runs), whose content it returns."""
+    from megatron_vespo.plotting import plot_reward_curves  # matplotlib: only once there is something to plot
+
+    def cell(loss: str, n: int) -> list[Optional[dict]]:
+        return [r["summary"] for r in runs if r["loss"] == loss and r["staleness"] == n]
+
+    losses, staleness = header["losses"], header["staleness"]
+    rows = [((loss, str(n)), aggregate_runs(cell(loss, n))) for loss in losses for n in staleness]
+    text = f"{header['setting']}\n\n{markdown_table(rows, ('loss', 'staleness'), header['threshold'])}\n"
+    plots = [str(plot_reward_curves({loss: mean_reward_curve(cell(loss, n)) for loss in losses},
+                                    out / f"reward_n{n}.png", title=f"staleness N={n}")) for n in staleness]
+    payload = {**header, "plots": plots, "runs": runs,
+               "rows": [{"loss": loss, "staleness": int(n), **row} for (loss, n), row in rows]}
+    table, results = write_report(out, text, payload)
+    report(text)
+    report(f"[sweep] {table}, {results}, {', '.join(plots)}")
     return payload
