@@ -20,7 +20,6 @@ per-step maxima are the tail statistic (their maximum and their median over step
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,17 @@ from typing import Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_vespo.experiments.grid import GridRun, run_grid, start_train  # noqa: E402
 from megatron_vespo.logging_utils import read_metrics  # noqa: E402
 
+QUICKSTART = REPO / "configs/quickstart.yaml"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two runs at a time on 2 cores
 PLAIN_IS = ["loss.vespo.k_pos=1", "loss.vespo.k_neg=1", "loss.vespo.lambda_pos=1e-4", "loss.vespo.lambda_neg=1e-4"]
 
 
-def mismatch_overrides(out_dir: Path, staleness: int, rollout_steps: int) -> list[str]:
+def mismatch_overrides(staleness: int, rollout_steps: int) -> list[str]:
     """bf16 server, fp32 trainer, no replay, routed experts on; one prompt per mini-batch."""
-    return [f"run.output_dir={out_dir}", f"run.rollout_steps={rollout_steps}", "run.stop_at_reward=null",
+    return [f"run.rollout_steps={rollout_steps}", "run.stop_at_reward=null",
             "run.plot=false", f"train.staleness={staleness}", "train.mini_batch_prompts=1", "optimizer.lr=3e-3",
             "data.synthetic.num_digits=6", "rollout.max_response_len=6", "rollout.cpu_server_dtype=bfloat16",
             "rollout.return_routed_experts=true", "rollout.cpu_server_deterministic=true",
@@ -46,30 +48,19 @@ def mismatch_overrides(out_dir: Path, staleness: int, rollout_steps: int) -> lis
 
 
 def start_run(overrides: Sequence[str], log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(REPO / "configs/quickstart.yaml"), *overrides]
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """One quickstart run with ``overrides`` (it dies with this process)."""
+    return start_train(QUICKSTART, overrides, log, ONE_THREAD)
 
 
 def run_pair(out: Path, staleness: int, rollout_steps: int, timeout_s: float = 300) -> tuple[list[dict], list[dict]]:
     """Both runs concurrently (each one process); their metrics records (VESPO, plain IS)."""
-    procs = {name: start_run(mismatch_overrides(out / name, staleness, rollout_steps) + extra, out / f"{name}.log")
-             for name, extra in (("vespo", []), ("plain_is", PLAIN_IS))}
-    try:
-        for name, proc in procs.items():
-            try:
-                code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{name} run exceeded {timeout_s}s; see {out / f'{name}.log'}") from None
-            if code != 0:
-                raise RuntimeError(f"{name} run failed ({code}):\n{(out / f'{name}.log').read_text()[-3000:]}")
-    finally:  # never leave a run behind (each run's fleet dies with it: parent-death signal)
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return read_metrics(out / "vespo" / "metrics.jsonl"), read_metrics(out / "plain_is" / "metrics.jsonl")
+    runs = [GridRun(name, (*mismatch_overrides(staleness, rollout_steps), *extra))
+            for name, extra in (("vespo", ()), ("plain_is", tuple(PLAIN_IS)))]
+    outcomes = run_grid(QUICKSTART, runs, out, jobs=2, timeout_s=timeout_s, env=ONE_THREAD, tag="w_tail")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError("; ".join(f"{o.name} run failed ({o.error}):\n{o.log_tail}" for o in failed))
+    return read_metrics(outcomes[0].metrics_path), read_metrics(outcomes[1].metrics_path)
 
 
 def w_tail(records: Sequence[dict]) -> dict[str, float]:

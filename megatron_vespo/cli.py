@@ -40,6 +40,7 @@ USER_ERRORS = (
     ("rollout_sglang.errors", "RolloutError"),
     ("megatron_vespo.driver.base", "RankZeroError"),
     ("megatron_vespo.driver.run_health", "CannotLearnError"),
+    ("megatron_vespo.experiments.sweep", "SweepError"),
 )
 # Reading an input file the user named (a YAML, a data file, a tokenizer or checkpoint directory).
 INPUT_ERRORS = (UnicodeDecodeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -132,6 +133,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from megatron_vespo.experiments.sweep import parse_list, run_sweep
+
+    run_sweep(args.run_yaml, args.overrides, losses=parse_list(args.losses, "--losses"),
+              staleness=parse_list(args.staleness, "--staleness", int), seeds=args.seeds, jobs=args.jobs,
+              out=args.out, threshold=args.threshold, timeout_s=args.timeout_s,
+              optimizer_steps=args.optimizer_steps, command="megatron-vespo " + " ".join(sys.argv[1:]))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one ``error:`` line too (its default prints the usage first)."""
 
@@ -186,6 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--weight-sync-gb-s", type=float, default=10.0,
                       help="bandwidth for the push-time estimate, GB/s per link (default 10, ~100 Gb/s networks)")
     plan.set_defaults(func=_cmd_plan)
+    from megatron_vespo.experiments.sweep import DEFAULT_LOSSES, DEFAULT_STALENESS  # no torch behind it
+
+    sweep = sub.add_parser("sweep", parents=[common],
+                           help="train a run config over the grid loss x staleness x seed (each run a `train` "
+                           "process) and write one table (markdown + JSON) and one reward plot per staleness")
+    sweep.add_argument("run_yaml")
+    sweep.add_argument("overrides", nargs="*", help="a.b=value overrides applied to every run")
+    sweep.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
+                       help=f"comma-separated loss.name values (default {','.join(DEFAULT_LOSSES)})")
+    sweep.add_argument("--staleness", default=",".join(map(str, DEFAULT_STALENESS)),
+                       help="comma-separated train.staleness values: the sync loop's N, optimizer steps per rollout "
+                       f"batch (default {','.join(map(str, DEFAULT_STALENESS))})")
+    sweep.add_argument("--seeds", type=int, default=1,
+                       help="runs per (loss, staleness): train.seed, train.seed + 1, ... (default 1)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    sweep.add_argument("--out", default=None, help="directory of the runs, logs, table and plots "
+                       "(default: <run.output_dir>/sweep); must not hold another sweep")
+    sweep.add_argument("--threshold", type=float, default=0.5,
+                       help="reward for the 'steps to threshold' column (default 0.5)")
+    sweep.add_argument("--optimizer-steps", type=int, default=None,
+                       help="optimizer steps per run: sets run.rollout_steps = K / N for each staleness N (K must be "
+                       "a multiple of every N); default: the config's run.rollout_steps")
+    sweep.add_argument("--timeout-s", type=float, default=None, help="stop a run after this many seconds "
+                       "(it is marked failed); default: no limit")
+    sweep.set_defaults(func=_cmd_sweep)
     ref = sub.add_parser("config-reference", help="print the config reference as a markdown table")
     ref.set_defaults(func=_cmd_config_reference)
     return parser

@@ -216,3 +216,76 @@ def test_replay_holds_under_activation_recompute(single_process, recompute):
     worst = max((grads[n] - grads0[n]).abs().max().item() for n in grads)
     assert worst <= 1e-6, f"gradients differ by {worst}"
     assert grads["decoder.layers.0.mlp.router.weight"].abs().sum() > 0  # gate weights stay in the graph
+
+
+# ---- r3 against a real bf16 engine: the lag-0 gap it removes -------------------------------------------
+def test_r3_lowers_the_lag0_gap_to_a_bf16_engine_on_the_same_samples(single_process, tmp_path):
+    """The fp32 trainer's weights are served by the CPU engine in bf16 (in this process, without HTTP),
+    which samples 64 responses and returns their log-probs μ and routed experts. One update at lr 0
+    (weights unchanged: lag 0 on both sides) is measured without replay and with r3 on the SAME samples:
+    bf16-vs-fp32 near-ties flip some routing decisions without replay, r3 replays the engine's choices
+    (flip rate exactly 0) and the mean |log π_θ − log μ| per token is lower. A third pass without replay
+    repeats the first exactly, so the comparison is paired."""
+    import threading
+
+    from megatron.core import tensor_parallel
+
+    from megatron_vespo.checkpoint.export import iter_hf_weights
+    from megatron_vespo.checkpoint.hf_io import write_hf_model_dir
+    from megatron_vespo.driver.rollout import prompt_routed_experts, response_routed_experts
+    from megatron_vespo.models.trainable import build_model_and_optimizer
+    from megatron_vespo.train.step import PolicyTrainer
+    from rollout_sglang.cpu_server.engine import CpuEngine, Sequence
+    from rollout_sglang.cpu_server.sampling import SamplingParams
+    from rollout_sglang.types import Sample
+
+    cfg = load_run_config(TINY_RUN, ["train.routing_replay=r3", "rollout.return_routed_experts=true"])
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    trainable = build_model_and_optimizer(cfg)
+    for group in trainable.optimizer.param_groups:  # every pass must see the weights the engine serves
+        group["lr"] = 0.0
+    hf_dir = write_hf_model_dir([t for bucket in iter_hf_weights(trainable.model, cfg.model) for t in bucket],
+                                cfg.model, tmp_path / "hf")
+
+    engine = CpuEngine(str(hf_dir), dtype="bf16")
+    done = threading.Semaphore(0)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.model.vocab_size, (6,), generator=gen).tolist() for _ in range(8)]
+    seqs = [Sequence(rid=f"p{p}", index=k, prompt_ids=prompt, params=SamplingParams(max_new_tokens=16),
+                     seed=100 * p + k, return_routed_experts=True, on_done=lambda s: done.release())
+            for p, prompt in enumerate(prompts) for k in range(8)]
+    try:
+        engine.submit(seqs)
+        for _ in seqs:
+            assert done.acquire(timeout=120), "the engine did not finish the batch"
+    finally:
+        engine.shutdown()
+    samples = []
+    for s in seqs:
+        # What the server returns: one row per position fed forward (the last sampled token is not).
+        rows = np.concatenate(s.routed, axis=0)[:len(s.prompt_ids) + len(s.output_ids) - 1]
+        out = Sample(rid=s.rid, prompt_ids=s.prompt_ids, output_ids=s.output_ids, output_logprobs=s.logprobs,
+                     finish_reason=s.finish, weight_version="0", prompt_tokens=len(s.prompt_ids),
+                     completion_tokens=len(s.output_ids), routed_experts=rows)
+        samples.append(TrainSample(prompt_ids=s.prompt_ids, response_ids=s.output_ids, rollout_logp=s.logprobs,
+                                   advantage=float(torch.randn(1, generator=gen)),
+                                   rollout_routed_experts=response_routed_experts(out, len(s.prompt_ids)),
+                                   rollout_prompt_routed_experts=prompt_routed_experts(out, len(s.prompt_ids))))
+
+    trainer = PolicyTrainer(cfg, trainable)
+    measured = {}
+    for mode in ("none", "r3", "none_again"):
+        trainer.routing_replay = mode.removesuffix("_again")
+        measured[mode] = trainer.train_mini_batch(samples).metrics
+    none, r3 = measured["none"], measured["r3"]
+    print(f"\nlag-0 log-prob gap to the bf16 engine: without replay {none['mismatch/logp_gap_mean']:.4e} "
+          f"(max {none['mismatch/logp_gap_max']:.3e}, {none['mismatch/routing_flipped_pairs']:.0f} of "
+          f"{none['mismatch/routing_compared_pairs']:.0f} (token, layer) pairs flipped), with r3 "
+          f"{r3['mismatch/logp_gap_mean']:.4e} (max {r3['mismatch/logp_gap_max']:.3e}, "
+          f"{r3['mismatch/routing_flipped_pairs']:.0f} flipped)")
+    assert measured["none_again"]["mismatch/logp_gap_mean"] == none["mismatch/logp_gap_mean"]  # paired
+    assert none["mismatch/routing_compared_pairs"] == r3["mismatch/routing_compared_pairs"] == 64 * 16 * 4
+    assert none["mismatch/routing_flipped_pairs"] > 0, "no routing flip: the comparison would be empty"
+    assert r3["mismatch/routing_flipped_pairs"] == 0 and r3["mismatch/routing_flip_rate"] == 0.0
+    assert 0 < r3["mismatch/logp_gap_mean"] < none["mismatch/logp_gap_mean"]
