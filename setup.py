@@ -33,6 +33,7 @@ extras_require = {
     "dev": [
         "pytest>=8",
         "hypothesis>=6.100",
+        "pytest-xdist>=3.5",
     ],
 }
 

@@ -8,4 +8,9 @@ bash scripts/setup_env.sh
 bash scripts/sglang_overlay.sh || true
 . .venv/bin/activate
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-exec python -m pytest "${@:-tests}"
+# Two pytest workers (pytest-xdist), one test file per worker at a time so that module fixtures are built
+# once: the suite keeps both cores busy between its multi-process tests. PYTEST_WORKERS=0 runs serially.
+workers=${PYTEST_WORKERS:-2}
+xdist=()
+if [ "$workers" != 0 ]; then xdist=(-n "$workers" --dist loadfile); fi
+exec python -m pytest "${xdist[@]}" "${@:-tests}"

@@ -16,7 +16,10 @@ if [ ! -f "$OVERLAY/.installed-$MCORE_NEW" ]; then
 fi
 export PYTHONPATH="$PWD/$OVERLAY${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -c "import megatron.core as m; v = m.__version__; print('[compat] megatron-core', v); assert v.split('+')[0] == '$MCORE_NEW', v" 2>/dev/null
-exec python -m pytest tests/unit/test_provider.py tests/unit/test_platform.py tests/unit/test_layout.py \
+workers=${PYTEST_WORKERS:-2}
+xdist=()
+if [ "$workers" != 0 ]; then xdist=(-n "$workers" --dist loadfile); fi  # as scripts/test.sh
+exec python -m pytest "${xdist[@]}" tests/unit/test_provider.py tests/unit/test_platform.py tests/unit/test_layout.py \
   tests/multiproc/test_model_layouts.py tests/multiproc/test_pipeline_p2p.py tests/multiproc/test_train_guards.py \
   tests/multiproc/test_hf_parity.py tests/multiproc/test_checkpoint_reshard.py tests/multiproc/test_init_weights.py \
   tests/unit/test_training_checkpoint.py tests/unit/test_recompute.py tests/unit/test_routing_replay.py \
