@@ -88,6 +88,8 @@ class PlacementConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = field(
         "PACK", help="Ray placement-group strategy over the per-server bundles")
     ready_timeout_s: float = field(600.0, gt=0, help="how long to wait for the placement group's resources")
+    colocate: bool = field(False, help="trainer and rollout engines time-share the same GPUs (sync mode only): "
+                           "engines release memory while the trainer updates, the trainer offloads while they generate")
 
 
 @dataclass(kw_only=True)

@@ -662,6 +662,11 @@ class RunConfig:
             if mode == "r2" and not self.train.recompute_old_logprobs:
                 raise ConfigError("train.routing_replay", "'r2' replays the routing recorded in the π_old pass and "
                                   "needs train.recompute_old_logprobs: true")
+        fleet = self.rollout.fleet
+        if fleet is not None and fleet.placement.colocate and self.train.mode != "sync":
+            raise ConfigError("rollout.fleet.placement.colocate", "needs train.mode: sync (colocated engines release "
+                              "the GPUs while the trainer updates; the asynchronous mode generates while it trains); "
+                              f"got train.mode: {self.train.mode}")
         if self.train.routing_replay == "r3" and self.rollout.replay_dir:
             raise ConfigError("train.routing_replay", "'r3' cannot train from rollout.replay_dir: the dumped batches "
                               "hold the response rows but not the prompt rows r3 replays")
