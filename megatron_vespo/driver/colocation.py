@@ -10,8 +10,11 @@ One rollout step (:meth:`Colocation.cycle`, called by the synchronous loop after
 3. the N optimizer steps;
 4. every rank offloads its gradients and optimizer state, then all wait for each other;
 5. the engines resume their weight memory (its contents are lost on release: the push below loads it);
-6. the weights are published as in any run (``rollout.weight_sync``: with ``ipc`` the stage's ranks share a
-   bucket on device and each engine TP rank maps the copy on its own GPU, see ``weight_sync/ipc.py``);
+6. the weights are published as in any run (``rollout.weight_sync``). With ``ipc`` the sending stage's ranks
+   each hold the bucket on their own GPU and every engine TP rank gets handles of the copy on its GPU (from
+   the engine's ``CUDA_VISIBLE_DEVICES`` / ``--base-gpu-id`` / ``--gpu-id-step``); an engine rank on a GPU
+   that no rank of that stage holds (another pipeline stage's GPU) maps the stage source rank's copy
+   across devices (``weight_sync/ipc.py``);
 7. every rank offloads its parameters, then all wait;
 8. the engines resume KV cache and CUDA graphs, and generation continues.
 

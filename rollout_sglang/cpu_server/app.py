@@ -462,19 +462,18 @@ class CpuRolloutApp:
         return tags
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
-        tags = self._memory_tags(await _json_body(request))
-        try:
-            await asyncio.to_thread(self.engine.release_memory, tags)
-        except ValueError as exc:
-            raise BadRequest(f"release_memory_occupation: {exc}") from None
-        return web.json_response(None)
+        return await self._memory_occupation(request, self.engine.release_memory, "release_memory_occupation")
 
     async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+        return await self._memory_occupation(request, self.engine.resume_memory, "resume_memory_occupation")
+
+    async def _memory_occupation(self, request: web.Request, change, name: str) -> web.Response:
+        """A release or resume of the body's tags; SGLang answers 200 with a null body."""
         tags = self._memory_tags(await _json_body(request))
         try:
-            await asyncio.to_thread(self.engine.resume_memory, tags)
+            await asyncio.to_thread(change, tags)
         except ValueError as exc:
-            raise BadRequest(f"resume_memory_occupation: {exc}") from None
+            raise BadRequest(f"{name}: {exc}") from None
         return web.json_response(None)
 
     def _session_response(self, opening: bool) -> web.Response:

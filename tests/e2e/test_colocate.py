@@ -6,7 +6,8 @@ offloads -> the server resumes its weights -> disk push -> the server resumes it
 generation. The quickstart model widened to hidden 512 (experts 1024) holds ~49 MB of fp32 weights, so the
 server's resident memory (read from /proc by the driver, ``colocate/engine_rss_mb_*``) shows each release
 and resume plainly. Checked from ``metrics.jsonl``: memory fell and rose every step, training stayed finite,
-and every step generated with the weights the previous push published (version numbers).
+and every step generated with the weights the previous push published (version numbers); the checkpoint
+at the end is written with the trainer's state reloaded beside the engines' weights.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def test_torchrun_expert_parallel_colocated_cycle(tmp_path):
                               f"run.output_dir={tmp_path / 'run'}", f"run.rollout_steps={steps}",
                               "run.stop_at_reward=null", "run.plot=false", "eval.every_steps=0",
                               f"train.staleness={staleness}", "train.mini_batch_prompts=2", "rollout.n_samples=4",
+                              f"checkpoint.save_every_steps={steps}",  # the trainer reloads beside the engines
                               f"rollout.fleet={fleet}"],
                        nproc=2, timeout=180)
     assert out.count("megatron-vespo run summary") == 1
@@ -63,3 +65,4 @@ def test_torchrun_expert_parallel_colocated_cycle(tmp_path):
         assert r["rollout_weight_version"] == str(step * staleness)
         assert r["rollout/stale_version_responses"] == 0
     assert f"fleet at weight version {steps * staleness}" in out
+    assert out.count("[checkpoint] saved") == 1
