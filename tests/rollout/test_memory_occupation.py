@@ -102,17 +102,17 @@ def test_release_frees_the_weights_and_resume_with_an_update_restores_service(fl
     assert after["meta_info"]["output_token_logprobs"] == before["meta_info"]["output_token_logprobs"]
 
 
-def test_resumed_weights_serve_only_once_an_update_loaded_them(fleet):
+def test_resumed_weights_serve_only_once_an_update_loaded_them(fleet, model_dir):
     server = fleet.servers[0]
     fleet.release_memory_occupation([api.MEMORY_WEIGHTS])
     fleet.resume_memory_occupation([api.MEMORY_WEIGHTS])
+    fleet.continue_generation()
     status, refused = generate(server.url)
     assert status == 400 and "no weight update has loaded them" in refused["error"]["message"]
-    # A restart brings a whole server back: it has released nothing, and resuming sends it nothing.
-    fleet.relaunch(server)
-    fleet.restore_and_register(server)
-    assert server.released == set() and fleet.resume_memory_occupation(api.MEMORY_TAGS) == []
-    assert generate(server.url)[0] == 200
+    status, data = fleet.call(server, api.UPDATE_WEIGHTS_FROM_DISK, api.disk_update_body(str(model_dir), "2"))
+    assert status == 200 and data["success"], data
+    status, served = generate(server.url)
+    assert status == 200 and served["meta_info"]["weight_version"] == "2"
 
 
 def test_a_refused_release_names_the_server(fleet):
