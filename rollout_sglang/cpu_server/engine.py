@@ -151,9 +151,12 @@ class CpuEngine:
         allocated: twice the model (a valid update carries each parameter at most once, plus a tied
         lm_head), so a wrong but plausible update is still received and then refused by name (the sender
         is not left waiting), while an absurd shape cannot allocate without bound."""
-        total = sum(p.numel() for p in self._params.values())
+        # The model's sizes, also while its weights are released (an update then is received and refused by cause).
+        sizes = {name: self._weight_shapes[name][0].numel() if MEMORY_WEIGHTS in self._released else p.numel()
+                 for name, p in self._params.items()}
+        total = sum(sizes.values())
         if getattr(self.config, "tie_word_embeddings", False):
-            total += self.model.get_input_embeddings().weight.numel()
+            total += sizes.get("model.embed_tokens.weight", 0)
         return 2 * total
 
     def budget(self, seq: "Sequence") -> int:
