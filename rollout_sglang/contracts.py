@@ -159,7 +159,22 @@ class RolloutFleet(Protocol):
 
     def pause_generation(self, mode: str = "in_place") -> None: ...
 
-    def continue_generation(self) -> None: ...
+    def continue_generation(self) -> None:
+        """Continue generation (a server with released memory stays paused until it is resumed)."""
+        ...
+
+    def release_memory_occupation(self, tags: Sequence[str]) -> list[Any]:
+        """Colocated placement: pause, then release these memory regions (``engine_api.MEMORY_TAGS``) on every
+        server; returns the servers that released."""
+        ...
+
+    def resume_memory_occupation(self, tags: Sequence[str]) -> list[Any]:
+        """Give back these regions on every server that released them; returns the servers that resumed."""
+        ...
+
+    def resident_memory(self) -> dict[int, int]:
+        """Resident bytes of each server process on this node, by server index (CPU servers' memory)."""
+        ...
 
     def stop(self) -> None:
         """Stop the router and every server."""

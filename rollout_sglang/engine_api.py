@@ -48,11 +48,13 @@ UPDATE_WEIGHTS_FROM_DISTRIBUTED = Route("POST", "/update_weights_from_distribute
 UPDATE_WEIGHTS_FROM_TENSOR = Route("POST", "/update_weights_from_tensor")
 DESTROY_WEIGHTS_UPDATE_GROUP = Route("POST", "/destroy_weights_update_group")
 GET_WEIGHTS_BY_NAME = Route("POST", "/get_weights_by_name")  # tests only: read a parameter back
+RELEASE_MEMORY_OCCUPATION = Route("POST", "/release_memory_occupation")
+RESUME_MEMORY_OCCUPATION = Route("POST", "/resume_memory_occupation")
 
 ROUTES = (GENERATE, HEALTH, MODEL_INFO, SERVER_INFO, ABORT_REQUEST, PAUSE_GENERATION, CONTINUE_GENERATION,
           FLUSH_CACHE, BEGIN_WEIGHT_UPDATE, END_WEIGHT_UPDATE, UPDATE_WEIGHTS_FROM_DISK, INIT_WEIGHTS_UPDATE_GROUP,
           UPDATE_WEIGHTS_FROM_DISTRIBUTED, UPDATE_WEIGHTS_FROM_TENSOR, DESTROY_WEIGHTS_UPDATE_GROUP,
-          GET_WEIGHTS_BY_NAME)
+          GET_WEIGHTS_BY_NAME, RELEASE_MEMORY_OCCUPATION, RESUME_MEMORY_OCCUPATION)
 
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -143,6 +145,42 @@ def destroy_group_body(group_name: str) -> dict:
 def get_weights_body(name: str, truncate_size: int = 100) -> dict:
     """A checkpoint-named parameter's first ``truncate_size`` rows, as float32 values (SGLang: tests only)."""
     return {"name": name, "truncate_size": truncate_size}
+
+
+# ---- memory occupation (colocated engines) ---------------------------------------------------------
+# SGLang's memory regions, the ``tags`` of ``/release_memory_occupation`` and ``/resume_memory_occupation``
+# (``sglang/srt/constants.py``: GPU_MEMORY_TYPE_KV_CACHE, _WEIGHTS, _CUDA_GRAPH; GPU_MEMORY_ALL_TYPES is
+# this order). What SGLang 0.5.23 does with them (``managers/scheduler_components/weight_updater.py``:
+# ``release_memory_occupation`` / ``resume_memory_occupation``; bodies ``ReleaseMemoryOccupationReqInput`` /
+# ``ResumeMemoryOccupationReqInput`` in ``managers/io_struct.py``, ``tags: Optional[List[str]]``, null or
+# empty meaning all three):
+#
+# - release *asserts* that the engine is idle (running batch empty; waiting requests allowed only while
+#   generation is paused): the assertion fails inside the scheduler process, so calling it on a busy engine
+#   kills the engine rather than answering an error. Pause first (``retract`` leaves nothing running).
+# - release ``kv_cache`` pauses that memory region and flushes the cache; ``weights`` stashes the model's
+#   buffers (not its parameters) and pauses the weights region, whose contents are *lost* unless the server
+#   runs ``--enable-weights-cpu-backup``: after resume they are garbage until a weight update loads them;
+#   ``cuda_graph`` pauses the graph pool. Only with ``--enable-memory-saver`` does a pause free anything
+#   (without it the adapter is a no-op and the call still succeeds).
+# - resume reverses it in the order cuda_graph, weights (buffers restored), kv_cache; resuming a tag that is
+#   not released raises KeyError in the scheduler (``offload_tags.remove``): never resume twice.
+# - nothing guards generation meanwhile: a request scheduled while memory is released touches unmapped
+#   memory. Generation must stay paused until every tag is resumed. No endpoint reports what is released:
+#   the fleet keeps track itself. The HTTP answer is 200 with an empty (null) body, or 400
+#   ``{"error": {"message"}}`` when the call raised before reaching the scheduler.
+MEMORY_KV_CACHE = "kv_cache"
+MEMORY_WEIGHTS = "weights"
+MEMORY_CUDA_GRAPH = "cuda_graph"
+MEMORY_TAGS = (MEMORY_KV_CACHE, MEMORY_WEIGHTS, MEMORY_CUDA_GRAPH)
+
+
+def memory_occupation_body(tags: Sequence[str]) -> dict:
+    """The body of a release or resume of the memory regions ``tags`` (always named: SGLang reads null as all)."""
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown or not tags:
+        raise ValueError(f"tags: expected a non-empty subset of {list(MEMORY_TAGS)}; got {list(tags)}")
+    return {"tags": list(tags)}
 
 
 # ---- answers ---------------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ the trainer's next push includes it (:meth:`Fleet.awaiting_weights`, :meth:`Flee
 restarts a server that is paused (SGLang's /health generates a token, which waits while generation
 is paused) or while an update runs (it restarts what it breaks itself).
 
+Colocated placement (``placement.colocate``): SGLang engines launch with the memory saver, and
+:meth:`Fleet.release_memory_occupation` / :meth:`Fleet.resume_memory_occupation` free and take back their
+memory between generation phases. A server that has released memory stays paused (no generation, no health
+check) until all of it is resumed; each server's released regions are tracked here (SGLang reports none, and
+its scheduler dies resuming a region that is not released), and a relaunched server has released nothing.
+
 Every call to a server is one of ``engine_api``'s routes; at start (and after a restart) each
 server's SGLang version is read from /server_info and refused unless this API speaks it.
 """
@@ -39,12 +45,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from rollout_sglang import engine_api as api
 from rollout_sglang.config import FleetConfig, ServerConfig
 from rollout_sglang.errors import RolloutError
-from rollout_sglang.launch import LocalLauncher, ServerLauncher, ServerProcess, Spawner
+from rollout_sglang.launch import (
+    LocalLauncher, LocalServerProcess, ServerLauncher, ServerProcess, Spawner, resident_bytes, with_memory_saver,
+)
 from rollout_sglang.net import http_json, is_healthy
 from rollout_sglang.router import RouterProcess
 
@@ -67,6 +75,7 @@ class ManagedServer:
     paused: bool = False  # generation paused by the fleet (its /health would wait): not health-checked
     sglang_version: str = ""  # what /server_info reported
     samples_share_seed: bool = False  # /server_info: every sample of a request uses its one seed
+    released: set[str] = field(default_factory=set)  # memory regions it released (colocated); none after a launch
     events: list[str] = field(default_factory=list)
 
     @property
@@ -99,8 +108,9 @@ class Fleet:
         self.cfg = cfg
         self.log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="rollout_fleet_"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        launch_cfgs = [with_memory_saver(s) if cfg.placement.colocate else s for s in cfg.servers]
         self.servers = [ManagedServer(index=i, cfg=s, port=s.port, log_path=self.log_dir / f"server_{i}.log")
-                        for i, s in enumerate(cfg.servers)]
+                        for i, s in enumerate(launch_cfgs)]
         self.spawner = Spawner()
         self.launcher = make_launcher(cfg, self.spawner)
         self.router = RouterProcess(cfg.router, self.log_dir / "router.log", spawner=self.spawner)
@@ -153,6 +163,7 @@ class Fleet:
         server.proc, server.host, server.port = self.launcher.launch(server.index, server.cfg, server.port, server.log_path)
         server.state = "starting"
         server.health_failures = 0
+        server.released = set()
 
     def _wait_healthy(self, server: ManagedServer) -> None:
         deadline = time.monotonic() + server.cfg.startup_timeout_s
@@ -412,7 +423,10 @@ class Fleet:
         return [s for s in targets if id(s) in answered]
 
     def continue_generation(self, servers: Optional[list[ManagedServer]] = None) -> None:
-        targets = self.healthy_servers() if servers is None else servers
+        """Continue generation, except on servers with released memory (they stay paused until it is resumed)."""
+        targets = [s for s in (self.healthy_servers() if servers is None else servers) if not s.released]
+        if not targets:
+            return
         self.call_reachable(api.CONTINUE_GENERATION, api.continue_body(), servers=targets)
         for server in targets:
             server.paused = False
@@ -439,6 +453,62 @@ class Fleet:
             if pending:
                 time.sleep(delay)
                 delay = min(1.0, delay * 2)
+
+    # ---- memory occupation (colocated placement) -------------------------------------------------
+    def release_memory_occupation(self, tags: Sequence[str] = api.MEMORY_TAGS) -> list[ManagedServer]:
+        """Pause generation (``retract``: SGLang asserts that nothing runs) and release the memory regions
+        ``tags`` on every live server (in the router or waiting for weights); they stay paused until
+        :meth:`resume_memory_occupation` gave everything back. A server that does not answer is left to the
+        supervisor (a relaunch holds all its memory again). Returns the servers that released; raises
+        :class:`RolloutError` naming one that refused."""
+        body = api.memory_occupation_body(tags)
+        with self.update_lock:
+            candidates = [s for s in self.servers if s.alive() and s.state in ("healthy", "awaiting_weights")]
+            targets = self.pause_generation("retract", servers=candidates)
+            done = self._memory_call(api.RELEASE_MEMORY_OCCUPATION, {id(s): tags for s in targets}, targets)
+            for server in done:
+                server.released.update(tags)
+            return done
+
+    def resume_memory_occupation(self, tags: Sequence[str]) -> list[ManagedServer]:
+        """Resume the regions ``tags`` on every live server that released them (each only what it released:
+        SGLang's scheduler dies resuming a region that is not released). Weights resumed this way hold no model
+        until the next weight update. Generation continues only once nothing is released
+        (:meth:`continue_generation`). Returns the servers that resumed something; raises naming a refusal."""
+        api.memory_occupation_body(tags)  # checks the names
+        with self.update_lock:
+            todo = {id(s): [t for t in tags if t in s.released] for s in self.servers if s.alive()}
+            targets = [s for s in self.servers if todo.get(id(s))]
+            done = self._memory_call(api.RESUME_MEMORY_OCCUPATION, todo, targets)
+            for server in done:
+                server.released.difference_update(todo[id(server)])
+            return done
+
+    def _memory_call(self, route: api.Route, tags_of: dict[int, list[str]],
+                     servers: list[ManagedServer]) -> list[ManagedServer]:
+        """``route`` with each server's own tags (one concurrent call per distinct tag list); the servers that
+        answered 200 (an unreachable one is left to the supervisor). Raises naming the first that refused."""
+        groups: dict[tuple[str, ...], list[ManagedServer]] = {}
+        for server in servers:
+            groups.setdefault(tuple(tags_of[id(server)]), []).append(server)
+        answers = []
+        for tags, group in groups.items():
+            answers += self.call_reachable(route, api.memory_occupation_body(tags), timeout_s=600, servers=group)
+        for server, status, data in answers:
+            if status != 200:
+                raise RolloutError(f"server {server.index} ({server.url}){route.path}: HTTP {status}: {str(data)[:300]}")
+        return [server for server, _, _ in answers]
+
+    def resident_memory(self) -> dict[int, int]:
+        """Resident memory in bytes (/proc VmRSS) of every live server process on this node, by server index:
+        what a CPU server holds (an SGLang engine's weights and KV cache are on its GPU instead)."""
+        out = {}
+        for server in self.servers:
+            if isinstance(server.proc, LocalServerProcess) and server.alive():
+                rss = resident_bytes(server.proc.pid)
+                if rss is not None:
+                    out[server.index] = rss
+        return out
 
     @contextlib.contextmanager
     def updating(self, pause_mode: str = "retract") -> Iterator[list[ManagedServer]]:

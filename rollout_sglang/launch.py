@@ -6,6 +6,7 @@ of this process; ``rollout_sglang.ray_launcher.RayLauncher`` runs it from a Ray 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -46,6 +47,29 @@ def build_server_command(cfg: ServerConfig, port: int) -> list[str]:
             raise ValueError("dist_init_addr: required when nnodes > 1")
         cmd += ["--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank), "--dist-init-addr", cfg.dist_init_addr]
     return cmd + list(cfg.extra_args)
+
+
+MEMORY_SAVER_FLAG = "--enable-memory-saver"
+
+
+def with_memory_saver(cfg: ServerConfig) -> ServerConfig:
+    """A colocated engine's config: an SGLang server launches with ``--enable-memory-saver``, without which its
+    /release_memory_occupation frees nothing (and still answers 200). The CPU server always frees."""
+    if cfg.kind != "sglang" or MEMORY_SAVER_FLAG in cfg.extra_args:
+        return cfg
+    return dataclasses.replace(cfg, extra_args=[*cfg.extra_args, MEMORY_SAVER_FLAG])
+
+
+def resident_bytes(pid: int) -> Optional[int]:
+    """Resident memory of a process on this node (``VmRSS`` of /proc/<pid>/status); None when unreadable."""
+    try:
+        with open("/proc/{}/status".format(pid)) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def build_router_command(cfg: RouterConfig, port: int, prometheus_port: int, worker_urls: list[str] = ()) -> list[str]:

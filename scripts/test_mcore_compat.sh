@@ -23,4 +23,4 @@ exec python -m pytest "${xdist[@]}" tests/unit/test_provider.py tests/unit/test_
   tests/multiproc/test_model_layouts.py tests/multiproc/test_pipeline_p2p.py tests/multiproc/test_train_guards.py \
   tests/multiproc/test_hf_parity.py tests/multiproc/test_checkpoint_reshard.py tests/multiproc/test_init_weights.py \
   tests/unit/test_training_checkpoint.py tests/unit/test_recompute.py tests/unit/test_routing_replay.py \
-  tests/multiproc/test_routing_flip_layouts.py "$@"
+  tests/multiproc/test_routing_flip_layouts.py tests/multiproc/test_offload.py "$@"

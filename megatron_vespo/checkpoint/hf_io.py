@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 
 from megatron_vespo.config.schema import ModelConfig
+from rollout_sglang.weight_sync.disk import write_tensor_bytes
 from typed_config import ConfigError, build
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -265,9 +266,8 @@ class SafetensorsWriter:
             self._close_handle()
             self._handle = open(self.directory / slot.file, "r+b")
             self._open_file = slot.file
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._handle.seek(offset)
-        self._handle.write(memoryview(data))
+        write_tensor_bytes(self._handle, tensor)  # never a numpy view of a (CPU) parameter: it would pin it
         self._rows_missing[name] -= rows
 
     def _close_handle(self) -> None:

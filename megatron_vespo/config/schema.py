@@ -715,9 +715,14 @@ class RunConfig:
             if mode == "r2" and not self.train.recompute_old_logprobs:
                 raise ConfigError("train.routing_replay", "'r2' replays the routing recorded in the π_old pass and "
                                   "needs train.recompute_old_logprobs: true")
-        if self.train.mode == "async" and self.rollout.fleet is not None and self.rollout.fleet.placement.colocate:
-            raise ConfigError("rollout.fleet.placement.colocate", "needs train.mode: sync (async engines generate "
-                              "while the trainer steps, so they cannot share its GPUs)")
+        fleet = self.rollout.fleet
+        if fleet is not None and fleet.placement.colocate and self.train.mode != "sync":
+            raise ConfigError("rollout.fleet.placement.colocate", "needs train.mode: sync (colocated engines release "
+                              "the GPUs while the trainer updates; the asynchronous mode generates while it trains); "
+                              f"got train.mode: {self.train.mode}")
+        if fleet is not None and fleet.placement.colocate and self.rollout.replay_dir:
+            raise ConfigError("rollout.fleet.placement.colocate", "cannot be combined with rollout.replay_dir (a replay "
+                              "starts no engines to share the GPUs with)")
         if self.train.routing_replay == "r3" and self.rollout.replay_dir:
             raise ConfigError("train.routing_replay", "'r3' cannot train from rollout.replay_dir: the dumped batches "
                               "hold the response rows but not the prompt rows r3 replays")

@@ -76,6 +76,9 @@ class RLDriver:
         self.checkpoints = RunCheckpoints(TrainingCheckpointer(cfg, trainable.model, trainable.optimizer, scheduler),
                                           cfg.checkpoint.save_every_steps, self.is_driver)
         self.rollout: Optional[RolloutSide] = None  # rank 0, once the fleet runs
+        from megatron_vespo.driver.colocation import colocation_of  # (it refers back to this class)
+
+        self.colocation = colocation_of(self)  # rollout.fleet.placement.colocate: the GPUs' time-sharing cycle
         self.metrics_writer = None  # rank 0: JSONL + configured sinks
         self.progress = None  # rank 0: the progress line printer
         self._resumed_sampler: Optional[dict] = None  # a checkpoint's data position, applied when the sampler exists
@@ -172,8 +175,10 @@ class RLDriver:
 
     def restore_restarted_servers(self) -> None:
         """Collective: servers restarted since the last push get the fleet's version from the live model (call
-        it only where the model still is that version: before the next optimizer step)."""
-        self.publisher.catch_up()
+        it only where the model still is that version: before the next optimizer step). Colocated runs skip it:
+        the parameters are in host memory then, and every step's push includes the waiting servers."""
+        if self.colocation is None:
+            self.publisher.catch_up()
 
     def maybe_evaluate(self, steps_before: int, final: bool = False) -> dict[str, float]:
         """Collective: the ``eval/*`` metrics when an evaluation is due (:meth:`Evaluator.maybe_run`), else {}."""
@@ -190,7 +195,11 @@ class RLDriver:
             self.state.next_rollout_step = next_step
             return self.checkpoint_state()
 
-        self.checkpoints.maybe_save(step, final, state_at)
+        if self.colocation is not None and self.checkpoints.due(step, final):
+            with self.colocation.trainer_resident():  # the trainer's state is in host memory between cycles
+                self.checkpoints.maybe_save(step, final, state_at)
+        else:
+            self.checkpoints.maybe_save(step, final, state_at)
 
     # ------------------------------------------------------------------------- checkpoint state
     def checkpoint_state(self) -> dict[str, Any]:
@@ -232,6 +241,8 @@ class RLDriver:
         directory every pipeline stage writes its own shards of; a configured fleet boots from its own
         checkpoint and is then given the trainer's weights by a push."""
         initial_dir = None
+        if self.colocation is not None:  # the engines are about to take the GPUs
+            self.colocation.before_boot()
         # Non-finite weights are refused as they stream out: each stage checks the HF tensors it sends.
         source = (f"the {'resumed' if self.state.next_rollout_step else 'initial'} weights"
                   f" ({self.cfg.checkpoint.init_from or 'random init'})")
@@ -249,6 +260,8 @@ class RLDriver:
         if self.cfg.rollout.fleet is not None:
             # The given servers' checkpoint need not be the trainer's weights (initial or resumed).
             self.publisher.publish(self.publisher.version, check_finite=source)
+        if self.colocation is not None:
+            self.colocation.booted()
 
     def open_metrics(self, first_step: int) -> None:
         """Rank 0: the metrics logger (JSONL + configured sinks; continues the file after a resume) and

@@ -196,14 +196,18 @@ class RunCheckpoints:
                   f"{time.monotonic() - t0:.1f}s)", flush=True)
         return state
 
+    def due(self, step: int, final: bool) -> bool:
+        """Whether :meth:`maybe_save` saves after loop step ``step``."""
+        every, done = self.save_every_steps, step + 1
+        return not (every == 0 or done == self.last_saved_step or (not final and done % every))
+
     def maybe_save(self, step: int, final: bool, driver_state: Callable[[int], dict[str, Any]]) -> None:
         """After loop step ``step`` (0-based) save a checkpoint when ``save_every_steps`` says so, or when
         ``final`` (the end of the run); never twice for the same step. ``driver_state(next_step)`` gives
         the driver's part (rank 0's is saved)."""
-        every = self.save_every_steps
-        done = step + 1
-        if every == 0 or done == self.last_saved_step or (not final and done % every):
+        if not self.due(step, final):
             return
+        done = step + 1
         t0 = time.monotonic()
         # "finished": the run ends with this step (its last one, or run.stop_at_reward reached), so
         # that a relaunch says so instead of training on (see finished_reason).

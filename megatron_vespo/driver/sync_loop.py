@@ -18,6 +18,10 @@ Every rollout step:
    buckets to the servers, see ``publisher.py``) with version = number of optimizer steps so far, then
    rank 0 checks that every server reports that version.
 
+With colocated placement (``rollout.fleet.placement.colocate``) steps 4 and 5 run inside the GPUs'
+time-sharing cycle (``colocation.py``): the engines release their memory, the trainer reloads its state,
+trains, hands it back to host memory around the publication, and the engines take their memory back.
+
 Before each rollout, servers the fleet restarted since the last push (they wait outside the router, no
 copy of the weights being kept) get the current version from the live model, which still is it there.
 
@@ -54,8 +58,11 @@ class SyncRLDriver(RLDriver):
         self.restore_restarted_servers()
         mini_batches, metrics = self._training_batch(step)
         steps_before = self.state.optimizer_steps
-        records = self._train(mini_batches, metrics)
-        sync_s = self.publish_weights()
+        if self.colocation is None:
+            records = self._train(mini_batches, metrics)
+            sync_s = self.publish_weights()
+        else:  # the engines leave the GPUs to the trainer for the steps, and take them back for the push
+            records, sync_s = self.colocation.cycle(lambda: self._train(mini_batches, metrics), self.publish_weights)
         last = step == self.total_steps() - 1
         records[-1].update(self.maybe_evaluate(steps_before, final=last))
 

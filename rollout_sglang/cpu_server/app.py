@@ -8,6 +8,12 @@ in its dialect, so that CPU runs exercise the protocol a GPU run uses:
 - ``/flush_cache`` is refused while a request runs (or waits, unless generation is paused);
 - ``/health`` waits while generation is paused (SGLang's runs a one-token generation) and gives up
   after 20 s; otherwise it answers at once (SGLang's generation is skipped: it would change batches);
+- ``/release_memory_occupation`` and ``/resume_memory_occupation`` take SGLang's ``tags`` (weights, kv_cache,
+  cuda_graph; null or empty: all) and answer 200 with a null body; a release needs an idle engine (pause
+  first) and frees the weights for real (the engine docstring). Where SGLang would crash its scheduler (a
+  busy engine, resuming what is not released) or touch unmapped memory (generation while released), this
+  server answers 400 naming the problem; ``/server_info`` lists what is released (``memory_released``;
+  SGLang reports nothing of it);
 - a request with ``n > 1`` becomes n samples with ids ``rid_0 .. rid_{n-1}`` (an abort must name
   those); with ``--enable-deterministic-inference`` all of them are sampled with the request's one
   ``sampling_seed``, as SGLang does (identical samples), and ``/server_info`` says so. Without it each
@@ -56,7 +62,7 @@ from rollout_sglang.cpu_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_REQUES
 from rollout_sglang.cpu_server.engine import CpuEngine, Sequence
 from rollout_sglang.cpu_server.sampling import SamplingParams
 from rollout_sglang.cpu_server.weight_receiver import WeightReceiver
-from rollout_sglang.engine_api import TESTED_SGLANG
+from rollout_sglang.engine_api import MEMORY_TAGS, TESTED_SGLANG
 
 logger = logging.getLogger(__name__)
 SERVER_NAME = "CPU rollout server (not SGLang)"
@@ -174,8 +180,10 @@ class CpuRolloutApp:
         ]
         for method, path, handler in routes:
             self.app.router.add_route(method, path, handler)
-        for method in ("GET", "POST"):  # SGLang's test-only read of a parameter (api_route: both methods)
+        for method in ("GET", "POST"):  # SGLang registers these with api_route: both methods
             self.app.router.add_route(method, "/get_weights_by_name", self.get_weights_by_name)
+            self.app.router.add_route(method, "/release_memory_occupation", self.release_memory_occupation)
+            self.app.router.add_route(method, "/resume_memory_occupation", self.resume_memory_occupation)
         self.app.on_shutdown.append(self._on_shutdown)
 
     @staticmethod
@@ -305,6 +313,9 @@ class CpuRolloutApp:
 
     async def generate(self, request: web.Request) -> web.Response:
         start = time.monotonic()
+        refusal = self.engine.serving_refusal()
+        if refusal is not None:  # a client error, not an outage: no retry can help until the caller resumes
+            return _error(400, f"generate: {refusal}")
         raw = await request.read() if request.can_read_body else b""  # capped at max_body_bytes
         plan = await asyncio.to_thread(self._plan, raw)
         loop = asyncio.get_running_loop()
@@ -397,6 +408,7 @@ class CpuRolloutApp:
             "context_length": e.context_length, "max_request_samples": self.max_request_samples,
             "max_body_bytes": self.max_body_bytes,
             "tp_size": 1, "dp_size": 1, "paused": e.paused, "enable_deterministic_inference": self.deterministic_inference,
+            "memory_released": e.released,
             **e.load(),
         })
 
@@ -438,6 +450,31 @@ class CpuRolloutApp:
         else:  # an exact sample id: the id of an n > 1 request names none of its samples (SGLang ignores it too)
             self.engine.abort(_field(body, "rid", str))
         return web.Response(status=200)
+
+    @staticmethod
+    def _memory_tags(body: dict) -> list[str]:
+        """SGLang's ``tags`` (``ReleaseMemoryOccupationReqInput``): null or empty means every region."""
+        tags = _field(body, "tags", list, required=False, default=None)
+        if not tags:
+            return list(MEMORY_TAGS)
+        if not all(isinstance(t, str) for t in tags):
+            raise BadRequest(f"tags: expected a list of strings; got {tags!r:.80}")
+        return tags
+
+    async def release_memory_occupation(self, request: web.Request) -> web.Response:
+        return await self._memory_occupation(request, self.engine.release_memory, "release_memory_occupation")
+
+    async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+        return await self._memory_occupation(request, self.engine.resume_memory, "resume_memory_occupation")
+
+    async def _memory_occupation(self, request: web.Request, change, name: str) -> web.Response:
+        """A release or resume of the body's tags; SGLang answers 200 with a null body."""
+        tags = self._memory_tags(await _json_body(request))
+        try:
+            await asyncio.to_thread(change, tags)
+        except ValueError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
+        return web.json_response(None)
 
     def _session_response(self, opening: bool) -> web.Response:
         if opening == self.session_open:

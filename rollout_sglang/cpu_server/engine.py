@@ -17,6 +17,14 @@ other step failure re-prefills every running sequence on its own (as a retractio
 tokens so far); a sequence that still fails alone is finished as ``abort`` with ``engine error: ...``.
 No sequence outgrows the model's context (``context_length``): prompt plus output tokens stop there.
 
+Memory occupation follows SGLang's memory saver (``engine_api``'s MEMORY_TAGS, :meth:`CpuEngine.release_memory`):
+releasing ``weights`` drops every parameter's storage and the spare receive buffers and hands the freed pages
+back to the OS, so the process's resident memory falls by the model's size; resuming them allocates the
+parameters again (zeros, not the model: like SGLang without a CPU backup), and they serve again once a weight
+update that completes a version (a disk update, or the update carrying ``weight_version``) has loaded them.
+While anything is released, or the resumed weights are not loaded yet, the engine runs no step and
+:meth:`CpuEngine.serving_refusal` tells /generate why it refuses (SGLang itself would touch unmapped memory).
+
 Pausing follows SGLang's modes: ``abort`` finishes everything in flight as aborted; ``in_place`` holds
 the running rows with their KV cache; ``retract`` moves them back to the front of the queue, keeping
 their tokens, log-probs, routed experts and sampling generator, and drops their KV, which the next
@@ -25,13 +33,14 @@ the generation thread has stopped between two steps.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 import numpy as np
 import torch
@@ -40,11 +49,21 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from rollout_sglang.cpu_server.sampling import SamplingParams, sample_tokens
 from rollout_sglang.cpu_server.weights import commit_staged, iter_safetensors_dir, stage_hf_named_tensors, \
     weight_destination
+from rollout_sglang.engine_api import MEMORY_TAGS, MEMORY_WEIGHTS
 from rollout_sglang.types import FinishReason
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``): glibc keeps freed blocks below its
+    mmap threshold mapped for reuse, so without this a released model would still count as resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @dataclass(eq=False)
@@ -93,6 +112,9 @@ class CpuEngine:
         # them (no allocation, pages already mapped). Costs one more copy of the weights in memory.
         self._spare: dict[str, torch.Tensor] = {}
         self._spare_lock = threading.Lock()
+        self._released: set[str] = set()  # memory regions released (engine_api.MEMORY_TAGS)
+        self._weights_loaded = True  # false from a weights release until an update completes a version
+        self._weight_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}  # what a released model had
         eos = getattr(self.config, "eos_token_id", None)
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self._routers = self._find_routers()
@@ -129,9 +151,12 @@ class CpuEngine:
         allocated: twice the model (a valid update carries each parameter at most once, plus a tied
         lm_head), so a wrong but plausible update is still received and then refused by name (the sender
         is not left waiting), while an absurd shape cannot allocate without bound."""
-        total = sum(p.numel() for p in self._params.values())
+        # The model's sizes, also while its weights are released (an update then is received and refused by cause).
+        sizes = {name: self._weight_shapes[name][0].numel() if MEMORY_WEIGHTS in self._released else p.numel()
+                 for name, p in self._params.items()}
+        total = sum(sizes.values())
         if getattr(self.config, "tie_word_embeddings", False):
-            total += self.model.get_input_embeddings().weight.numel()
+            total += sizes.get("model.embed_tokens.weight", 0)
         return 2 * total
 
     def budget(self, seq: "Sequence") -> int:
@@ -233,6 +258,66 @@ class CpuEngine:
             running = any(s.finish is None for s in self._running)
             return not running and (self._paused or not self._waiting)
 
+    # ---- memory occupation (SGLang's memory saver) -------------------------------------------
+    @property
+    def released(self) -> list[str]:
+        """The memory regions released now, in ``MEMORY_TAGS`` order."""
+        return [t for t in MEMORY_TAGS if t in self._released]
+
+    def serving_refusal(self) -> Optional[str]:
+        """Why generation cannot be served now (memory released, or resumed weights not loaded); None if it can."""
+        if self._released:
+            return (f"memory released ({', '.join(self.released)}) by /release_memory_occupation; "
+                    "/resume_memory_occupation (and a weight update, after weights) before generating")
+        if not self._weights_loaded:
+            return ("the weights were resumed after a release but no weight update has loaded them yet; "
+                    "update the weights before generating")
+        return None
+
+    def _check_tags(self, tags: Collection[str], released: bool) -> None:
+        for tag in tags:
+            if tag not in MEMORY_TAGS:
+                raise ValueError(f"tags: unknown memory region {tag!r}; expected some of {list(MEMORY_TAGS)}")
+            if (tag in self._released) != released:
+                raise ValueError(f"tags: {tag!r} is {'not ' if released else 'already '}released")
+
+    def release_memory(self, tags: Collection[str]) -> None:
+        """SGLang's release_memory_occupation (see the module docstring). Like SGLang, only on an idle engine:
+        nothing running and nothing waiting unless generation is paused (SGLang asserts it, killing its
+        scheduler; here a ValueError). ``kv_cache``: the KV cache lives with running batches, and none may
+        exist; ``cuda_graph``: there are none. Raises ValueError (the engine unchanged) for a tag that is
+        unknown or already released."""
+        with self._cond:
+            self._check_tags(tags, released=False)
+            busy = any(s.finish is None for s in self._running) or (self._waiting and not self._paused)
+            if busy:
+                raise ValueError("release_memory_occupation needs an idle engine (SGLang asserts it): requests are "
+                                 "running or queued; pause generation (retract or abort) first")
+            self._released.update(tags)  # from here the generation thread takes no step
+        if MEMORY_WEIGHTS in tags:
+            with self.model_lock:
+                self._weight_shapes = {name: (p.shape, p.dtype) for name, p in self._params.items()}
+                for p in self._params.values():  # the Parameter objects stay: tied weights and references hold
+                    p.data = torch.empty(0, dtype=p.dtype)
+                self._weights_loaded = False
+            with self._spare_lock:
+                self._spare.clear()
+            return_freed_memory()
+
+    def resume_memory(self, tags: Collection[str]) -> None:
+        """SGLang's resume_memory_occupation: ``weights`` get their memory back (zeros: the model comes with the
+        next weight update). Raises ValueError for a tag that is unknown or not released."""
+        with self._cond:
+            self._check_tags(tags, released=True)
+        if MEMORY_WEIGHTS in tags:
+            with self.model_lock:
+                for name, p in self._params.items():
+                    shape, dtype = self._weight_shapes[name]
+                    p.data = torch.zeros(shape, dtype=dtype)  # written: resident now, as SGLang's remapped pages
+        with self._cond:
+            self._released.difference_update(tags)
+            self._cond.notify_all()
+
     def shutdown(self) -> None:
         with self._cond:
             self._stopping = True
@@ -247,6 +332,8 @@ class CpuEngine:
         ``model_path`` are untouched. Returns how many tensors were loaded. The engine takes the
         tensors over (a whole parameter adopts its tensor's storage): callers pass tensors they no
         longer use."""
+        if MEMORY_WEIGHTS in self._released:
+            raise ValueError("the weights are released (/release_memory_occupation); resume them before updating")
         staged, count = stage_hf_named_tensors(self.model, named_tensors, self._params)
         with self.model_lock:  # the swap, between two forward steps: storages adopted or same-shape copies
             retired = commit_staged(staged, adopt=True)
@@ -256,6 +343,10 @@ class CpuEngine:
                 self.weight_version = str(weight_version)
             if model_path is not None:
                 self.model_path = model_path
+        if weight_version is not None or model_path is not None:  # a version is complete: resumed weights serve
+            with self._cond:
+                self._weights_loaded = True
+                self._cond.notify_all()
         return count
 
     def receive_buffer(self, name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -329,6 +420,8 @@ class CpuEngine:
                     self._cond.notify_all()
 
     def _has_work(self, batch: Optional["_Batch"]) -> bool:
+        if self._released or not self._weights_loaded:
+            return False  # no model or no KV memory to run on: requests wait (see serving_refusal)
         if batch is not None and any(s.abort_message for s in batch.rows):
             return True  # aborts finish even while paused
         if self._paused:

@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Optional
 
 import torch
 
@@ -34,6 +34,22 @@ INDEX_FILE = "model.safetensors.index.json"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+_WRITE_CHUNK_BYTES = 64 << 20
+
+
+def write_tensor_bytes(f: BinaryIO, tensor: torch.Tensor) -> int:
+    """Write ``tensor``'s bytes (row-major) at the file's position, through host copies of at most 64 MiB.
+
+    Never through a numpy view of the tensor itself: numpy marks the storage it views not resizable for good,
+    and a CPU trainer's parameters must stay resizable (a colocated trainer frees them by resizing their
+    storage to 0, ``megatron_vespo/models/offload.py``). The copies also bound the host memory a GPU tensor
+    takes on its way out."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), _WRITE_CHUNK_BYTES):
+        f.write(memoryview(flat[start:start + _WRITE_CHUNK_BYTES].to("cpu", copy=True).numpy()))
+    return flat.numel()
 
 
 def write_safetensors(path: Path, bucket: Bucket, metadata: Optional[dict[str, str]] = None) -> int:
@@ -53,8 +69,7 @@ def write_safetensors(path: Path, bucket: Bucket, metadata: Optional[dict[str, s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, t in bucket:
-            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
+            write_tensor_bytes(f, t)
         f.flush()
         os.fsync(f.fileno())  # complete on disk before the stage reports it (the commit relies on it)
     return offset

@@ -156,7 +156,15 @@ def op_construct(q: dict) -> dict:
         from sglang.srt.sampling.sampling_params import SamplingParams
 
         SamplingParams(**{k: v for k, v in params.items() if k != "n"}).verify(1 << 20)
+    if hasattr(obj, "tags"):
+        out["tags"] = obj.tags
     return out
+
+
+def op_memory_tags(_: dict) -> dict:
+    from sglang.srt import constants
+
+    return {"all": list(constants.GPU_MEMORY_ALL_TYPES)}
 
 
 def op_parse_args(q: dict) -> dict:

@@ -41,6 +41,8 @@ BODIES = {
                                                            flattened=True, weight_version="3"),
     api.DESTROY_WEIGHTS_UPDATE_GROUP: api.destroy_group_body("vespo_weight_sync_ab12"),
     api.GET_WEIGHTS_BY_NAME: api.get_weights_body("model.layers.0.mlp.experts.3.up_proj.weight", truncate_size=8),
+    api.RELEASE_MEMORY_OCCUPATION: api.memory_occupation_body(api.MEMORY_TAGS),
+    api.RESUME_MEMORY_OCCUPATION: api.memory_occupation_body([api.MEMORY_WEIGHTS]),
 }
 MORE_BODIES = [  # the other shapes a builder produces
     (api.GENERATE, api.generate_body([5], {"max_new_tokens": 1, "sampling_seed": 1}, rid="eval-0-set-3",
@@ -51,6 +53,7 @@ MORE_BODIES = [  # the other shapes a builder produces
     (api.UPDATE_WEIGHTS_FROM_DISTRIBUTED, api.distributed_update_body(
         names=["a"], dtypes=["float32"], shapes=[[4]], group_name="g", flattened=False)),
     (api.UPDATE_WEIGHTS_FROM_TENSOR, api.tensor_update_body(["gASVAAAAAAAAAACULg=="], flattened=False)),
+    (api.RESUME_MEMORY_OCCUPATION, api.memory_occupation_body([api.MEMORY_KV_CACHE, api.MEMORY_CUDA_GRAPH])),
 ]
 
 
@@ -92,6 +95,16 @@ def test_a_bad_body_is_refused(sglang):
     typo = {**BODIES[api.UPDATE_WEIGHTS_FROM_DISK], "flush_cahce": False}
     assert not sglang.ask("construct", **{"class": "UpdateWeightFromDiskReqInput", "body": typo})["ok"]
     assert sglang.ask("post", method="GET", path="/get_weight_version")["refused"]
+
+
+def test_the_memory_tags_are_sglangs(sglang):
+    """The regions the fleet releases and resumes are SGLang's names, in its order (GPU_MEMORY_ALL_TYPES)."""
+    assert list(api.MEMORY_TAGS) == sglang.ask("memory_tags")["all"]
+    built = sglang.ask("construct", **{"class": "ReleaseMemoryOccupationReqInput",
+                                       "body": api.memory_occupation_body([api.MEMORY_WEIGHTS])})
+    assert built["ok"] and built["tags"] == ["weights"]
+    with pytest.raises(ValueError, match="kv_cahce"):
+        api.memory_occupation_body(["kv_cahce"])
 
 
 def test_generate_body_is_one_sample_named_by_its_rid(sglang):

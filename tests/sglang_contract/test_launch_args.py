@@ -50,6 +50,20 @@ def test_each_option_parses_to_its_value(sglang, server, expected):
         assert values[key] == pytest.approx(value) if isinstance(value, float) else values[key] == value, key
 
 
+def test_a_colocated_engine_launches_with_the_memory_saver(sglang):
+    """Without --enable-memory-saver SGLang's /release_memory_occupation frees nothing (and answers 200)."""
+    from rollout_sglang.launch import with_memory_saver
+
+    colocated = with_memory_saver(build(ServerConfig, {**BASE, "tp": 2}))
+    assert with_memory_saver(colocated) == colocated  # the flag once
+    cmd = build_server_command(colocated, port=30001)
+    values = sglang.ask("parse_args", argv=cmd[3:])["values"]
+    assert values["enable_memory_saver"] is True and values["tp_size"] == 2
+    assert parsed(sglang, {})["enable_memory_saver"] is False
+    cpu = build(ServerConfig, {"kind": "cpu", "model_path": "/m"})
+    assert with_memory_saver(cpu) is cpu  # the CPU server always frees what it releases
+
+
 def test_the_gpu_tests_launch_arguments(sglang):
     from tests.gpu.sglang_helpers import SGLANG_TEST_ARGS
 

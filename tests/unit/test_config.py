@@ -91,6 +91,10 @@ BAD_CASES = [
     (["optimizer.lr=.inf"], "optimizer.lr", "must be finite"),
     (["train.seed=4294967296"], "train.seed", "must be <= 4294967295"),  # NumPy seeds are 32-bit
     (["rollout.stop_token_ids=[3, 128]"], "rollout.stop_token_ids[1]", "outside the vocabulary"),
+    (["train.mode=async", "rollout.fleet={servers: [{kind: cpu, model_path: /m}], placement: {colocate: true}}"],
+     "rollout.fleet.placement.colocate", "needs train.mode: sync"),
+    (["rollout.replay_dir=/r", "rollout.fleet={servers: [{kind: cpu, model_path: /m}], placement: {colocate: true}}"],
+     "rollout.fleet.placement.colocate", "cannot be combined with rollout.replay_dir"),
 ]
 
 
