@@ -58,12 +58,33 @@ def run_torchrun(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise TorchrunError(f"torchrun timed out after {timeout:.0f}s: {' '.join(cmd)}\n{_tail(out, tail_lines)}") from None
     if proc.returncode != 0:
         raise TorchrunError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n{_tail(out, tail_lines)}")
     return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every descendant: torchrun starts each worker in a session of
+    its own (and the fleet's servers have theirs), so a group kill leaves them running, holding the output
+    pipe open."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _tail(text: str, n: int) -> str:
