@@ -105,11 +105,11 @@ def r3_flips(trainer: PolicyTrainer, samples: list[TrainSample]) -> dict[str, fl
     counts = torch.zeros(2, dtype=torch.float64)
     original = trainer._forward_step
 
-    def counting_forward_step(normalizer, data_iterator, model):
+    def counting_forward_step(normalizer, replay, data_iterator, model):
         nonlocal counts
         peek = Peek(data_iterator)
         with trainer.router_recorder.capture() as records:
-            out = original(normalizer, peek, model)
+            out = original(normalizer, replay, peek, model)
         mb = peek.last
         rows = mb.get("replay_rows")
         if rows is None:  # replay off (the control): the same rows, laid out the same way
