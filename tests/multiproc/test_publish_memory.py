@@ -41,5 +41,6 @@ def test_peak_growth_per_rank_is_within_two_buckets(results, layout, phase):
     bound = 2 * got["largest_bucket"] + CONSTANT
     for rank, growth in enumerate(got[phase]):
         assert growth <= bound, f"{layout} {phase}: rank {rank} grew {growth / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
-    # ...and far from a copy of the model on any rank.
-    assert max(got[phase]) < got["model_bytes"] / 4
+    # ...and far from a copy of the model on any rank (two 8 MiB buckets are already ~model/4 here: 16.8 MiB
+    # against 16.8 MiB was measured once, with the bound above met).
+    assert max(got[phase]) < got["model_bytes"] / 3
